@@ -1,0 +1,81 @@
+"""Held-out evaluation of any model kd-lightning handles, and the end-of-run summary table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    task: str,
+    reference: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """Token-mean CE (nats), perplexity and top-1 accuracy of `model` on `batches`; with a
+    `reference` model (the teacher) also the top-1 agreement between the two."""
+    was_training = model.training
+    model.eval().to(device)
+    if reference is not None:
+        reference.eval().to(device)
+    total_loss, total_correct, total_agree, count = 0.0, 0, 0, 0
+    for batch in batches:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        logits, labels = _aligned_logits(model, batch, task)
+        mask = labels != -100
+        if not mask.any():
+            continue
+        logits, labels = logits[mask].float(), labels[mask]
+        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        total_correct += (logits.argmax(-1) == labels).sum().item()
+        if reference is not None:
+            ref_logits, _ = _aligned_logits(reference, batch, task)
+            total_agree += (ref_logits[mask].argmax(-1) == logits.argmax(-1)).sum().item()
+        count += int(mask.sum())
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluation split has no counted tokens/examples")
+    loss = total_loss / count
+    result = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": total_correct / count, "count": count}
+    if reference is not None:
+        result["teacher_agreement"] = total_agree / count
+    return result
+
+
+def _aligned_logits(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if task == "classification":
+        return model(batch["inputs"]), batch["labels"]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    return logits[:, :-1], batch["labels"][:, 1:]
+
+
+def format_summary(rows: dict[str, dict[str, float]], task: str, student_dir: str) -> str:
+    """A plain-text table (rendered with rich when printed by `print_summary`)."""
+    unit = "loss (nats/token)" if task == "causal_lm" else "loss (nats)"
+    lines = [f"{'model':<22}{'params':>12}{unit:>20}{'ppl':>10}{'accuracy':>10}"]
+    for name, r in rows.items():
+        lines.append(f"{name:<22}{int(r.get('params', 0)):>12,}{r['loss']:>20.4f}{r['ppl']:>10.3f}{r['accuracy']:>10.4f}")
+    lines.append(f"student saved to: {student_dir}")
+    return "\n".join(lines)
+
+
+def print_summary(rows: dict[str, dict[str, float]], task: str, student_dir: str, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in ("model", "params", "held-out loss", "perplexity", "accuracy", "agreement w/ teacher"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, r in rows.items():
+        agree = f"{r['teacher_agreement']:.3f}" if "teacher_agreement" in r else "-"
+        table.add_row(name, f"{int(r.get('params', 0)):,}", f"{r['loss']:.4f}", f"{r['ppl']:.3f}", f"{r['accuracy']:.3f}", agree)
+    console = Console()
+    console.print(table)
+    console.print(f"Student saved to [bold]{student_dir}[/bold] (load with AutoModelForCausalLM.from_pretrained)"
+                  if task == "causal_lm" else f"Student saved to [bold]{student_dir}[/bold] (kd_lightning.models.load_model)")

@@ -1,0 +1,72 @@
+"""The small interface between `DistillationModule` and the callbacks that change it over time.
+
+Callbacks (temperature schedules, TAID, multi-teacher weighting, SAR, data generation) talk to the
+module only through these attributes and methods, check them in `setup` with
+`require_distillation_module`, and never reach into each other. The module never imports a callback.
+
+Attributes a callback may read and write:
+- `kd_temperature: float` — the distillation temperature T used for the next step (both logits / T,
+  the KD term multiplied by T^2).
+- `loss_params: dict[str, Any]` — extra keyword arguments passed to the loss function on every
+  step (e.g. TAID's `interpolation`).
+- `teacher_weights: torch.Tensor` — static per-teacher weights, shape [K], summing to 1.
+- `teacher_weight_fn: Callable | None` — when set, called every step as
+  `fn(teacher_logits: dict[str, Tensor], student_logits: Tensor, labels: Tensor, mask: Tensor)`
+  with aligned logits; returns weights [K] or per-example [B, K] (each row sums to 1). Replaces
+  `teacher_weights` for that step.
+
+Attributes a callback may read:
+- `student: nn.Module`, `teachers: nn.ModuleDict` (frozen; a callback that trains part of a teacher,
+  like SAR's router, owns those parameters and their optimizer).
+- `last_step: dict[str, Tensor]` — detached statistics of the last training batch: `student_ce`
+  (scalar), `teacher_ce` [K], `kd_loss` (scalar), `token_count` (scalar), `student_token_ce` [N] and
+  `teacher_token_ce` [K, N] over the counted positions, `teacher_weights` [K] (batch mean).
+- `task: str` — "causal_lm" or "classification".
+
+Methods:
+- `student_logits(batch) -> Tensor` and `teacher_logits(batch) -> dict[str, Tensor]` (no grad),
+  both unshifted model outputs.
+- `align(logits, labels) -> (logits, labels)` — the causal shift for LMs, identity for classifiers.
+
+Batches are dicts; a callback may replace entries in place in `on_train_batch_start` (on-policy
+generation swaps `input_ids`/`labels`/`attention_mask`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+TeacherWeightFn = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class DistillationHost(Protocol):
+    kd_temperature: float
+    loss_params: dict[str, Any]
+    teacher_weights: torch.Tensor
+    teacher_weight_fn: TeacherWeightFn | None
+    student: nn.Module
+    teachers: nn.ModuleDict
+    last_step: dict[str, torch.Tensor]
+    task: str
+
+    def student_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def teacher_logits(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def align(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def require_distillation_module(module: Any, callback: object) -> DistillationHost:
+    """Fail clearly when a callback is attached to a module that does not offer the interface."""
+    missing = [name for name in DistillationHost.__annotations__ if not hasattr(module, name)]
+    missing += [m for m in ("student_logits", "teacher_logits", "align") if not hasattr(module, m)]
+    if missing:
+        raise TypeError(
+            f"{type(callback).__name__} needs a kd_lightning DistillationModule; "
+            f"{type(module).__name__} lacks: {', '.join(missing)}"
+        )
+    return module

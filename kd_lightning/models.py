@@ -1,0 +1,160 @@
+"""Building teachers and students: tiny models from `transformers` config classes, real ones from
+`from_pretrained`, and small torch classifiers for classic KD on tabular data.
+
+Every builder takes the data's `vocab_size` (or `num_features`/`num_classes`) at call time, so model
+configs stay independent of the dataset config; `kd_lightning.train` passes them in.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def build_causal_lm(
+    config: Any,
+    *,
+    vocab_size: int | None = None,
+    tokenizer: Any = None,
+    seed: int | None = None,
+    torch_dtype: str | None = None,
+    **_: Any,
+) -> nn.Module:
+    """A randomly initialised causal LM from a `transformers` config object (LlamaConfig,
+    MixtralConfig, Qwen2MoeConfig, ...). `vocab_size` and the tokenizer's special ids override the
+    config so the model always matches the data."""
+    from transformers import AutoModelForCausalLM
+
+    if vocab_size is not None:
+        config.vocab_size = int(vocab_size)
+    if tokenizer is not None:
+        for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+            value = getattr(tokenizer, key, None)
+            if value is not None:
+                setattr(config, key, value)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    if torch_dtype is not None:
+        model = model.to(getattr(torch, torch_dtype))
+    return model
+
+
+def from_pretrained(
+    pretrained: str,
+    *,
+    vocab_size: int | None = None,
+    tokenizer: Any = None,
+    seed: int | None = None,
+    torch_dtype: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained(pretrained)`: a hub id or a local directory.
+
+    `vocab_size` is *not* forced onto a pretrained model (its embeddings are what they are); the
+    trainer compares vocabularies and fails clearly when they differ. `trust_remote_code` stays
+    False unless the user sets it. Extra keyword arguments go to `from_pretrained` (for an MoE,
+    e.g. `num_experts_per_tok`)."""
+    from transformers import AutoModelForCausalLM
+
+    if not pretrained or pretrained == "???":
+        raise ValueError("student/teacher `pretrained=` must name a local directory or hub id")
+    dtype = getattr(torch, torch_dtype) if torch_dtype else None
+    return AutoModelForCausalLM.from_pretrained(
+        pretrained,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        revision=revision,
+        **kwargs,
+    )
+
+
+class MLPClassifier(nn.Module):
+    """A plain multi-layer perceptron: the 'any torch classifier' used with `dataset=digits`."""
+
+    def __init__(self, num_features: int, num_classes: int, hidden_sizes: list[int], dropout: float = 0.0):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = num_features
+        for hidden in hidden_sizes:
+            layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+            width = hidden
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+        self.num_features = num_features
+        self.num_classes = num_classes
+        self.hidden_sizes = list(hidden_sizes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:  # [B, F] -> [B, C]
+        return self.net(inputs)
+
+
+def build_mlp(
+    hidden_sizes: list[int],
+    *,
+    num_features: int,
+    num_classes: int,
+    dropout: float = 0.0,
+    seed: int | None = None,
+    **_: Any,
+) -> MLPClassifier:
+    if seed is not None:
+        torch.manual_seed(seed)
+    return MLPClassifier(num_features, num_classes, list(hidden_sizes), dropout)
+
+
+def output_size(model: nn.Module) -> int:
+    """Number of output logits (vocabulary size of an LM, classes of a classifier)."""
+    if isinstance(model, MLPClassifier):
+        return model.num_classes
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and hasattr(head, "out_features"):
+        return int(head.out_features)
+    return int(model.config.vocab_size)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "generate")
+
+
+def save_model(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
+    """Save so that `transformers` loads it back: `save_pretrained` (safetensors) plus the
+    tokenizer for causal LMs; safetensors weights plus `mlp_config.json` for MLP classifiers."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, MLPClassifier):
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+        config = {"num_features": model.num_features, "num_classes": model.num_classes, "hidden_sizes": model.hidden_sizes}
+        (directory / "mlp_config.json").write_text(json.dumps(config))
+        return directory
+    model.save_pretrained(directory, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    return directory
+
+
+def load_model(directory: str | Path) -> nn.Module:
+    """Inverse of `save_model` (safetensors only: no pickle is ever loaded)."""
+    directory = Path(directory)
+    if (directory / "mlp_config.json").is_file():
+        from safetensors.torch import load_file
+
+        config = json.loads((directory / "mlp_config.json").read_text())
+        model = MLPClassifier(config["num_features"], config["num_classes"], config["hidden_sizes"])
+        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=False)

@@ -1,0 +1,135 @@
+"""Building blocks of a run: models from config, Trainers, and the CE-trained models kd-lightning
+caches itself (teachers pre-trained on the data, no-KD baselines)."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from lightning import Trainer
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kd_lightning.cache import cache_root, config_key, is_complete, write_atomically
+from kd_lightning.models import load_model, save_model
+
+log = logging.getLogger("kd_lightning")
+
+
+def model_kwargs(datamodule: Any, seed: int) -> dict[str, Any]:
+    """What every model builder gets from the data: sizes and special tokens."""
+    if datamodule.task == "classification":
+        return {"num_features": datamodule.num_features, "num_classes": datamodule.num_classes, "seed": seed}
+    return {"vocab_size": datamodule.vocab_size, "tokenizer": datamodule.tokenizer, "seed": seed}
+
+
+def build_model(model_cfg: DictConfig, datamodule: Any, seed: int) -> nn.Module:
+    return hydra.utils.instantiate(model_cfg, **model_kwargs(datamodule, seed))
+
+
+def make_trainer(cfg: DictConfig, *, name: str, max_steps: int | None = None, callbacks: list[Any] | None = None,
+                 loggers: list[Any] | bool = True, validate: bool = True, checkpoint: bool = False) -> Trainer:
+    """A Trainer from `cfg.trainer` (strategy, precision, devices come from the strategy group)."""
+    callbacks = list(callbacks or [])
+    if cfg.trainer.get("enable_progress_bar", True) and cfg.get("progress_bar") is not None:
+        callbacks.append(hydra.utils.instantiate(cfg.progress_bar))
+    overrides: dict[str, Any] = {"callbacks": callbacks, "enable_checkpointing": checkpoint}
+    if loggers is True:
+        from lightning.pytorch.loggers import CSVLogger
+
+        loggers = [CSVLogger(save_dir=cfg.paths.output_dir, name=name, version="")]
+    overrides["logger"] = loggers
+    if max_steps is not None:
+        overrides["max_steps"] = max_steps
+    if not validate:
+        overrides.update(limit_val_batches=0, val_check_interval=None, check_val_every_n_epoch=1)
+    return hydra.utils.instantiate(cfg.trainer, **overrides)
+
+
+def _cache_payload(kind: str, model_cfg: DictConfig, training: dict[str, Any], datamodule: Any, seed: int) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "model": OmegaConf.to_container(model_cfg, resolve=True),
+        "training": training,
+        "data": datamodule.fingerprint(),
+        "seed": seed,
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+def obtain_ce_model(
+    cfg: DictConfig,
+    *,
+    kind: str,
+    name: str,
+    model_cfg: DictConfig,
+    training: dict[str, Any],
+    datamodule: Any,
+    optimizer: Any,
+    lr_scheduler: Any,
+    max_steps: int,
+) -> tuple[nn.Module, Path, bool]:
+    """Load a CE-trained model from the cache, or train it (CE only) and cache it.
+
+    Returns (model, cache entry, whether it was trained now)."""
+    from kd_lightning.module import DistillationModule
+
+    payload = _cache_payload(kind, model_cfg, training, datamodule, int(cfg.seed))
+    entry = cache_root(cfg.paths.cache_dir) / f"{kind}s" / f"{name}-{config_key(payload)}"
+    if is_complete(entry):
+        log.info("Using cached %s '%s' from %s", kind, name, entry)
+        return load_model(entry), entry, False
+    log.info("No cached %s '%s' for this config: training it now with CE for %d steps (cached at %s)",
+             kind, name, max_steps, entry)
+    model = build_model(model_cfg, datamodule, int(cfg.seed))
+    module = DistillationModule(model, None, ce_weight=1.0, kd_weight=0.0, optimizer=optimizer, lr_scheduler=lr_scheduler)
+    trainer = make_trainer(cfg, name=f"{kind}_{name}", max_steps=max_steps, validate=False)
+    trainer.fit(module, datamodule=datamodule)
+    if trainer.is_global_zero:
+        write_atomically(entry, lambda d: save_model(model, d, getattr(datamodule, "tokenizer", None)), payload)
+    trainer.strategy.barrier()
+    return model, entry, True
+
+
+def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) -> nn.Module:
+    """A teacher from its config: used as is when `pretrain` is null (e.g. `from_pretrained`),
+    otherwise pre-trained by kd-lightning on the data and cached."""
+    pretrain = teacher_cfg.get("pretrain")
+    if pretrain is None:
+        return build_model(teacher_cfg.model, datamodule, int(cfg.seed))
+    training = OmegaConf.to_container(pretrain, resolve=True)
+    optimizer = partial(torch.optim.AdamW, lr=float(pretrain.lr), weight_decay=0.01)
+    scheduler = _warmup_cosine(int(pretrain.get("warmup_steps", 0)))
+    model, _, _ = obtain_ce_model(
+        cfg, kind="teacher", name=str(teacher_cfg.name), model_cfg=teacher_cfg.model, training=training,
+        datamodule=datamodule, optimizer=optimizer, lr_scheduler=scheduler, max_steps=int(pretrain.max_steps),
+    )
+    return model
+
+
+def obtain_baseline(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, bool]:
+    """The no-KD baseline: the same student, optimiser and steps, CE only; cached by config."""
+    training = {
+        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "lr_scheduler": OmegaConf.to_container(cfg.lr_scheduler, resolve=True) if cfg.lr_scheduler else None,
+        "max_steps": int(cfg.trainer.max_steps),
+        "precision": str(cfg.trainer.get("precision")),
+        "gradient_clip_val": cfg.trainer.get("gradient_clip_val"),
+    }
+    model, _, trained = obtain_ce_model(
+        cfg, kind="baseline", name=str(cfg.student.name), model_cfg=cfg.student.model, training=training,
+        datamodule=datamodule, optimizer=hydra.utils.instantiate(cfg.optimizer),
+        lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.lr_scheduler else None,
+        max_steps=int(cfg.trainer.max_steps),
+    )
+    return model, trained
+
+
+def _warmup_cosine(warmup_steps: int) -> Any:
+    from transformers import get_cosine_schedule_with_warmup
+
+    return partial(get_cosine_schedule_with_warmup, num_warmup_steps=warmup_steps)

@@ -1,0 +1,180 @@
+"""`run(cfg)`: config -> data, teachers, student -> `Trainer.fit` -> saved student + summary.
+
+Kept separate from the `@hydra.main` wrapper (`kd_lightning.cli`) so tests call it directly with a
+composed config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.evaluate import evaluate, print_summary
+from kd_lightning.models import count_parameters, output_size, save_model
+from kd_lightning.module import DistillationModule
+from kd_lightning.stages import build_model, make_trainer, obtain_baseline, obtain_teacher
+
+log = logging.getLogger("kd_lightning")
+
+LM_BUILDERS = ("kd_lightning.models.build_causal_lm", "kd_lightning.models.from_pretrained")
+CLASSIFIER_BUILDERS = ("kd_lightning.models.build_mlp",)
+STAGES = ("distill", "teacher")
+
+
+def teacher_configs(cfg: DictConfig) -> list[DictConfig]:
+    """One teacher (`teacher=moe`) or several (`teacher.teachers: [...]`)."""
+    teachers = cfg.teacher.get("teachers")
+    configs = list(teachers) if teachers else [cfg.teacher]
+    names = [str(t.name) for t in configs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"teacher names must be unique, got {names}")
+    return configs
+
+
+def check_config(cfg: DictConfig, datamodule: Any) -> None:
+    """Fail before any compute, naming the offending key and value."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage={cfg.stage!r} is not one of {list(STAGES)}")
+    wrong = CLASSIFIER_BUILDERS if datamodule.task == "causal_lm" else LM_BUILDERS
+    for key, model_cfg in [("student", cfg.student.model)] + [(f"teacher {t.name}", t.model) for t in teacher_configs(cfg)]:
+        if model_cfg.get("_target_") in wrong:
+            fix = "teacher=mlp student=mlp (or experiment=digits)" if datamodule.task == "classification" else "a causal LM (teacher=moe|dense|hf, student=tiny|hf)"
+            raise ValueError(f"{key} model {model_cfg._target_} does not fit dataset {type(datamodule).__name__} "
+                             f"(task {datamodule.task}); use {fix}")
+    trainer = cfg.trainer
+    strategy, accelerator = str(trainer.get("strategy")), str(trainer.get("accelerator"))
+    if (strategy.startswith("fsdp") or strategy.startswith("deepspeed") or accelerator == "gpu") and not torch.cuda.is_available():
+        raise RuntimeError(f"strategy={strategy} (accelerator={accelerator}) needs a CUDA GPU and none is visible; "
+                           "use strategy=cpu, ddp or bf16 on this machine")
+    if strategy.startswith("deepspeed"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as err:
+            raise RuntimeError("strategy=deepspeed needs the extra: pip install -e '.[deepspeed]'") from err
+
+
+def check_vocabularies(student: torch.nn.Module, teachers: dict[str, torch.nn.Module], cfg: DictConfig, datamodule: Any) -> None:
+    student_size = output_size(student)
+    if datamodule.task == "causal_lm" and student_size < len(datamodule.tokenizer):
+        raise ValueError(f"student has {student_size} output logits but the tokenizer has {len(datamodule.tokenizer)} tokens")
+    if cfg.loss.get("cross_vocab", False):
+        return
+    for name, teacher in teachers.items():
+        if output_size(teacher) != student_size:
+            raise ValueError(f"teacher '{name}' has vocabulary size {output_size(teacher)} but the student has "
+                             f"{student_size}; distilling across vocabularies needs a cross-vocabulary loss (loss=uld)")
+
+
+def guard_output_dir(output_dir: Path, resume: Any) -> None:
+    if resume is None and (output_dir / "summary.json").exists():
+        raise FileExistsError(f"{output_dir} already holds a finished run (summary.json); choose another "
+                              "hydra.run.dir or pass resume=auto to continue it")
+
+
+def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
+    if cfg.resume in (None, "", "null"):
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if cfg.resume == "auto" else Path(str(cfg.resume))
+    if cfg.resume == "auto" and not path.exists():
+        log.info("resume=auto: no checkpoint at %s, starting fresh", path)
+        return None
+    if not path.exists():
+        raise FileNotFoundError(f"resume={cfg.resume}: no checkpoint at {path}")
+    return str(path)
+
+
+def method_callbacks(cfg: DictConfig) -> list[Any]:
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if cfg.temperature.get("callback") is not None:
+        callbacks.append(hydra.utils.instantiate(cfg.temperature.callback))
+    return callbacks
+
+
+def build_module(cfg: DictConfig, student: torch.nn.Module, teachers: dict[str, torch.nn.Module]) -> DistillationModule:
+    d = cfg.distill
+    return DistillationModule(
+        student, teachers, hydra.utils.instantiate(cfg.loss.fn),
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        lr_scheduler=hydra.utils.instantiate(cfg.lr_scheduler) if cfg.lr_scheduler else None,
+        kd_weight=d.kd_weight, ce_weight=d.ce_weight, kd_temperature=cfg.temperature.initial,
+        teacher_combine=d.teacher_combine, teacher_weights=OmegaConf.to_object(d.teacher_weights) if d.teacher_weights else None,
+        chunk_size=cfg.loss.get("chunk_size"), save_teachers=d.save_teachers,
+    )
+
+
+def quiet_lightning_console() -> None:
+    """`import lightning` adds its own console handler that also propagates to the root logger;
+    under Hydra (which configures the root logger) every Lightning message would print twice."""
+    if logging.getLogger().handlers:
+        lightning_logger = logging.getLogger("lightning")
+        for handler in list(lightning_logger.handlers):
+            if isinstance(handler, logging.StreamHandler):
+                lightning_logger.removeHandler(handler)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run one configured experiment; returns the summary (empty on non-zero DDP ranks)."""
+    quiet_lightning_console()
+    # Teachers are in eval mode by design (frozen); Lightning warns about any eval-mode submodule.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    check_config(cfg, datamodule)
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        guard_output_dir(output_dir, cfg.resume)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    teachers = {str(t.name): obtain_teacher(cfg, t, datamodule) for t in teacher_configs(cfg)}
+    if cfg.stage == "teacher":
+        log.info("Teacher(s) ready: %s", ", ".join(teachers))
+        return {"teachers": list(teachers)}
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    student = build_model(cfg.student.model, datamodule, int(cfg.seed))
+    check_vocabularies(student, teachers, cfg, datamodule)
+    module = build_module(cfg, student, teachers)
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [hydra.utils.instantiate(cfg.checkpoint), *method_callbacks(cfg)]
+    trainer = make_trainer(cfg, name="distill", callbacks=callbacks, loggers=loggers or False, checkpoint=True)
+    log.info("Distilling %s -> student '%s' (%s params) with loss=%s", ", ".join(teachers), cfg.student.name,
+             f"{count_parameters(student):,}", cfg.loss.name)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir))
+
+    baseline = obtain_baseline(cfg, datamodule)[0] if cfg.baseline else None
+    if not trainer.is_global_zero:
+        return {}
+    student_dir = save_model(student, output_dir / "student", getattr(datamodule, "tokenizer", None))
+    summary = summarize(cfg, datamodule, teachers, student, baseline)
+    summary["student_dir"] = str(student_dir)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary["models"], datamodule.task, str(student_dir), title=f"kd-lightning: loss={cfg.loss.name}")
+    return summary
+
+
+def summarize(cfg: DictConfig, datamodule: Any, teachers: dict[str, torch.nn.Module], student: torch.nn.Module,
+              baseline: torch.nn.Module | None) -> dict[str, Any]:
+    """Held-out (test split) loss/perplexity of every teacher, the distilled student and the baseline."""
+    datamodule.setup("test")
+    batches = list(datamodule.test_dataloader())
+    first_teacher = next(iter(teachers.values()))
+    rows: dict[str, dict[str, float]] = {}
+    for name, teacher in teachers.items():
+        rows[f"teacher:{name}"] = evaluate(teacher, batches, datamodule.task)
+    rows["student (KD)"] = evaluate(student, batches, datamodule.task, reference=first_teacher)
+    if baseline is not None:
+        rows["student (CE only)"] = evaluate(baseline, batches, datamodule.task, reference=first_teacher)
+    for name, model in [*((f"teacher:{n}", t) for n, t in teachers.items()), ("student (KD)", student),
+                        ("student (CE only)", baseline)]:
+        if model is not None:
+            rows[name]["params"] = count_parameters(model)
+    return {"loss": str(cfg.loss.name), "seed": int(cfg.seed), "task": datamodule.task, "models": rows}

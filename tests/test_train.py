@@ -1,0 +1,117 @@
+"""The real entry point (`kd_lightning.train.run` on a composed Hydra config) end to end, tiny."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from kd_lightning.models import build_causal_lm, save_model
+from kd_lightning.stages import build_model
+from kd_lightning.train import run
+from tests.conftest import column, metrics_csv
+
+
+def student_state_from_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    return {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+
+
+def test_distill_moe_teacher_skew_kl_end_to_end(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("loss=skew_kl", "teacher=moe")
+    summary = run(cfg)
+    out = Path(cfg.paths.output_dir)
+    rows = metrics_csv(out)
+    losses = column(rows, "train/loss")
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    assert column(rows, "train/temperature")[0] == 1.0
+    assert column(rows, "val/student_loss") and column(rows, "val/teacher_agreement")
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert set(summary["models"]) == {"teacher:moe", "student (KD)", "student (CE only)"}
+    assert json.loads((out / "summary.json").read_text())["loss"] == "skew_kl"
+
+    # The saved student loads with plain transformers and matches the checkpointed weights.
+    student_dir = Path(summary["student_dir"])
+    reloaded = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    fresh = build_model(cfg.student.model, type("D", (), {"task": "causal_lm", "vocab_size": len(tokenizer),
+                                                           "tokenizer": tokenizer})(), seed=123)
+    fresh.load_state_dict(student_state_from_checkpoint(out / "checkpoints" / "last.ckpt"))
+    ids = torch.tensor([tokenizer("def f(x):\n    return x")["input_ids"]])
+    assert torch.equal(reloaded(input_ids=ids).logits, fresh.eval()(input_ids=ids).logits)
+    # The checkpoint holds the student, not the frozen teacher.
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("teachers.") for k in ckpt["state_dict"])
+
+
+def test_dense_teacher_and_cached_teacher_reused(make_cfg, tmp_path: Path, caplog) -> None:
+    run(make_cfg("teacher=dense", "stage=teacher", output_dir=tmp_path / "a"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kd_lightning"):
+        summary = run(make_cfg("teacher=dense", "baseline=false", output_dir=tmp_path / "b"))
+    assert "Using cached teacher 'dense'" in caplog.text
+    assert set(summary["models"]) == {"teacher:dense", "student (KD)"}
+
+
+def tiny_pretrained(directory: Path, vocab_size: int, hidden: int, seed: int) -> Path:
+    from kd_lightning.data import byte_tokenizer
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
+    model = build_causal_lm(config, vocab_size=vocab_size, tokenizer=byte_tokenizer(), seed=seed)
+    return save_model(model, directory, byte_tokenizer())
+
+
+def test_hf_teacher_and_student_from_local_directories(make_cfg, tmp_path: Path) -> None:
+    teacher_dir = tiny_pretrained(tmp_path / "t", 259, 48, 0)
+    student_dir = tiny_pretrained(tmp_path / "s", 259, 16, 1)
+    cfg = make_cfg("teacher=hf", f"teacher.model.pretrained={teacher_dir}", "student=hf",
+                   f"student.model.pretrained={student_dir}", "baseline=false")
+    summary = run(cfg)
+    assert summary["models"]["teacher:hf"]["params"] == sum(
+        p.numel() for p in AutoModelForCausalLM.from_pretrained(teacher_dir).parameters())
+
+
+def test_vocabulary_mismatch_fails_before_training(make_cfg, tmp_path: Path) -> None:
+    teacher_dir = tiny_pretrained(tmp_path / "t", 300, 16, 0)
+    cfg = make_cfg("teacher=hf", f"teacher.model.pretrained={teacher_dir}")
+    with pytest.raises(ValueError, match=r"vocabulary size 300 but the student has 259.*loss=uld"):
+        run(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+
+
+def test_digits_classic_kd(make_cfg) -> None:
+    summary = run(make_cfg("experiment=digits", "trainer.max_steps=60", "teacher.pretrain.max_steps=60"))
+    models = summary["models"]
+    assert summary["task"] == "classification"
+    assert models["teacher:mlp"]["accuracy"] > 0.8  # 60 steps of a wide MLP on digits
+    assert models["student (KD)"]["accuracy"] > 0.3
+    assert Path(summary["student_dir"], "model.safetensors").is_file()
+
+
+def test_classification_data_with_lm_teacher_fails_clearly(make_cfg) -> None:
+    with pytest.raises(ValueError, match="teacher=mlp student=mlp"):
+        run(make_cfg("dataset=digits"))
+
+
+def test_bf16_mixed_precision_run(make_cfg) -> None:
+    summary = run(make_cfg("strategy=bf16", "baseline=false"))
+    assert summary["models"]["student (KD)"]["loss"] < 6.0
+
+
+def test_finished_run_directory_is_not_overwritten(make_cfg, tmp_path: Path) -> None:
+    out = tmp_path / "same"
+    run(make_cfg("baseline=false", output_dir=out))
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
+        run(make_cfg("baseline=false", output_dir=out))
+
+
+def test_fsdp_and_deepspeed_refuse_cpu_clearly(make_cfg) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    for strategy in ("fsdp", "deepspeed"):
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            run(make_cfg(f"strategy={strategy}"))
