@@ -1,0 +1,116 @@
+"""The embedded default corpus: the Python standard library's own source, read as bytes.
+
+It is present wherever Python is, so a distillation run works offline with no download. About
+13 MB of ``.py`` without the test suites. The split is random **by file**: a split by directory
+gave an unrepresentative validation set (codec tables, far too easy).
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from collections.abc import Iterator
+from typing import Any
+
+from kd_lightning.data.base import LMDataModule, check_fractions, check_positive, hash_files, split_indices
+from kd_lightning.data.packing import pack_documents
+from kd_lightning.data.tokenizer import encode_bytes
+
+# Test suites are huge, repetitive and full of generated data; third-party code is not "stdlib".
+EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages", "lib-dynload"})
+
+
+def corpus_files(root: str, suffixes: tuple[str, ...]) -> list[str]:
+    """Non-empty files under ``root`` ending in ``suffixes``, sorted, skipping test and cache folders."""
+    found = []
+    for directory, subdirs, names in os.walk(root):
+        in_idlelib = os.path.basename(directory) == "idlelib"
+        subdirs[:] = [
+            name for name in subdirs if name not in EXCLUDED_DIRS and not (in_idlelib and name.startswith("test"))
+        ]
+        for name in names:
+            path = os.path.join(directory, name)
+            # Empty files (many __init__.py) carry nothing but an EOS.
+            if name.endswith(suffixes) and os.path.isfile(path) and os.path.getsize(path) > 0:
+                found.append(path)
+    return sorted(found)
+
+
+class StdlibDataModule(LMDataModule):
+    """Byte-level causal-LM windows over the Python standard library source (vocab 259).
+
+    Args:
+        root: another directory of ``.py``/``.txt`` files to use instead of the standard library.
+        seq_len: tokens per window.
+        val_fraction, test_fraction: share of files held out for validation / test.
+        max_train_tokens: cap on the training stream (whole files in shuffled order, then cut).
+        max_eval_tokens: cap on each of the validation and test streams.
+        batch_size, eval_batch_size, num_workers, seed: see ``BaseDataModule``.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        seq_len: int = 128,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        max_train_tokens: int = 4_000_000,
+        max_eval_tokens: int = 131_072,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(None, seq_len, batch_size, eval_batch_size, num_workers, seed)
+        self.save_hyperparameters()
+        check_fractions(val_fraction, test_fraction)
+        check_positive("max_train_tokens", max_train_tokens)
+        check_positive("max_eval_tokens", max_eval_tokens)
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.max_train_tokens, self.max_eval_tokens = max_train_tokens, max_eval_tokens
+        if root is None:
+            self.root, suffixes = sysconfig.get_paths()["stdlib"], (".py",)
+        else:
+            self.root, suffixes = os.path.expanduser(str(root)), (".py", ".txt")
+            if not os.path.isdir(self.root):
+                raise FileNotFoundError(f"dataset.root={root!r}: directory does not exist")
+        # Listing the files is cheap (a directory walk) and lets errors surface at construction.
+        self.files = corpus_files(self.root, suffixes)
+        if not self.files:
+            raise ValueError(f"dataset.root={self.root!r}: no non-empty {'/'.join(suffixes)} files found")
+
+    def _split_files(self) -> dict[str, list[str]]:
+        fractions = {"val": self.val_fraction, "test": self.test_fraction}
+        indices = split_indices(len(self.files), fractions, self.seed, what=f"files under {self.root!r}")
+        return {split: [self.files[i] for i in order] for split, order in indices.items()}
+
+    def _load(self) -> dict[str, Any]:
+        caps = {"train": self.max_train_tokens, "val": self.max_eval_tokens, "test": self.max_eval_tokens}
+        return {
+            split: pack_documents(
+                _read_documents(files), self.eos_token_id, self.pad_token_id, self.seq_len, caps[split]
+            )
+            for split, files in self._split_files().items()
+        }
+
+    def _identity(self) -> dict[str, Any]:
+        # Hashing the whole corpus takes about 0.15 s; the root path itself is not identity.
+        return {
+            "files": hash_files(self.files),
+            "val_fraction": self.val_fraction,
+            "test_fraction": self.test_fraction,
+            "max_train_tokens": self.max_train_tokens,
+            "max_eval_tokens": self.max_eval_tokens,
+            **self._token_identity(),
+        }
+
+
+def _read_documents(files: list[str]) -> Iterator[Any]:
+    """Byte ids of each file, read lazily so that a capped split stops reading early."""
+    for path in files:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as error:
+            raise ValueError(f"dataset.root: cannot read {path!r} ({error.strerror or error})") from error
+        yield encode_bytes(data)
