@@ -13,7 +13,13 @@ Attributes a callback may read and write:
 - `teacher_weight_fn: Callable | None` — when set, called every step as
   `fn(teacher_logits: dict[str, Tensor], student_logits: Tensor, labels: Tensor, mask: Tensor)`
   with aligned logits; returns weights [K] or per-example [B, K] (each row sums to 1). Replaces
-  `teacher_weights` for that step.
+  `teacher_weights` for that step. K may be the number of teachers or the number of entries of
+  `teacher_logits` (they differ only for stochastic teachers, see below).
+
+Stochastic teachers: a teacher module with an integer attribute `num_samples = M > 1` (MoE
+knowledge augmentation) is run M times per step; `teacher_logits` then holds M entries
+`name/sample<r>` sharing that teacher's weight equally. With `teacher_combine="losses"` the KD term
+is the mean divergence over the draws; with "mixture" it is the divergence to their average.
 
 Attributes a callback may read:
 - `student: nn.Module`, `teachers: nn.ModuleDict` (frozen; a callback that trains part of a teacher,

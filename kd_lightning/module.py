@@ -120,7 +120,24 @@ class DistillationModule(LightningModule):
 
     @torch.no_grad()
     def teacher_logits(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {name: self._logits(teacher, batch) for name, teacher in self.teachers.items()}
+        """Logits of every teacher. A stochastic teacher with `num_samples = M > 1` (e.g. MoE
+        knowledge augmentation) is run M times and contributes M entries `name/sample<r>`, each
+        with 1/M of the teacher's weight."""
+        out: dict[str, Tensor] = {}
+        for name, teacher in self.teachers.items():
+            draws = int(getattr(teacher, "num_samples", 1))
+            for r in range(draws):
+                out[name if draws == 1 else f"{name}/sample{r}"] = self._logits(teacher, batch)
+        return out
+
+    def expand_teacher_weights(self, weights: Tensor) -> Tensor:
+        """Per-teacher weights [..., K] -> per-entry weights of `teacher_logits` (samples split a
+        teacher's weight equally)."""
+        draws = [int(getattr(t, "num_samples", 1)) for t in self.teachers.values()]
+        if all(d == 1 for d in draws):
+            return weights
+        repeats = torch.tensor(draws, device=weights.device)
+        return torch.repeat_interleave(weights / repeats.to(weights.dtype), repeats, dim=-1)
 
     def _logits(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         if self.task == "classification":
@@ -136,9 +153,11 @@ class DistillationModule(LightningModule):
     # ------------------------------------------------------------------ losses
     def _weights_for(self, teacher_logits: dict[str, Tensor], student: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
         if self.teacher_weight_fn is None:
-            return self.teacher_weights.to(student.device)
-        weights = self.teacher_weight_fn(teacher_logits, student, labels, mask)
-        return weights.to(device=student.device, dtype=torch.float32).detach()
+            weights = self.teacher_weights.to(student.device)
+        else:
+            weights = self.teacher_weight_fn(teacher_logits, student, labels, mask)
+            weights = weights.to(device=student.device, dtype=torch.float32).detach()
+        return weights if weights.shape[-1] == len(teacher_logits) else self.expand_teacher_weights(weights)
 
     def kd_term(self, student: Tensor, teachers: dict[str, Tensor], labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """The divergence between aligned student logits and the (weighted) teachers. Returns
@@ -190,8 +209,8 @@ class DistillationModule(LightningModule):
             stats.update(kd_loss=kd.detach(), teacher_weights=batch_w.detach(), teacher_token_ce=teacher_token_ce,
                          teacher_ce=teacher_token_ce.mean(-1) if count > 0 else teacher_token_ce.sum(-1))
             self.log("train/kd_loss", kd, prog_bar=True)
-            for name, w in zip(self.teachers, batch_w):
-                if len(self.teachers) > 1:
+            for name, w in zip(teachers, batch_w):
+                if len(teachers) > 1:
                     self.log(f"train/teacher_weight/{name}", w)
         self.last_step = stats
         self.log("train/ce_loss", ce, prog_bar=not self.teachers)

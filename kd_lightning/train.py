@@ -27,7 +27,7 @@ log = logging.getLogger("kd_lightning")
 
 LM_BUILDERS = ("kd_lightning.models.build_causal_lm", "kd_lightning.models.from_pretrained")
 CLASSIFIER_BUILDERS = ("kd_lightning.models.build_mlp",)
-STAGES = ("distill", "teacher")
+STAGES = ("distill", "teacher", "takd")
 
 
 def teacher_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -134,6 +134,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         guard_output_dir(output_dir, cfg.resume)
     output_dir.mkdir(parents=True, exist_ok=True)
 
+    if cfg.stage == "takd":  # a chain of runs: teacher -> assistants -> student
+        from kd_lightning.takd import run_chain
+
+        return run_chain(cfg)
     teachers = {str(t.name): obtain_teacher(cfg, t, datamodule) for t in teacher_configs(cfg)}
     if cfg.stage == "teacher":
         log.info("Teacher(s) ready: %s", ", ".join(teachers))
