@@ -33,5 +33,4 @@ def wandb_logger(save_dir: str, offline: bool | None = None, **kwargs: Any) -> A
         if offline:
             log.info("W&B: no credentials or WANDB_MODE=offline, logging offline to %s/wandb", save_dir)
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("WANDB_DIR", str(save_dir))
     return WandbLogger(save_dir=save_dir, offline=offline, **kwargs)

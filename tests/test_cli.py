@@ -1,0 +1,81 @@
+"""`python train.py` as a user runs it: help, Hydra's errors, DDP on CPU, multirun, W&B offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd_lightning.train import run
+from tests.conftest import CONF, REPO, TINY_LM_DATA, TINY_TEACHER, TINY_TRAINER
+
+GROUPS = ["dataset", "teacher", "student", "loss", "temperature", "strategy", "logger", "callbacks", "experiment"]
+
+
+def train_py(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_every_group_and_option(tmp_path: Path) -> None:
+    result = train_py("--help", cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for group in GROUPS:
+        options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        assert f"{group}: {', '.join(options)}" in result.stdout, group
+
+
+def test_unknown_option_and_key_fail_with_hydras_message(tmp_path: Path) -> None:
+    result = train_py("loss=no_such_loss", cwd=tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert "Could not find 'loss/no_such_loss'" in result.stderr and "Available options in 'loss'" in result.stderr
+    result = train_py("no_such_key=1", cwd=tmp_path, timeout=60)
+    assert result.returncode != 0 and "Could not override 'no_such_key'" in result.stderr
+
+
+def tiny_cli_args(tmp_path: Path) -> list[str]:
+    return [*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER, f"paths.cache_dir={tmp_path / 'cache'}"]
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    result = train_py("strategy=ddp", "baseline=false", f"hydra.run.dir={out}", *tiny_cli_args(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["models"]["student (KD)"]["loss"] < 6.0
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_multirun_sweeps_losses(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = train_py("-m", "loss=kl,reverse_kl", "baseline=false", f"hydra.sweep.dir={sweep}", *tiny_cli_args(tmp_path),
+                      cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = sorted(json.loads((sweep / str(i) / "summary.json").read_text())["loss"] for i in range(2))
+    assert losses == ["kl", "reverse_kl"]
+
+
+def test_wandb_logger_writes_offline_run(make_cfg, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", "secret-key-that-must-not-leak-0000000000")
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    cfg = make_cfg("logger=wandb", "baseline=false")
+    run(cfg)
+    import wandb
+
+    wandb.finish()
+    runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    data = next(runs[0].glob("*.wandb")).read_bytes()
+    assert b"train/kd_loss" in data, "training metrics missing from the offline run"
+    assert b"val/student_loss" in data, "validation metrics missing from the offline run"
+    leaked = [p for p in Path(cfg.paths.output_dir).rglob("*") if p.is_file() and b"secret-key-that-must-not-leak" in p.read_bytes()]
+    assert not leaked, leaked
