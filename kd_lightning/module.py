@@ -23,6 +23,8 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 
 from kd_lightning.interface import TeacherWeightFn
+from kd_lightning.lean import chunked_token_ce, hidden_and_head
+from kd_lightning.losses.chunked import chunked_distill_loss
 
 LossFn = Callable[..., Tensor]
 
@@ -187,25 +189,47 @@ class DistillationModule(LightningModule):
         batch_w = weights if weights.dim() == 1 else weights.mean(0)
         return kd, batch_w
 
+    def _chunked_terms(self, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The `loss.chunk_size` path: (student token CE, KD term, teacher token CE [1, M], weights)."""
+        if len(self.teachers) != 1 or self.teacher_weight_fn is not None:
+            raise ValueError("loss.chunk_size supports exactly one teacher without a weighting callback")
+        hidden, head = hidden_and_head(self.student, batch)
+        rows, targets = hidden[:, :-1][mask], labels[mask]
+        token_ce = chunked_token_ce(rows, head, targets, self.chunk_size)
+        teacher = next(iter(self.teachers.values()))
+        with torch.no_grad():
+            t_hidden, t_head = hidden_and_head(teacher, batch)
+            t_rows = t_hidden[:, :-1][mask]
+            teacher_token_ce = chunked_token_ce(t_rows, t_head, targets, self.chunk_size).unsqueeze(0)
+        kd = chunked_distill_loss(rows, head.weight, t_rows, t_head.weight, None, self.loss_fn,
+                                  chunk_size=self.chunk_size, temperature=self.kd_temperature,
+                                  student_head_bias=head.bias, teacher_head_bias=t_head.bias, **self.loss_params)
+        return token_ce, kd, teacher_token_ce, self.teacher_weights.to(kd.device)
+
     def _step(self, batch: dict[str, Tensor]) -> Tensor:
-        student_raw = self.student_logits(batch)
-        student, labels = self.align(student_raw, batch["labels"])
+        labels = batch["labels"] if self.task == "classification" else batch["labels"][:, 1:]
         mask = labels != -100
         count = mask.sum()
         if count == 0:
             warnings.warn(f"step {self.global_step}: every label is masked (-100); loss is 0 for this batch")
-        token_ce = F.cross_entropy(student[mask].float(), labels[mask], reduction="none")
-        ce = token_ce.sum() / count.clamp_min(1) if count > 0 else student.sum() * 0.0
+        if self.chunk_size and self.task == "causal_lm" and self.teachers:
+            token_ce, kd, teacher_token_ce, batch_w = self._chunked_terms(batch, labels, mask)
+            teachers: dict[str, Tensor] = dict(self.teachers)  # names only, for logging
+        else:
+            student, _ = self.align(self.student_logits(batch), batch["labels"])
+            token_ce = F.cross_entropy(student[mask].float(), labels[mask], reduction="none")
+        ce = token_ce.sum() / count.clamp_min(1)
         stats: dict[str, Tensor] = {"student_ce": ce.detach(), "token_count": count.detach(),
                                     "student_token_ce": token_ce.detach()}
         loss = self.ce_weight * ce
         if self.teachers:
-            teachers = {n: self.align(t, batch["labels"])[0] for n, t in self.teacher_logits(batch).items()}
-            kd, batch_w = self.kd_term(student, teachers, labels, mask)
+            if not self.chunk_size or self.task != "causal_lm":
+                teachers = {n: self.align(t, batch["labels"])[0] for n, t in self.teacher_logits(batch).items()}
+                kd, batch_w = self.kd_term(student, teachers, labels, mask)
+                teacher_token_ce = torch.stack(
+                    [F.cross_entropy(t[mask].float(), labels[mask], reduction="none") for t in teachers.values()]
+                )
             loss = loss + self.kd_weight * self.kd_temperature**2 * kd
-            teacher_token_ce = torch.stack(
-                [F.cross_entropy(t[mask].float(), labels[mask], reduction="none") for t in teachers.values()]
-            )
             stats.update(kd_loss=kd.detach(), teacher_weights=batch_w.detach(), teacher_token_ce=teacher_token_ce,
                          teacher_ce=teacher_token_ce.mean(-1) if count > 0 else teacher_token_ce.sum(-1))
             self.log("train/kd_loss", kd, prog_bar=True)

@@ -137,3 +137,22 @@ def test_classifier_student_and_teacher() -> None:
 def test_bad_arguments_fail_clearly(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         DistillationModule(tiny_lm(0), tiny_lm(1), partial(forward_kl), **kwargs)
+
+
+@pytest.mark.parametrize("loss_fn", [forward_kl, partial(reverse_kl)])
+def test_chunked_path_matches_plain_loss_and_gradients(loss_fn) -> None:
+    torch.manual_seed(0)
+    student, teacher = tiny_lm(0), tiny_lm(1, hidden=48)
+    batch = lm_batch()
+    grads = []
+    for chunk_size in (None, 5):
+        module = DistillationModule(student, teacher, loss_fn, ce_weight=0.4, kd_temperature=2.0, chunk_size=chunk_size)
+        student.zero_grad()
+        loss = module._step(batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
+        assert torch.allclose(module.last_step["student_ce"], grads[0][0].new_tensor(module.last_step["student_ce"]))
+    (plain, plain_grads), (chunked, chunked_grads) = grads
+    assert torch.allclose(plain, chunked, rtol=1e-5, atol=1e-7)
+    for a, b in zip(plain_grads, chunked_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
