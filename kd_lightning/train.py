@@ -94,8 +94,10 @@ def resolve_resume(cfg: DictConfig, output_dir: Path) -> str | None:
 
 def method_callbacks(cfg: DictConfig) -> list[Any]:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if cfg.temperature.get("callback") is not None:
-        callbacks.append(hydra.utils.instantiate(cfg.temperature.callback))
+    # A temperature schedule and a loss's own schedule (TAID) are callbacks chosen by their group.
+    for node in (cfg.temperature.get("callback"), cfg.loss.get("callback")):
+        if node is not None:
+            callbacks.append(hydra.utils.instantiate(node))
     return callbacks
 
 
