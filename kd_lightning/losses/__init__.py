@@ -1,0 +1,58 @@
+"""Pure-function distillation losses (no Lightning import anywhere in this package).
+
+Token-level divergence contract::
+
+    fn(student_logits [..., V], teacher_logits [..., V], mask [...] | None = None, *,
+       temperature=1.0, reduction="mean", **params) -> Tensor
+
+- ``mask`` is bool, True = the position counts; logits are already aligned (use
+  :func:`shift_for_causal_lm` for causal LMs).
+- ``reduction``: "mean" (token-mean of the per-position divergence summed over V), "sum", "none"
+  (shape ``[...]``, exact zeros at masked positions), "seq_mean". With no counted position "mean"
+  returns 0 with a graph (no NaN, no warning; the module decides whether to warn).
+- Both logits are divided by ``temperature``; no T² factor (the caller applies it).
+- float32 log-space internally whatever the input dtype; finite with −inf teacher logits.
+- Only the student gets gradient (the teacher is detached inside).
+"""
+
+from kd_lightning.losses.adaptive import adaptive_kl, taid
+from kd_lightning.losses.chunked import chunked_distill_loss
+from kd_lightning.losses.common import label_mask, log_probs, masked_mean, shift_for_causal_lm
+from kd_lightning.losses.cross_vocab import uld
+from kd_lightning.losses.divergences import (
+    forward_kl,
+    generalized_jsd,
+    jensen_shannon,
+    reverse_kl,
+    skew_kl,
+    skew_reverse_kl,
+    total_variation,
+)
+from kd_lightning.losses.features import hint_mse, make_projection, rkd_angle, rkd_distance
+from kd_lightning.losses.sparse import SparseTargets, sample_targets, sparse_kl, topk_targets
+
+__all__ = [
+    "SparseTargets",
+    "adaptive_kl",
+    "chunked_distill_loss",
+    "forward_kl",
+    "generalized_jsd",
+    "hint_mse",
+    "jensen_shannon",
+    "label_mask",
+    "log_probs",
+    "make_projection",
+    "masked_mean",
+    "reverse_kl",
+    "rkd_angle",
+    "rkd_distance",
+    "sample_targets",
+    "shift_for_causal_lm",
+    "skew_kl",
+    "skew_reverse_kl",
+    "sparse_kl",
+    "taid",
+    "topk_targets",
+    "total_variation",
+    "uld",
+]

@@ -1,0 +1,114 @@
+"""Sparse teacher targets (cacheable offline) and the student loss that consumes them.
+
+Anshumann et al. 2025, "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs":
+caching the teacher's top-k probabilities biases the target toward the head, while Random-Sampling
+KD (draw token ids from the teacher, keep the counts) is an unbiased estimate of the teacher
+distribution, so the student gradient is right in expectation.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from kd_lightning.losses.common import (
+    Reduction,
+    ValueForm,
+    check_mask,
+    counted_rows,
+    kl_sum,
+    log_probs,
+    reduce_positions,
+    upcast,
+    wants_cross_entropy,
+)
+
+
+class SparseTargets(NamedTuple):
+    """A sparse teacher distribution per position; padding entries have probability 0."""
+
+    indices: Tensor  # LongTensor [..., k], vocabulary ids
+    probs: Tensor  # FloatTensor [..., k], target probabilities (sum to 1 unless top-k unnormalised)
+
+
+def topk_targets(
+    teacher_logits: Tensor, k: int, *, temperature: float = 1.0, renormalize: bool = True
+) -> SparseTargets:
+    """The teacher's k most probable tokens per position (the biased Top-K caching baseline).
+
+    ``renormalize=True`` rescales the kept probabilities to sum to 1 (the common variant); otherwise
+    the tail mass is simply dropped.
+    """
+    if not 0 < k <= teacher_logits.shape[-1]:
+        raise ValueError(f"k must lie in [1, vocab size {teacher_logits.shape[-1]}], got {k}")
+    probs, indices = log_probs(teacher_logits.detach(), temperature).exp().topk(k, dim=-1)
+    if renormalize:
+        probs = probs / probs.sum(-1, keepdim=True)
+    return SparseTargets(indices, probs)
+
+
+def sample_targets(
+    teacher_logits: Tensor,
+    num_draws: int,
+    *,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+    width: int | None = None,
+) -> SparseTargets:
+    """Random-Sampling KD targets: ``num_draws`` i.i.d. draws from p, ``p̂_v = count_v / num_draws``.
+
+    Proposal = teacher distribution itself (sampling temperature t_s = 1), so the importance weights
+    are the counts and ``E[p̂] = p`` exactly. Unique ids are padded with probability-0 entries to a
+    common width: the batch's largest number of unique ids by default, or ``width`` (an error if some
+    position has more unique ids than that; ``width = num_draws`` always suffices).
+    """
+    if num_draws < 1:
+        raise ValueError(f"num_draws must be >= 1, got {num_draws}")
+    probs = log_probs(teacher_logits.detach(), temperature).exp()
+    vocab = probs.shape[-1]
+    rows = probs.reshape(-1, vocab)
+    draws = torch.multinomial(rows, num_draws, replacement=True, generator=generator)
+    counts = torch.zeros_like(rows).scatter_add_(1, draws, torch.ones_like(draws, dtype=rows.dtype))
+    needed = int((counts > 0).sum(-1).max()) if rows.shape[0] else 1
+    if width is None:
+        width = needed
+    elif width < needed:
+        raise ValueError(f"width={width} is smaller than the {needed} unique ids drawn at some position")
+    # The top-`width` counts are exactly the drawn ids, followed by zero-count (probability 0) padding.
+    top_counts, indices = counts.topk(min(width, vocab), dim=-1)
+    lead = probs.shape[:-1]
+    return SparseTargets(indices.reshape(*lead, -1), (top_counts / num_draws).reshape(*lead, -1))
+
+
+def sparse_kl(
+    student_logits: Tensor,
+    teacher_targets: SparseTargets,
+    mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    reduction: Reduction = "mean",
+    value_form: ValueForm = "kl",
+) -> Tensor:
+    """Forward KL against a sparse target: ``Σ_{v∈S} p̂_v log p̂_v − Σ_{v∈S} p̂_v log q_v``.
+
+    ``log q = log_softmax(student_logits / T)`` over the **full** vocabulary (normalising only over S
+    would bias the gradient), so ∂L/∂zS = (q − p̂)/T when Σ p̂ = 1, whose expectation under
+    Random-Sampling KD is the dense forward-KL gradient. ``temperature`` applies to the student only:
+    the targets carry the temperature they were built with. ``value_form="ce"`` drops the
+    ``Σ p̂ log p̂`` term.
+    """
+    ce = wants_cross_entropy(value_form)
+    lead = student_logits.shape[:-1]
+    if teacher_targets.indices.shape[:-1] != lead or teacher_targets.probs.shape != teacher_targets.indices.shape:
+        raise ValueError(
+            f"sparse targets {tuple(teacher_targets.indices.shape)} / {tuple(teacher_targets.probs.shape)} "
+            f"do not match student positions {tuple(lead)}"
+        )
+    mask = check_mask(mask, lead)
+    log_q = log_probs(counted_rows(student_logits, mask), temperature)
+    indices = counted_rows(teacher_targets.indices, mask)
+    target = upcast(counted_rows(teacher_targets.probs.detach(), mask))
+    values = kl_sum(target.log(), log_q.gather(-1, indices), cross_entropy=ce)
+    return reduce_positions(values, mask, lead, reduction)

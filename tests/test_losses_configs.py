@@ -1,0 +1,52 @@
+"""Every conf/loss/*.yaml instantiates to a working loss whose configured parameters are real."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import get_method, instantiate
+from omegaconf import OmegaConf
+
+import kd_lightning.losses as L
+
+LOSS_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "conf" / "loss").glob("*.yaml"))
+
+
+def test_every_loss_option_has_a_config():
+    names = {path.stem for path in LOSS_CONFIGS}
+    assert {"kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "js", "gjsd", "tvd", "akl", "taid", "uld",
+            "sparse_kl"} <= names
+
+
+@pytest.mark.parametrize("path", LOSS_CONFIGS, ids=lambda path: path.stem)
+def test_loss_config(path):
+    cfg = OmegaConf.load(path)
+    assert cfg.name == path.stem and "chunk_size" in cfg
+    target = get_method(cfg.fn._target_)
+    signature = inspect.signature(target).parameters
+    for key, value in cfg.fn.items():
+        if key.startswith("_"):
+            continue
+        assert key in signature, f"{path.name}: {key} is not a parameter of {cfg.fn._target_}"
+        assert value == signature[key].default, f"{path.name}: {key}={value} differs from the code default"
+    fn = instantiate(cfg.fn)
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 3, 8, generator=gen)
+    teacher_vocab = 11 if cfg.get("cross_vocab", False) else 8
+    teacher = torch.randn(2, 3, teacher_vocab, generator=gen)
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    extra = {"interpolation": 0.5} if path.stem == "taid" else {}
+    if cfg.get("sparse_targets", False):
+        teacher = L.topk_targets(teacher, 4)
+    value = fn(student, teacher, mask, temperature=2.0, **extra)
+    assert value.ndim == 0 and torch.isfinite(value) and value > 0
+    assert cfg.get("cross_vocab", False) == (path.stem == "uld")
+
+
+def test_taid_config_requires_the_callback():
+    fn = instantiate(OmegaConf.load(next(p for p in LOSS_CONFIGS if p.stem == "taid")).fn)
+    with pytest.raises(ValueError, match="callback"):
+        fn(torch.randn(2, 5), torch.randn(2, 5))
