@@ -43,8 +43,6 @@ def test_loss_options_instantiate_and_compute(make_cfg, option: str) -> None:
     cfg = make_cfg(f"loss={option}")
     fn = hydra.utils.instantiate(cfg.loss.fn)
     assert callable(fn) and cfg.loss.name
-    if cfg.loss.get("sparse_targets"):
-        return  # needs sparse teacher targets, covered by the loss tests and its end-to-end run
     g = torch.Generator().manual_seed(0)
     student = torch.randn(6, 11, generator=g, requires_grad=True)
     teacher = torch.randn(6, 11, generator=g)
@@ -53,7 +51,8 @@ def test_loss_options_instantiate_and_compute(make_cfg, option: str) -> None:
     value.backward()
     assert value.dim() == 0 and torch.isfinite(value) and value > 0
     assert torch.isfinite(student.grad).all()
-    assert fn(teacher.clone(), teacher, None, **params).abs() < 1e-5  # zero at equality (KL forms)
+    if option != "sparse_kl":  # a sampled sparse target differs from p even when q = p
+        assert fn(teacher.clone(), teacher, None, **params).abs() < 1e-5  # zero at equality (KL forms)
 
 
 @pytest.mark.parametrize("option", options("teacher") + [f"student:{o}" for o in options("student")])

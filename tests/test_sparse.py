@@ -128,3 +128,24 @@ def test_expected_gradient_unbiased_for_sampling_biased_for_topk():
     assert ((sampled - dense_grad).abs() <= 4 * sigma + 1e-12).all()
     top_k = mean_gradient(L.topk_targets(teacher, 3))
     assert ((top_k - dense_grad).abs() > 10 * sigma).any()
+
+
+def test_online_sparse_kl_matches_sparse_kl_on_the_same_draws_and_ignores_masked_rows() -> None:
+    from kd_lightning.losses import online_sparse_kl, sample_targets, sparse_kl, topk_targets
+
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 5, 17, generator=g)
+    teacher = torch.randn(2, 5, 17, generator=g)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    got = online_sparse_kl(student, teacher, mask, num_draws=30, generator=torch.Generator().manual_seed(9))
+    dense = torch.zeros_like(teacher)
+    dense[mask] = teacher[mask]
+    want = sparse_kl(student, sample_targets(dense, 30, generator=torch.Generator().manual_seed(9)), mask)
+    assert torch.allclose(got, want)
+    teacher_garbage = teacher.clone()
+    teacher_garbage[~mask] = float("nan")
+    again = online_sparse_kl(student, teacher_garbage, mask, num_draws=30, generator=torch.Generator().manual_seed(9))
+    assert torch.allclose(got, again)
+    top = online_sparse_kl(student, teacher, None, method="topk", k=4)
+    assert torch.allclose(top, sparse_kl(student, topk_targets(teacher, 4)))

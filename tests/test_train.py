@@ -115,3 +115,15 @@ def test_fsdp_and_deepspeed_refuse_cpu_clearly(make_cfg) -> None:
     for strategy in ("fsdp", "deepspeed"):
         with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
             run(make_cfg(f"strategy={strategy}"))
+
+
+LOSSES = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "loss").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_every_loss_option_trains_end_to_end(make_cfg, loss: str) -> None:
+    cfg = make_cfg(f"loss={loss}", "baseline=false", "trainer.max_steps=4", "trainer.val_check_interval=4")
+    summary = run(cfg)
+    losses = column(metrics_csv(Path(cfg.paths.output_dir)), "train/kd_loss")
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    assert summary["loss"] == loss and torch.isfinite(torch.tensor(summary["models"]["student (KD)"]["loss"]))

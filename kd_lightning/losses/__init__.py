@@ -29,7 +29,7 @@ from kd_lightning.losses.divergences import (
     total_variation,
 )
 from kd_lightning.losses.features import hint_mse, make_projection, rkd_angle, rkd_distance
-from kd_lightning.losses.sparse import SparseTargets, sample_targets, sparse_kl, topk_targets
+from kd_lightning.losses.sparse import SparseTargets, online_sparse_kl, sample_targets, sparse_kl, topk_targets
 
 __all__ = [
     "SparseTargets",
@@ -51,6 +51,7 @@ __all__ = [
     "skew_kl",
     "skew_reverse_kl",
     "sparse_kl",
+    "online_sparse_kl",
     "taid",
     "topk_targets",
     "total_variation",

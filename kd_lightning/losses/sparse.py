@@ -112,3 +112,38 @@ def sparse_kl(
     target = upcast(counted_rows(teacher_targets.probs.detach(), mask))
     values = kl_sum(target.log(), log_q.gather(-1, indices), cross_entropy=ce)
     return reduce_positions(values, mask, lead, reduction)
+
+
+def online_sparse_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    reduction: Reduction = "mean",
+    method: str = "sample",
+    num_draws: int = 50,
+    k: int = 12,
+    value_form: ValueForm = "kl",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """:func:`sparse_kl` with the sparse target built from dense teacher logits in the same step.
+
+    ``method="sample"``: Random-Sampling KD targets from ``num_draws`` draws (unbiased);
+    ``method="topk"``: the ``k`` most likely tokens, renormalised (biased). This reproduces the
+    *training signal* of sparse KD with the standard signature, so it runs with any online teacher;
+    it does not save the teacher's forward pass, which only an offline cache of targets does.
+    """
+    if mask is not None:
+        # Only counted positions are sparsified: masked rows may hold garbage the sampler rejects.
+        mask = check_mask(mask, student_logits.shape[:-1])
+        dense = torch.zeros_like(teacher_logits)
+        dense[mask] = teacher_logits[mask]
+        teacher_logits = dense
+    if method == "sample":
+        targets = sample_targets(teacher_logits, num_draws, temperature=temperature, generator=generator)
+    elif method == "topk":
+        targets = topk_targets(teacher_logits, k, temperature=temperature)
+    else:
+        raise ValueError(f"method must be 'sample' or 'topk', got {method!r}")
+    return sparse_kl(student_logits, targets, mask, temperature=temperature, reduction=reduction, value_form=value_form)
