@@ -97,10 +97,13 @@ def obtain_ce_model(
 
 def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) -> nn.Module:
     """A teacher from its config: used as is when `pretrain` is null (e.g. `from_pretrained`),
-    otherwise pre-trained by kd-lightning on the data and cached."""
+    otherwise pre-trained by kd-lightning on the data and cached. A teacher config's `augment` node
+    (e.g. MoE knowledge augmentation) wraps the built teacher."""
+    from kd_lightning.teachers import augment_teacher
+
     pretrain = teacher_cfg.get("pretrain")
     if pretrain is None:
-        return build_model(teacher_cfg.model, datamodule, int(cfg.seed))
+        return augment_teacher(build_model(teacher_cfg.model, datamodule, int(cfg.seed)), teacher_cfg.get("augment"))
     training = OmegaConf.to_container(pretrain, resolve=True)
     optimizer = partial(torch.optim.AdamW, lr=float(pretrain.lr), weight_decay=0.01)
     scheduler = _warmup_cosine(int(pretrain.get("warmup_steps", 0)))
@@ -108,7 +111,7 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) ->
         cfg, kind="teacher", name=str(teacher_cfg.name), model_cfg=teacher_cfg.model, training=training,
         datamodule=datamodule, optimizer=optimizer, lr_scheduler=scheduler, max_steps=int(pretrain.max_steps),
     )
-    return model
+    return augment_teacher(model, teacher_cfg.get("augment"))
 
 
 def obtain_baseline(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, bool]:
