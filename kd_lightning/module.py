@@ -49,6 +49,9 @@ class DistillationModule(LightningModule):
             (log-space); "losses" sums the per-teacher divergences with the weights.
         chunk_size: if set, the KD term runs through the memory-lean chunked path (causal LMs).
         save_teachers: keep frozen teacher weights in checkpoints (off: they are rebuilt from config).
+        nonfinite_teacher: what to do when a teacher's logits hold NaN or +inf at a counted position
+            ("error": stop naming the step; "skip": warn and skip the optimizer step). -inf logits
+            (tokens the teacher rules out) are legitimate and handled by the losses.
     """
 
     def __init__(
@@ -66,8 +69,12 @@ class DistillationModule(LightningModule):
         teacher_combine: str = "mixture",
         chunk_size: int | None = None,
         save_teachers: bool = False,
+        nonfinite_teacher: str = "error",
     ) -> None:
         super().__init__()
+        if nonfinite_teacher not in ("error", "skip"):
+            raise ValueError(f"nonfinite_teacher must be 'error' or 'skip', got {nonfinite_teacher!r}")
+        self.nonfinite_teacher = nonfinite_teacher
         if teacher_combine not in ("mixture", "losses"):
             raise ValueError(f"teacher_combine must be 'mixture' or 'losses', got {teacher_combine!r}")
         if kd_temperature <= 0:
@@ -206,7 +213,7 @@ class DistillationModule(LightningModule):
                                   student_head_bias=head.bias, teacher_head_bias=t_head.bias, **self.loss_params)
         return token_ce, kd, teacher_token_ce, self.teacher_weights.to(kd.device)
 
-    def _step(self, batch: dict[str, Tensor]) -> Tensor:
+    def _step(self, batch: dict[str, Tensor]) -> Tensor | None:
         labels = batch["labels"] if self.task == "classification" else batch["labels"][:, 1:]
         mask = labels != -100
         count = mask.sum()
@@ -225,6 +232,13 @@ class DistillationModule(LightningModule):
         if self.teachers:
             if not self.chunk_size or self.task != "causal_lm":
                 teachers = {n: self.align(t, batch["labels"])[0] for n, t in self.teacher_logits(batch).items()}
+                bad = [n for n, t in teachers.items() if (torch.isnan(t[mask]) | torch.isposinf(t[mask])).any()]
+                if bad:
+                    message = f"step {self.global_step}: teacher(s) {bad} produced NaN/+inf logits"
+                    if self.nonfinite_teacher == "error":
+                        raise FloatingPointError(message + " (distill.nonfinite_teacher=skip skips such batches)")
+                    warnings.warn(message + "; skipping this batch")
+                    return None
                 kd, batch_w = self.kd_term(student, teachers, labels, mask)
                 teacher_token_ce = torch.stack(
                     [F.cross_entropy(t[mask].float(), labels[mask], reduction="none") for t in teachers.values()]
@@ -242,7 +256,7 @@ class DistillationModule(LightningModule):
         self.log("train/loss", loss)
         return loss
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         return self._step(batch)
 
     # ------------------------------------------------------------------ evaluation

@@ -110,6 +110,7 @@ def build_module(cfg: DictConfig, student: torch.nn.Module, teachers: dict[str, 
         kd_weight=d.kd_weight, ce_weight=d.ce_weight, kd_temperature=cfg.temperature.initial,
         teacher_combine=d.teacher_combine, teacher_weights=OmegaConf.to_object(d.teacher_weights) if d.teacher_weights else None,
         chunk_size=cfg.loss.get("chunk_size"), save_teachers=d.save_teachers,
+        nonfinite_teacher=d.get("nonfinite_teacher", "error"),
     )
 
 

@@ -156,3 +156,29 @@ def test_chunked_path_matches_plain_loss_and_gradients(loss_fn) -> None:
     assert torch.allclose(plain, chunked, rtol=1e-5, atol=1e-7)
     for a, b in zip(plain_grads, chunked_grads):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_nonfinite_teacher_logits_stop_or_skip_naming_the_step() -> None:
+    class Broken(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.generate = inner.generate
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits[0, 5, 3] = float("nan")
+            return out
+
+    student = tiny_lm(0)
+    with pytest.raises(FloatingPointError, match=r"step 0: teacher\(s\) \['teacher'\] produced NaN"):
+        DistillationModule(student, Broken(tiny_lm(1)), forward_kl)._step(lm_batch())
+    with pytest.warns(UserWarning, match="skipping this batch"):
+        assert DistillationModule(student, Broken(tiny_lm(1)), forward_kl, nonfinite_teacher="skip")._step(lm_batch()) is None
+    # -inf logits (tokens the teacher rules out) are legitimate.
+    teacher = tiny_lm(1)
+    with torch.no_grad():
+        teacher.lm_head.bias = None
+        teacher.lm_head.weight[7] = 0.0
+    module = DistillationModule(student, teacher, forward_kl)
+    assert torch.isfinite(module._step(lm_batch()))
