@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from kd_lightning.callbacks.interrupt import CheckpointOnSigterm
 from kd_lightning.evaluate import evaluate, print_summary
 from kd_lightning.models import count_parameters, output_size, save_model
 from kd_lightning.module import DistillationModule
@@ -161,11 +164,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_vocabularies(student, teachers, cfg, datamodule)
     module = build_module(cfg, student, teachers)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    callbacks = [hydra.utils.instantiate(cfg.checkpoint), *method_callbacks(cfg)]
+    callbacks = [hydra.utils.instantiate(cfg.checkpoint), CheckpointOnSigterm(), *method_callbacks(cfg)]
     trainer = make_trainer(cfg, name="distill", callbacks=callbacks, loggers=loggers or False, checkpoint=True)
     log.info("Distilling %s -> student '%s' (%s params) with loss=%s", ", ".join(teachers), cfg.student.name,
              f"{count_parameters(student):,}", cfg.loss.name)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir))
+    try:
+        # weights_only: a checkpoint is loaded without unpickling arbitrary objects.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir), weights_only=True)
+    except SIGTERMException as interrupted:  # checkpoint already written by CheckpointOnSigterm
+        raise SystemExit(128 + signal.SIGTERM) from interrupted
 
     baseline = obtain_baseline(cfg, datamodule)[0] if cfg.baseline else None
     if not trainer.is_global_zero:

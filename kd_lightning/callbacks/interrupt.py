@@ -1,0 +1,39 @@
+"""Nothing lost on SIGTERM: save a resumable checkpoint before the process exits."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger("kd_lightning")
+
+
+class CheckpointOnSigterm(Callback):
+    """On SIGTERM (a cluster pre-emption, `kill`, a job time limit) write `last.ckpt` into the
+    ModelCheckpoint directory, so `resume=auto` continues from the last finished step.
+
+    Lightning defers SIGTERM to the end of the current training batch (after the optimiser step)
+    and raises `SIGTERMException` there: the saved state is consistent. Ctrl-C (KeyboardInterrupt)
+    can land in the middle of a step and is not checkpointed; SIGKILL cannot be caught, and a run
+    killed that way resumes from the last periodic checkpoint.
+    """
+
+    def __init__(self, filename: str = "last.ckpt") -> None:
+        self.filename = filename
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        checkpoint = trainer.checkpoint_callback
+        directory = getattr(checkpoint, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
+        path = Path(directory) / self.filename
+        trainer.save_checkpoint(path)
+        log.warning("SIGTERM at step %d: saved %s; rerun the same command with resume=auto to continue",
+                    trainer.global_step, path)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}

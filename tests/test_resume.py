@@ -1,0 +1,53 @@
+"""Interruption and resume: SIGTERM saves a checkpoint; `resume=auto` continues from it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning import Callback
+
+from tests.conftest import REPO, TINY_LM_DATA, TINY_TEACHER, TINY_TRAINER
+
+
+class SigtermAt(Callback):
+    """Sends SIGTERM to its own process once `step` optimizer steps are done (test helper)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not getattr(self, "sent", False):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_checkpoint_and_resume_auto_continues(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    common = [*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER, "trainer.max_steps=8", "trainer.val_check_interval=4",
+              "baseline=false", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={out}"]
+    killed = train_py(*common, "+callbacks.kill._target_=tests.test_resume.SigtermAt", "+callbacks.kill.step=3",
+                      cwd=tmp_path)
+    assert killed.returncode == 128 + signal.SIGTERM, killed.stderr[-2000:]
+    assert "SIGTERM at step 3" in killed.stderr + killed.stdout
+    last = out / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
+    assert not (out / "summary.json").exists()
+
+    resumed = train_py(*common, "resume=auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Restoring states from the checkpoint path" in resumed.stdout + resumed.stderr
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 8
+    assert (out / "summary.json").exists() and (out / "student" / "config.json").exists()
