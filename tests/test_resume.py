@@ -51,3 +51,15 @@ def test_sigterm_saves_checkpoint_and_resume_auto_continues(tmp_path: Path) -> N
     assert "Restoring states from the checkpoint path" in resumed.stdout + resumed.stderr
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 8
     assert (out / "summary.json").exists() and (out / "student" / "config.json").exists()
+
+
+def test_same_seed_same_metrics_different_seed_different_run(make_cfg, tmp_path: Path) -> None:
+    from kd_lightning.train import run
+
+    def student_loss(seed: int, name: str) -> float:
+        summary = run(make_cfg(f"seed={seed}", "baseline=false", output_dir=tmp_path / name))
+        return summary["models"]["student (KD)"]["loss"]
+
+    first, again, other = student_loss(0, "a"), student_loss(0, "b"), student_loss(1, "c")
+    assert first == again
+    assert other != first
