@@ -63,3 +63,38 @@ def test_same_seed_same_metrics_different_seed_different_run(make_cfg, tmp_path:
     first, again, other = student_loss(0, "a"), student_loss(0, "b"), student_loss(1, "c")
     assert first == again
     assert other != first
+
+
+RESUME_CASES = {
+    "plain": [],
+    "dts": ["temperature=dts"],
+    "taid": ["loss=taid"],
+    "sar": ["callbacks=sar"],
+    "offpolicy": ["callbacks=distillm_offpolicy", "callbacks.distillm_offpolicy.init_threshold=1.0",
+                  "callbacks.distillm_offpolicy.capacity=16", "callbacks.distillm_offpolicy.max_new_tokens=8"],
+    "ensemble_reinforced": ["teacher=ensemble", "callbacks=reinforced"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path, case: str) -> None:
+    """SIGTERM at step 3 (mid-epoch), resume=auto: the final student is bitwise the uninterrupted one,
+    with every callback's state (temperature, TAID t, router + its optimiser, replay buffer, policy)."""
+    from safetensors.torch import load_file
+
+    extra = RESUME_CASES[case]
+    tiny = [o for o in (*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER) if not (case == "ensemble_reinforced" and o in TINY_TEACHER)]
+    common = [*tiny, "trainer.max_steps=7", "trainer.val_check_interval=4", "baseline=false",
+              f"paths.cache_dir={tmp_path / 'cache'}", *extra]
+    straight = train_py(*common, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    interrupted = [*common, f"hydra.run.dir={tmp_path / 'resumed'}"]
+    killed = train_py(*interrupted, "+callbacks.kill._target_=tests.test_resume.SigtermAt", "+callbacks.kill.step=3",
+                      cwd=tmp_path)
+    assert killed.returncode == 128 + signal.SIGTERM, killed.stderr[-3000:]
+    resumed = train_py(*interrupted, "resume=auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(str(tmp_path / "straight" / "student" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "student" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), case

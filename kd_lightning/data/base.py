@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from kd_lightning.data.resumable import ResumableDataLoader
 from kd_lightning.data.tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_identity
 
 SPLITS = ("train", "val", "test")
@@ -160,7 +161,16 @@ class BaseDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, torch.Generator().manual_seed(self.seed))
+        trainer = self.trainer
+        if trainer is None or trainer.world_size > 1:
+            # Outside a Trainer, or under DDP (Lightning shards with a DistributedSampler).
+            return self._loader("train", self.batch_size, torch.Generator().manual_seed(self.seed))
+
+        def progress() -> tuple[int, int]:
+            return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
+        return ResumableDataLoader(self._dataset("train"), self.batch_size, self.seed, progress,
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, None)
