@@ -12,10 +12,12 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
     from kd_lightning.train import run  # imported lazily: `--help` stays fast
 
-    run(cfg)
+    # Sweepers that optimise (hydra-optuna-sweeper, +sweep=optuna) minimise what the task returns:
+    # the last validation loss, never the held-out test loss.
+    return run(cfg).get("val_student_loss")
 
 
 if __name__ == "__main__":

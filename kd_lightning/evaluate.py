@@ -8,6 +8,9 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassCalibrationError
+
+ECE_BINS = 15
 
 
 @torch.no_grad()
@@ -18,13 +21,15 @@ def evaluate(
     reference: nn.Module | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """Token-mean CE (nats), perplexity and top-1 accuracy of `model` on `batches`; with a
-    `reference` model (the teacher) also the top-1 agreement between the two."""
+    """Token-mean CE (nats), perplexity, top-1 accuracy and expected calibration error (top-1,
+    15 equal-width confidence bins, L1: Guo et al. 2017, "On Calibration of Modern Neural Networks")
+    of `model` on `batches`; with a `reference` model (the teacher) also the top-1 agreement."""
     was_training = model.training
     model.eval().to(device)
     if reference is not None:
         reference.eval().to(device)
     total_loss, total_correct, total_agree, count = 0.0, 0, 0, 0
+    calibration: MulticlassCalibrationError | None = None
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         logits, labels = _aligned_logits(model, batch, task)
@@ -34,6 +39,11 @@ def evaluate(
         logits, labels = logits[mask].float(), labels[mask]
         total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
         total_correct += (logits.argmax(-1) == labels).sum().item()
+        if calibration is None:
+            # sync_on_compute=False: under DDP only rank 0 evaluates, a cross-rank sync would hang.
+            calibration = MulticlassCalibrationError(logits.shape[-1], n_bins=ECE_BINS, validate_args=False,
+                                                     sync_on_compute=False).to(device)
+        calibration.update(logits.softmax(-1), labels)
         if reference is not None:
             ref_logits, _ = _aligned_logits(reference, batch, task)
             total_agree += (ref_logits[mask].argmax(-1) == logits.argmax(-1)).sum().item()
@@ -42,7 +52,9 @@ def evaluate(
     if count == 0:
         raise ValueError("evaluation split has no counted tokens/examples")
     loss = total_loss / count
-    result = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": total_correct / count, "count": count}
+    assert calibration is not None  # count > 0: at least one batch was scored
+    result = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": total_correct / count, "count": count,
+              "ece": float(calibration.compute())}
     if reference is not None:
         result["teacher_agreement"] = total_agree / count
     return result

@@ -21,6 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.callbacks.interrupt import CheckpointOnSigterm
+from kd_lightning.callbacks.timing import FitTimer
 from kd_lightning.evaluate import evaluate, print_summary
 from kd_lightning.models import count_parameters, output_size, save_model
 from kd_lightning.module import DistillationModule
@@ -164,7 +165,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_vocabularies(student, teachers, cfg, datamodule)
     module = build_module(cfg, student, teachers)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    callbacks = [hydra.utils.instantiate(cfg.checkpoint), CheckpointOnSigterm(), *method_callbacks(cfg)]
+    timer = FitTimer()
+    callbacks = [timer, hydra.utils.instantiate(cfg.checkpoint), CheckpointOnSigterm(), *method_callbacks(cfg)]
     trainer = make_trainer(cfg, name="distill", callbacks=callbacks, loggers=loggers or False, checkpoint=True)
     log.info("Distilling %s -> student '%s' (%s params) with loss=%s", ", ".join(teachers), cfg.student.name,
              f"{count_parameters(student):,}", cfg.loss.name)
@@ -180,6 +182,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     student_dir = save_model(student, output_dir / "student", getattr(datamodule, "tokenizer", None))
     summary = summarize(cfg, datamodule, teachers, student, baseline)
     summary["student_dir"] = str(student_dir)
+    summary["timing"] = timer.summary(trainer.world_size)
+    if "val/student_loss" in trainer.callback_metrics:
+        summary["val_student_loss"] = float(trainer.callback_metrics["val/student_loss"])
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary["models"], datamodule.task, str(student_dir), title=f"kd-lightning: loss={cfg.loss.name}")
     return summary

@@ -182,3 +182,22 @@ def test_nonfinite_teacher_logits_stop_or_skip_naming_the_step() -> None:
         teacher.lm_head.weight[7] = 0.0
     module = DistillationModule(student, teacher, forward_kl)
     assert torch.isfinite(module._step(lm_batch()))
+
+
+def test_evaluate_reports_binned_expected_calibration_error() -> None:
+    from kd_lightning.evaluate import ECE_BINS, evaluate
+
+    model = build_mlp([8], num_features=4, num_classes=3, seed=0)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"inputs": torch.randn(50, 4, generator=g), "labels": torch.randint(0, 3, (50,), generator=g)}]
+    result = evaluate(model, batches, "classification")
+    with torch.no_grad():
+        probs = torch.softmax(model(batches[0]["inputs"]), -1)
+    confidence, prediction = probs.max(-1)
+    correct = (prediction == batches[0]["labels"]).float()
+    ece = 0.0
+    for b in range(ECE_BINS):  # equal-width bins (lo, hi]
+        in_bin = (confidence > b / ECE_BINS) & (confidence <= (b + 1) / ECE_BINS)
+        if in_bin.any():
+            ece += in_bin.float().mean() * (confidence[in_bin].mean() - correct[in_bin].mean()).abs()
+    assert abs(result["ece"] - float(ece)) < 1e-6
