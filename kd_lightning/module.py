@@ -232,7 +232,10 @@ class DistillationModule(LightningModule):
         if self.teachers:
             if not self.chunk_size or self.task != "causal_lm":
                 teachers = {n: self.align(t, batch["labels"])[0] for n, t in self.teacher_logits(batch).items()}
-                bad = [n for n, t in teachers.items() if (torch.isnan(t[mask]) | torch.isposinf(t[mask])).any()]
+                counted = {n: t[mask] for n, t in teachers.items()}
+                # One isfinite pass in the common case; -inf (a token the teacher rules out) is legitimate.
+                bad = [n for n, t in counted.items()
+                       if not bool(torch.isfinite(t).all()) and bool((torch.isnan(t) | torch.isposinf(t)).any())]
                 if bad:
                     message = f"step {self.global_step}: teacher(s) {bad} produced NaN/+inf logits"
                     if self.nonfinite_teacher == "error":
@@ -240,9 +243,8 @@ class DistillationModule(LightningModule):
                     warnings.warn(message + "; skipping this batch")
                     return None
                 kd, batch_w = self.kd_term(student, teachers, labels, mask)
-                teacher_token_ce = torch.stack(
-                    [F.cross_entropy(t[mask].float(), labels[mask], reduction="none") for t in teachers.values()]
-                )
+                targets = labels[mask]
+                teacher_token_ce = torch.stack([F.cross_entropy(t.float(), targets, reduction="none") for t in counted.values()])
             loss = loss + self.kd_weight * self.kd_temperature**2 * kd
             stats.update(kd_loss=kd.detach(), teacher_weights=batch_w.detach(), teacher_token_ce=teacher_token_ce,
                          teacher_ce=teacher_token_ce.mean(-1) if count > 0 else teacher_token_ce.sum(-1))

@@ -61,10 +61,13 @@ def kl_sum(log_a: Tensor, log_b: Tensor, *, strict: bool = False, cross_entropy:
     the row's value is ``+inf``. With ``cross_entropy`` the ``log a`` term is omitted, giving
     ``−Σ a log b`` (the "CE form" some references return; same gradient w.r.t. ``b``).
     """
+    diff = -log_b if cross_entropy else log_a - log_b
+    if not strict and bool(torch.isfinite(log_a).all()) and bool(torch.isfinite(log_b).all()):
+        # Fast path (the common case): no zero probability on either side, nothing to guard.
+        return (log_a.exp() * diff).sum(-1)
     a = log_a.exp()
     b_zero = torch.isneginf(log_b)
     keep = (a > 0) & ~b_zero
-    diff = -log_b if cross_entropy else log_a - log_b
     value = (a * torch.where(keep, diff, torch.zeros_like(diff))).sum(-1)
     if strict:
         # a_v > 0 and b_v == 0  =>  the divergence is +inf.
