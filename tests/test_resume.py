@@ -16,15 +16,15 @@ from tests.conftest import REPO, TINY_LM_DATA, TINY_TEACHER, TINY_TRAINER
 
 
 class SigtermAt(Callback):
-    """Sends SIGTERM to its own process once `step` optimizer steps are done (test helper)."""
+    """Sends a signal (SIGTERM by default) to its own process once `step` optimizer steps are done."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step, self.signum = step, signum
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and not getattr(self, "sent", False):
             self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
 
 
 def train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -98,3 +98,33 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path, case: 
     a = load_file(str(tmp_path / "straight" / "student" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "student" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), case
+
+
+@pytest.mark.slow
+def test_sigkill_resumes_from_last_periodic_checkpoint_and_matches(tmp_path: Path) -> None:
+    """SIGKILL cannot be caught: the run continues from the last checkpoint written at validation
+    (step 4 here) and still ends bitwise equal to the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    common = [*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER, "trainer.max_steps=7", "trainer.val_check_interval=4",
+              "baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
+    straight = train_py(*common, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    interrupted = [*common, f"hydra.run.dir={tmp_path / 'resumed'}"]
+    killed = train_py(*interrupted, "+callbacks.kill._target_=tests.test_resume.SigtermAt", "+callbacks.kill.step=6",
+                      f"+callbacks.kill.signum={int(signal.SIGKILL)}", cwd=tmp_path)
+    assert killed.returncode == -signal.SIGKILL
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
+    resumed = train_py(*interrupted, "resume=auto", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_file(str(tmp_path / "straight" / "student" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "student" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_a_missing_checkpoint_fails_clearly(make_cfg, tmp_path: Path) -> None:
+    from kd_lightning.train import run
+
+    with pytest.raises(FileNotFoundError, match="resume=.*no checkpoint at"):
+        run(make_cfg(f"resume={tmp_path / 'nope.ckpt'}"))
