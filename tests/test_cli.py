@@ -79,3 +79,10 @@ def test_wandb_logger_writes_offline_run(make_cfg, monkeypatch: pytest.MonkeyPat
     assert b"val/student_loss" in data, "validation metrics missing from the offline run"
     leaked = [p for p in Path(cfg.paths.output_dir).rglob("*") if p.is_file() and b"secret-key-that-must-not-leak" in p.read_bytes()]
     assert not leaked, leaked
+
+
+def test_console_script_kd_train_is_the_same_entry_point(tmp_path: Path) -> None:
+    script = Path(sys.executable).parent / "kd-train"
+    assert script.exists(), "pip install -e . installs the kd-train console script"
+    result = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "loss: " in result.stdout and "teacher: " in result.stdout
