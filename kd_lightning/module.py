@@ -25,6 +25,7 @@ from torchmetrics import MeanMetric
 from kd_lightning.interface import TeacherWeightFn
 from kd_lightning.lean import chunked_token_ce, hidden_and_head
 from kd_lightning.losses.chunked import chunked_distill_loss
+from kd_lightning.losses.sparse import sparse_kl
 
 LossFn = Callable[..., Tensor]
 
@@ -36,7 +37,10 @@ class DistillationModule(LightningModule):
         student: trainable model; a `transformers` causal LM (batches with `input_ids`, `labels`) or
             any classifier `nn.Module` mapping `inputs` [B, F] to logits [B, C].
         teachers: a model, or a name -> model mapping for several teachers. Frozen here: no grad,
-            eval mode, not in the optimizer, not in checkpoints (unless `save_teachers`).
+            eval mode, not in the optimizer, not in checkpoints (unless `save_teachers`). A teacher
+            with `sparse_targets = True` (`teacher=cached`) is a table of offline sparse targets: it
+            must be the only teacher, and the KD term is `sparse_kl` against `teacher.targets(batch)`
+            (stored for the aligned positions), whatever `loss_fn` is.
         loss_fn: a pure divergence `fn(student_logits, teacher_logits, mask, *, temperature, ...)`
             from `kd_lightning.losses` (a `functools.partial` binds its parameters).
         optimizer: `Callable[..., Optimizer]` called with the trainable parameters.
@@ -86,7 +90,11 @@ class DistillationModule(LightningModule):
         for teacher in self.teachers.values():
             teacher.requires_grad_(False)
             teacher.eval()
-        if self.teachers and loss_fn is None:
+        sparse = [n for n, t in self.teachers.items() if getattr(t, "sparse_targets", False)]
+        if sparse and len(self.teachers) > 1:
+            raise ValueError(f"a teacher of offline sparse targets ({sparse[0]}) must be the only teacher")
+        self.sparse_teacher_name = sparse[0] if sparse else None
+        if self.teachers and loss_fn is None and self.sparse_teacher is None:
             raise ValueError("a loss_fn is required when teachers are given")
         if kd_weight > 0 and not self.teachers and ce_weight == 0:
             raise ValueError("nothing to train: no teacher and ce_weight=0")
@@ -116,6 +124,11 @@ class DistillationModule(LightningModule):
         self.val_loss = MeanMetric()
         self.val_agreement = MeanMetric()
         self.val_teacher_loss = MeanMetric()
+
+    @property
+    def sparse_teacher(self) -> nn.Module | None:
+        """The teacher of offline sparse targets, if that is the teacher (`teacher=cached`)."""
+        return self.teachers[self.sparse_teacher_name] if self.sparse_teacher_name else None
 
     # ------------------------------------------------------------------ forward passes
     def train(self, mode: bool = True) -> "DistillationModule":
@@ -219,7 +232,7 @@ class DistillationModule(LightningModule):
         count = mask.sum()
         if count == 0:
             warnings.warn(f"step {self.global_step}: every label is masked (-100); loss is 0 for this batch")
-        if self.chunk_size and self.task == "causal_lm" and self.teachers:
+        if self.chunk_size and self.task == "causal_lm" and self.teachers and self.sparse_teacher is None:
             token_ce, kd, teacher_token_ce, batch_w = self._chunked_terms(batch, labels, mask)
             teachers: dict[str, Tensor] = dict(self.teachers)  # names only, for logging
         else:
@@ -230,7 +243,10 @@ class DistillationModule(LightningModule):
                                     "student_token_ce": token_ce.detach()}
         loss = self.ce_weight * ce
         if self.teachers:
-            if not self.chunk_size or self.task != "causal_lm":
+            if self.sparse_teacher is not None:  # offline targets, stored for the aligned positions
+                kd = sparse_kl(student, self.sparse_teacher.targets(batch), mask, temperature=self.kd_temperature)
+                batch_w, teacher_token_ce, teachers = self.teacher_weights.to(kd.device), None, dict(self.teachers)
+            elif not self.chunk_size or self.task != "causal_lm":
                 teachers = {n: self.align(t, batch["labels"])[0] for n, t in self.teacher_logits(batch).items()}
                 counted = {n: t[mask] for n, t in teachers.items()}
                 # One isfinite pass in the common case; -inf (a token the teacher rules out) is legitimate.
@@ -246,8 +262,10 @@ class DistillationModule(LightningModule):
                 targets = labels[mask]
                 teacher_token_ce = torch.stack([F.cross_entropy(t.float(), targets, reduction="none") for t in counted.values()])
             loss = loss + self.kd_weight * self.kd_temperature**2 * kd
-            stats.update(kd_loss=kd.detach(), teacher_weights=batch_w.detach(), teacher_token_ce=teacher_token_ce,
-                         teacher_ce=teacher_token_ce.mean(-1) if count > 0 else teacher_token_ce.sum(-1))
+            stats.update(kd_loss=kd.detach(), teacher_weights=batch_w.detach())
+            if teacher_token_ce is not None:  # no teacher CE statistics from sparse targets
+                stats.update(teacher_token_ce=teacher_token_ce,
+                             teacher_ce=teacher_token_ce.mean(-1) if count > 0 else teacher_token_ce.sum(-1))
             self.log("train/kd_loss", kd, prog_bar=True)
             for name, w in zip(teachers, batch_w):
                 if len(teachers) > 1:
@@ -269,7 +287,7 @@ class DistillationModule(LightningModule):
         if count == 0:
             return
         self.val_loss.update(F.cross_entropy(student[mask].float(), labels[mask]), weight=count)
-        if self.teachers:
+        if self.teachers and self.sparse_teacher is None:  # cached targets cover the training split only
             teacher, _ = self.align(next(iter(self.teacher_logits(batch).values())), batch["labels"])
             agree = (student[mask].argmax(-1) == teacher[mask].argmax(-1)).float().mean()
             self.val_agreement.update(agree, weight=count)

@@ -101,6 +101,10 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) ->
     (e.g. MoE knowledge augmentation) wraps the built teacher."""
     from kd_lightning.teachers import augment_teacher
 
+    if teacher_cfg.get("cached"):  # teacher=cached: stored sparse targets, no model
+        from kd_lightning.teachers.cached import load_cached_teacher
+
+        return load_cached_teacher(cfg, teacher_cfg, datamodule)
     pretrain = teacher_cfg.get("pretrain")
     if pretrain is None:
         return augment_teacher(build_model(teacher_cfg.model, datamodule, int(cfg.seed)), teacher_cfg.get("augment"))

@@ -31,7 +31,7 @@ log = logging.getLogger("kd_lightning")
 
 LM_BUILDERS = ("kd_lightning.models.build_causal_lm", "kd_lightning.models.from_pretrained")
 CLASSIFIER_BUILDERS = ("kd_lightning.models.build_mlp",)
-STAGES = ("distill", "teacher", "takd")
+STAGES = ("distill", "teacher", "takd", "cache_teacher")
 
 
 def teacher_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -49,8 +49,12 @@ def check_config(cfg: DictConfig, datamodule: Any) -> None:
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r} is not one of {list(STAGES)}")
     wrong = CLASSIFIER_BUILDERS if datamodule.task == "causal_lm" else LM_BUILDERS
+    cached = [str(t.name) for t in teacher_configs(cfg) if t.get("cached")]
+    if cached and (cfg.stage == "cache_teacher" or len(teacher_configs(cfg)) > 1 or cfg.loss.name != "sparse_kl"):
+        raise ValueError(f"teacher={cached[0]} (offline sparse targets) is the only teacher of a stage=distill run with "
+                         f"loss=sparse_kl; got stage={cfg.stage}, loss={cfg.loss.name}, {len(teacher_configs(cfg))} teacher(s)")
     for key, model_cfg in [("student", cfg.student.model)] + [(f"teacher {t.name}", t.model) for t in teacher_configs(cfg)]:
-        if model_cfg.get("_target_") in wrong:
+        if model_cfg is not None and model_cfg.get("_target_") in wrong:
             fix = "teacher=mlp student=mlp (or experiment=digits)" if datamodule.task == "classification" else "a causal LM (teacher=moe|dense|hf, student=tiny|hf)"
             raise ValueError(f"{key} model {model_cfg._target_} does not fit dataset {type(datamodule).__name__} "
                              f"(task {datamodule.task}); use {fix}")
@@ -73,6 +77,8 @@ def check_vocabularies(student: torch.nn.Module, teachers: dict[str, torch.nn.Mo
     if cfg.loss.get("cross_vocab", False):
         return
     for name, teacher in teachers.items():
+        if getattr(teacher, "sparse_targets", False):  # its manifest was checked against the tokenizer
+            continue
         if output_size(teacher) != student_size:
             raise ValueError(f"teacher '{name}' has vocabulary size {output_size(teacher)} but the student has "
                              f"{student_size}; distilling across vocabularies needs a cross-vocabulary loss (loss=uld)")
@@ -156,6 +162,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
         return run_chain(cfg)
     teachers = {str(t.name): obtain_teacher(cfg, t, datamodule) for t in teacher_configs(cfg)}
+    if cfg.stage == "cache_teacher":  # offline sparse targets of the (single) teacher, then stop
+        from kd_lightning.teachers.cached import cache_teacher_targets
+
+        if len(teachers) != 1:
+            raise ValueError(f"stage=cache_teacher caches one teacher, got {list(teachers)}")
+        directory = cache_teacher_targets(cfg, datamodule, teacher_configs(cfg)[0], next(iter(teachers.values())))
+        log.info("Teacher targets at %s; train with: teacher=cached loss=sparse_kl teacher_cache.dir=%s", directory, directory)
+        return {"teacher_targets": str(directory)}
     if cfg.stage == "teacher":
         log.info("Teacher(s) ready: %s", ", ".join(teachers))
         return {"teachers": list(teachers)}
@@ -195,7 +209,10 @@ def summarize(cfg: DictConfig, datamodule: Any, teachers: dict[str, torch.nn.Mod
     """Held-out (test split) loss/perplexity of every teacher, the distilled student and the baseline."""
     datamodule.setup("test")
     batches = list(datamodule.test_dataloader())
-    first_teacher = next(iter(teachers.values()))
+    # A cached teacher is a table of training-split targets: nothing to evaluate on the test split.
+    cached = [n for n, t in teachers.items() if getattr(t, "sparse_targets", False)]
+    teachers = {n: t for n, t in teachers.items() if n not in cached}
+    first_teacher = next(iter(teachers.values()), None)
     rows: dict[str, dict[str, float]] = {}
     for name, teacher in teachers.items():
         rows[f"teacher:{name}"] = evaluate(teacher, batches, datamodule.task)
@@ -206,4 +223,8 @@ def summarize(cfg: DictConfig, datamodule: Any, teachers: dict[str, torch.nn.Mod
                         ("student (CE only)", baseline)]:
         if model is not None:
             rows[name]["params"] = count_parameters(model)
-    return {"loss": str(cfg.loss.name), "seed": int(cfg.seed), "task": datamodule.task, "models": rows}
+    summary = {"loss": str(cfg.loss.name), "seed": int(cfg.seed), "task": datamodule.task, "models": rows}
+    if cached:
+        summary["notes"] = [f"teacher:{n} not evaluated: offline sparse targets of the training split (no model)" for n in cached]
+        log.info("%s", summary["notes"][0])
+    return summary

@@ -7,6 +7,8 @@ derives, per item:
 - ``attention_mask`` LongTensor [L]  1 on the first ``length`` positions, 0 on padding
 - ``labels``         LongTensor [L]  unshifted: ``input_ids`` where counted, -100 on prompt and padding
 - ``prompt_lengths`` LongTensor []   so that on-policy generation can recover the prompt
+- ``index``          LongTensor []   the sample's row in its split (offline teacher targets are
+  looked up by it: `kd_lightning.teachers.cached`)
 The training module does the causal shift.
 """
 
@@ -44,6 +46,7 @@ class LMDataset(Dataset):
             "attention_mask": real.long(),
             "labels": input_ids.masked_fill(~counted, IGNORE_INDEX),
             "prompt_lengths": prompt_length,
+            "index": torch.tensor(int(index), dtype=torch.long),
         }
 
     def num_tokens(self) -> int:

@@ -107,6 +107,8 @@ def sparse_kl(
             f"do not match student positions {tuple(lead)}"
         )
     mask = check_mask(mask, lead)
+    if mask is not None and bool(mask.all()):
+        mask = None  # every position counts (packed windows): skip the row selection and its backward
     log_q = log_probs(counted_rows(student_logits, mask), temperature)
     indices = counted_rows(teacher_targets.indices, mask)
     target = upcast(counted_rows(teacher_targets.probs.detach(), mask))
