@@ -34,8 +34,10 @@ Methods:
   both unshifted model outputs.
 - `align(logits, labels) -> (logits, labels)` — the causal shift for LMs, identity for classifiers.
 
-Batches are dicts; a callback may replace entries in place in `on_train_batch_start` (on-policy
-generation swaps `input_ids`/`labels`/`attention_mask`).
+Batches are dicts (LM: `input_ids`, `attention_mask`, `labels` with -100 = ignored, `prompt_lengths`,
+and `index`, the training sample's position in the dataset, used by offline teacher targets); a
+callback may replace entries in place in `on_train_batch_start` (on-policy generation swaps
+`input_ids`/`labels`/`attention_mask`).
 """
 
 from __future__ import annotations
