@@ -72,7 +72,8 @@ RESUME_CASES = {
     "sar": ["callbacks=sar"],
     "offpolicy": ["callbacks=distillm_offpolicy", "callbacks.distillm_offpolicy.init_threshold=1.0",
                   "callbacks.distillm_offpolicy.capacity=16", "callbacks.distillm_offpolicy.max_new_tokens=8"],
-    "ensemble_reinforced": ["teacher=ensemble", "callbacks=reinforced"],
+    "ensemble_reinforced": ["teacher=ensemble", "callbacks=reinforced", "teacher.members.moe.pretrain.max_steps=4",
+                            "teacher.members.dense.pretrain.max_steps=4"],
 }
 
 
