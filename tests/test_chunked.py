@@ -138,3 +138,14 @@ def test_argument_errors():
     with pytest.raises(ValueError, match="mask shape"):
         L.chunked_distill_loss(student_hidden, weight, teacher_hidden, teacher_weight, mask[:, :3], L.forward_kl,
                                chunk_size=4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on CI; run on a GPU box)")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_chunked_matches_plain_on_cuda(name: str) -> None:
+    loss_fn, params = CASES[name]
+    inputs = [t.detach().to("cuda").requires_grad_(t.requires_grad) for t in make_inputs()]
+    plain, plain_grads, chunked, chunked_grads = plain_and_chunked(loss_fn, params, inputs, chunk_size=5)
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-6)
+    for got, want in zip(chunked_grads, plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
