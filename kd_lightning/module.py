@@ -226,6 +226,26 @@ class DistillationModule(LightningModule):
                                   student_head_bias=head.bias, teacher_head_bias=t_head.bias, **self.loss_params)
         return token_ce, kd, teacher_token_ce, self.teacher_weights.to(kd.device)
 
+    def _dense_terms(self, batch: dict[str, Tensor], student: Tensor, labels: Tensor,
+                     mask: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]] | None:
+        """KD term from full teacher logits: (kd, batch-mean weights, teacher token CE [K, M],
+        aligned teacher logits), or None when the batch is skipped for non-finite teacher logits."""
+        teachers = {n: self.align(t, batch["labels"])[0] for n, t in self.teacher_logits(batch).items()}
+        counted = {n: t[mask] for n, t in teachers.items()}
+        # One isfinite pass in the common case; -inf (a token the teacher rules out) is legitimate.
+        bad = [n for n, t in counted.items()
+               if not bool(torch.isfinite(t).all()) and bool((torch.isnan(t) | torch.isposinf(t)).any())]
+        if bad:
+            message = f"step {self.global_step}: teacher(s) {bad} produced NaN/+inf logits"
+            if self.nonfinite_teacher == "error":
+                raise FloatingPointError(message + " (distill.nonfinite_teacher=skip skips such batches)")
+            warnings.warn(message + "; skipping this batch")
+            return None
+        kd, batch_w = self.kd_term(student, teachers, labels, mask)
+        targets = labels[mask]
+        teacher_token_ce = torch.stack([F.cross_entropy(t.float(), targets, reduction="none") for t in counted.values()])
+        return kd, batch_w, teacher_token_ce, teachers
+
     def _step(self, batch: dict[str, Tensor]) -> Tensor | None:
         labels = batch["labels"] if self.task == "classification" else batch["labels"][:, 1:]
         mask = labels != -100
@@ -247,20 +267,10 @@ class DistillationModule(LightningModule):
                 kd = sparse_kl(student, self.sparse_teacher.targets(batch), mask, temperature=self.kd_temperature)
                 batch_w, teacher_token_ce, teachers = self.teacher_weights.to(kd.device), None, dict(self.teachers)
             elif not self.chunk_size or self.task != "causal_lm":
-                teachers = {n: self.align(t, batch["labels"])[0] for n, t in self.teacher_logits(batch).items()}
-                counted = {n: t[mask] for n, t in teachers.items()}
-                # One isfinite pass in the common case; -inf (a token the teacher rules out) is legitimate.
-                bad = [n for n, t in counted.items()
-                       if not bool(torch.isfinite(t).all()) and bool((torch.isnan(t) | torch.isposinf(t)).any())]
-                if bad:
-                    message = f"step {self.global_step}: teacher(s) {bad} produced NaN/+inf logits"
-                    if self.nonfinite_teacher == "error":
-                        raise FloatingPointError(message + " (distill.nonfinite_teacher=skip skips such batches)")
-                    warnings.warn(message + "; skipping this batch")
+                dense = self._dense_terms(batch, student, labels, mask)
+                if dense is None:
                     return None
-                kd, batch_w = self.kd_term(student, teachers, labels, mask)
-                targets = labels[mask]
-                teacher_token_ce = torch.stack([F.cross_entropy(t.float(), targets, reduction="none") for t in counted.values()])
+                kd, batch_w, teacher_token_ce, teachers = dense
             loss = loss + self.kd_weight * self.kd_temperature**2 * kd
             stats.update(kd_loss=kd.detach(), teacher_weights=batch_w.detach())
             if teacher_token_ce is not None:  # no teacher CE statistics from sparse targets
