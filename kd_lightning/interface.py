@@ -21,6 +21,13 @@ knowledge augmentation) is run M times per step; `teacher_logits` then holds M e
 `name/sample<r>` sharing that teacher's weight equally. With `teacher_combine="losses"` the KD term
 is the mean divergence over the draws; with "mixture" it is the divergence to their average.
 
+Class attributes a callback declares when it changes what the teacher computes (read by
+`kd_lightning.teachers.memo`, which then runs the teacher every step instead of reusing stored
+outputs, `teacher_outputs.reuse`): `modifies_teacher = True` (it trains part of a teacher, SAR) and
+`generates_inputs = True` (it feeds the teacher sequences that are not in the dataset, on-policy
+generation and DistiLLM replay). A teacher module whose every pass is a new draw declares
+`stochastic = True` (MoE knowledge augmentation).
+
 Attributes a callback may read:
 - `student: nn.Module`, `teachers: nn.ModuleDict` (frozen; a callback that trains part of a teacher,
   like SAR's router, owns those parameters and their optimizer).

@@ -156,6 +156,37 @@ def run_values(summary: dict[str, Any], job: Path) -> dict[str, float | None]:
     return {k: None if v is None else float(v) for k, v in raw.items()}
 
 
+def reuse_stats(run: Run) -> dict[str, float] | None:
+    """`teacher_outputs` statistics of a run (summed over a TAKD chain's stages), or None."""
+    summaries = [run.summary] if not run.summary.get("stages") else [
+        json.loads(p.read_text()) if (p := d / "summary.json").is_file() else {} for d in stage_dirs(run.summary, run.path)]
+    found = [s["teacher_outputs"] for s in summaries if s.get("teacher_outputs")]
+    if not found:
+        return None
+    keys = ("hit_rows", "computed_rows", "computed_seconds", "saved_seconds", "lookup_seconds")
+    return {k: sum(float(f.get(k, 0)) for f in found) for k in keys}
+
+
+def reuse_section(runs: Sequence[Run]) -> list[str]:
+    """Markdown lines on teacher outputs read from the shared store (`teacher_outputs.reuse`)."""
+    stats = [(r, st) for r in runs if (st := reuse_stats(r)) is not None]
+    if not stats:
+        return []
+    total = {k: sum(st[k] for _, st in stats) for k in stats[0][1]}
+    readers = sum(1 for _, st in stats if st["hit_rows"] > 0)
+    fit = sum(r.values["wall_seconds"] or 0.0 for r in runs)
+    net = total["saved_seconds"] - total["lookup_seconds"]
+    rows = total["hit_rows"] + total["computed_rows"]
+    line = (f"{len(stats)} of {len(runs)} run(s) reused teacher outputs (`teacher_outputs.reuse`): the teacher ran on "
+            f"{total['computed_rows']:,.0f} rows ({total['computed_seconds']:.1f} s) and {total['hit_rows']:,.0f} of "
+            f"{rows:,.0f} rows ({(total['hit_rows'] / rows if rows else 0):.0%}) were read from the store by {readers} "
+            f"run(s). **Teacher time saved: about {total['saved_seconds']:.1f} s** (the stored rows' measured teacher "
+            f"time), reading cost {total['lookup_seconds']:.1f} s, net {net:.1f} s")
+    if fit > 0:
+        line += f" (for scale: the runs spent {fit:.1f} s in `Trainer.fit`; the saving also covers test-split evaluation)"
+    return ["", "## Teacher outputs", "", line + "."]
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; nan for a single value)."""
     if not values:
@@ -210,6 +241,7 @@ def render_markdown(root: Path, runs: Sequence[Run], unfinished: Sequence[Path])
     if unfinished:
         parts += ["", f"Skipped {len(unfinished)} unfinished job(s) (no summary.json): "
                   + ", ".join(str(p.relative_to(root)) for p in unfinished)]
+    parts += reuse_section(runs)
     optuna = root / "optimization_results.yaml"
     if optuna.is_file():
         parts += ["", "## Optuna", "", "```yaml", optuna.read_text().strip(), "```"]

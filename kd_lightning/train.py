@@ -26,6 +26,7 @@ from kd_lightning.evaluate import evaluate, print_summary
 from kd_lightning.models import count_parameters, output_size, save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.stages import build_model, make_trainer, obtain_baseline, obtain_teacher
+from kd_lightning.teachers.memo import memoize_teachers, reuse_summary
 
 log = logging.getLogger("kd_lightning")
 
@@ -177,10 +178,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     student = build_model(cfg.student.model, datamodule, int(cfg.seed))
     check_vocabularies(student, teachers, cfg, datamodule)
+    extra_callbacks = method_callbacks(cfg)
+    # teacher_outputs.reuse: frozen teachers read their outputs from a store shared by the runs of a sweep
+    teachers = memoize_teachers(cfg, teacher_configs(cfg), teachers, datamodule, extra_callbacks)
     module = build_module(cfg, student, teachers)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     timer = FitTimer()
-    callbacks = [timer, hydra.utils.instantiate(cfg.checkpoint), CheckpointOnSigterm(), *method_callbacks(cfg)]
+    callbacks = [timer, hydra.utils.instantiate(cfg.checkpoint), CheckpointOnSigterm(), *extra_callbacks]
     trainer = make_trainer(cfg, name="distill", callbacks=callbacks, loggers=loggers or False, checkpoint=True)
     log.info("Distilling %s -> student '%s' (%s params) with loss=%s", ", ".join(teachers), cfg.student.name,
              f"{count_parameters(student):,}", cfg.loss.name)
@@ -189,6 +193,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg, output_dir), weights_only=True)
     except SIGTERMException as interrupted:  # checkpoint already written by CheckpointOnSigterm
         raise SystemExit(128 + signal.SIGTERM) from interrupted
+    finally:
+        reuse_summary(teachers)  # stored teacher outputs are written even when the run stops early
 
     baseline = obtain_baseline(cfg, datamodule)[0] if cfg.baseline else None
     if not trainer.is_global_zero:
@@ -197,6 +203,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     summary = summarize(cfg, datamodule, teachers, student, baseline)
     summary["student_dir"] = str(student_dir)
     summary["timing"] = timer.summary(trainer.world_size)
+    reuse = reuse_summary(teachers)
+    if reuse is not None:
+        summary["teacher_outputs"] = reuse
+        log.info("teacher_outputs: %d rows read from the store (about %.1f s of teacher time saved, %.1f s reading), "
+                 "%d computed (%.1f s)", reuse["hit_rows"], reuse["saved_seconds"], reuse["lookup_seconds"],
+                 reuse["computed_rows"], reuse["computed_seconds"])
     if "val/student_loss" in trainer.callback_metrics:
         summary["val_student_loss"] = float(trainer.callback_metrics["val/student_loss"])
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -105,6 +105,8 @@ class _StudentSampler(Callback):
     """What both generation callbacks share: argument checks, a rank-aware seeded generator that
     round-trips through checkpoints, and timed sampling from the student."""
 
+    generates_inputs = True  # the teacher sees new sequences: teacher_outputs.reuse is off
+
     def __init__(self, *, max_new_tokens: int | None, sampling_temperature: float, prompt_length: int,
                  seed: int) -> None:
         name = type(self).__name__

@@ -62,6 +62,8 @@ class StudentAwareRouter(Callback):
         weight_decay: AdamW weight decay of the router optimizer.
     """
 
+    modifies_teacher = True  # teacher_outputs.reuse is off for the teacher it trains
+
     def __init__(self, lr: float = 1e-4, balance_weight: float = 0.01, every_n_steps: int = 1,
                  teacher: str | None = None, weight_decay: float = 0.0) -> None:
         if lr <= 0:

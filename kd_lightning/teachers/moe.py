@@ -110,6 +110,8 @@ class KnowledgeAugmentedMoE(nn.Module):
         seed: base seed of the generator.
     """
 
+    stochastic = True  # a new routing draw every pass: its outputs are never memoized (teacher_outputs)
+
     def __init__(self, model: nn.Module, num_samples: int = 2, sampling_prob: float = 0.05,
                  num_selects: int | None = None, router_temperature: float = 1.0, seed: int | None = None) -> None:
         super().__init__()

@@ -1,0 +1,190 @@
+"""Teacher outputs computed once per sweep (`teacher_outputs.reuse`, kd_lightning/teachers/memo.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kd_lightning.losses import forward_kl, reverse_kl, skew_kl
+from kd_lightning.teachers.memo import MemoizedTeacher, TeacherOutputStore, row_keys
+from kd_lightning.train import run
+
+V = 37
+
+
+def tiny_lm(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def batch(seed: int, rows: int = 3, length: int = 9) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(0, V, (rows, length), generator=g), "attention_mask": torch.ones(rows, length, dtype=torch.long)}
+
+
+def test_row_keys_depend_on_ids_mask_and_length():
+    b = batch(0)
+    keys = row_keys(b["input_ids"], b["attention_mask"])
+    assert len(set(keys)) == 3 and all(len(k) == 16 for k in keys)
+    assert row_keys(b["input_ids"], b["attention_mask"]) == keys  # deterministic
+    mask = b["attention_mask"].clone()
+    mask[0, -1] = 0
+    assert row_keys(b["input_ids"], mask)[0] != keys[0] and row_keys(b["input_ids"], mask)[1] == keys[1]
+    assert row_keys(b["input_ids"][:, :-1], b["attention_mask"][:, :-1])[0] != keys[0]
+
+
+def test_float32_store_is_exact_and_survives_a_new_process_view(tmp_path: Path):
+    teacher = tiny_lm()
+    memo = MemoizedTeacher(teacher, TeacherOutputStore(tmp_path, V, dtype="float32", flush_rows=4))
+    b = batch(1)
+    first = memo(**b).logits                      # computed
+    again = memo(**b).logits                      # read from the in-memory buffer
+    reference = torch.log_softmax(teacher(**b).logits.float(), -1)
+    assert torch.equal(again, reference)
+    assert torch.allclose(first.log_softmax(-1), reference, atol=1e-6)
+    assert memo.store.stats["hit_rows"] == 3 and memo.store.stats["computed_rows"] == 3
+    memo.store.flush()
+    assert len(list(tmp_path.glob("part-*.safetensors"))) == 1 and not list(tmp_path.glob(".*tmp"))
+    # a later run (a new store over the same directory) reads it from disk without the teacher
+    fresh = MemoizedTeacher(teacher, TeacherOutputStore(tmp_path, V, dtype="float32"))
+    calls = []
+    fresh.model.register_forward_hook(lambda *_: calls.append(1))
+    assert torch.equal(fresh(**b).logits, reference) and calls == []
+    assert fresh.store.stats["hit_rows"] == 3 and fresh.store.stats["saved_seconds"] > 0
+    # a batch with one new row runs the teacher for the whole batch and stores only the new row
+    mixed = {k: torch.cat([v[:2], batch(2)[k][:1]]) for k, v in b.items()}
+    out = fresh(**mixed).logits
+    assert calls == [1] and torch.allclose(out.log_softmax(-1), torch.log_softmax(teacher(**mixed).logits, -1), atol=1e-6)
+    fresh.store.flush()
+    assert fresh.store.stats["stored_rows"] == 1 and len(fresh.store) == 4
+
+
+def test_float16_store_gives_the_same_losses_within_tolerance(tmp_path: Path):
+    teacher = tiny_lm()
+    b = batch(3, rows=4, length=12)
+    memo = MemoizedTeacher(teacher, TeacherOutputStore(tmp_path, V, dtype="float16"))
+    memo(**b)
+    stored = memo(**b).logits
+    assert memo.store.stats["hit_rows"] == 4
+    student = tiny_lm(seed=5)(**b).logits
+    logits = teacher(**b).logits
+    mask = torch.ones(b["input_ids"].shape, dtype=torch.bool)
+    for fn in (forward_kl, reverse_kl, skew_kl):
+        for T in (1.0, 2.0):
+            exact = fn(student, logits, mask, temperature=T)
+            approx = fn(student, stored, mask, temperature=T)
+            assert torch.allclose(exact, approx, rtol=2e-3, atol=1e-4), (fn.__name__, T, exact, approx)
+
+
+def test_topk_store_spreads_the_rest_uniformly(tmp_path: Path):
+    teacher = tiny_lm()
+    b = batch(4)
+    memo = MemoizedTeacher(teacher, TeacherOutputStore(tmp_path, V, topk=5, dtype="float32"))
+    memo(**b)
+    stored = memo(**b).logits
+    exact = torch.log_softmax(teacher(**b).logits, -1)
+    assert torch.allclose(stored.exp().sum(-1), torch.ones(3, 9), atol=1e-5)  # a distribution
+    top, ids = exact.topk(5, dim=-1)
+    assert torch.allclose(stored.gather(-1, ids), top, atol=1e-6)
+    rest = (1 - top.exp().sum(-1, keepdim=True)) / (V - 5)
+    others = torch.ones_like(exact, dtype=torch.bool).scatter_(-1, ids, False)
+    assert torch.allclose(stored[others].exp(), rest.expand_as(exact)[others], rtol=1e-4)
+
+
+def test_bad_options_and_mismatched_directory_fail_clearly(tmp_path: Path):
+    with pytest.raises(ValueError, match="teacher_outputs.dtype"):
+        TeacherOutputStore(tmp_path, V, dtype="int8")
+    with pytest.raises(ValueError, match="teacher_outputs.topk"):
+        TeacherOutputStore(tmp_path, V, topk=V)
+    store = TeacherOutputStore(tmp_path, V, dtype="float32")
+    MemoizedTeacher(tiny_lm(), store)(**batch(0))
+    store.flush()
+    with pytest.raises(ValueError, match="written for vocab_size=37"):
+        TeacherOutputStore(tmp_path, V + 1)
+
+
+def test_max_gb_stops_storing_but_keeps_reading(tmp_path: Path, caplog):
+    store = TeacherOutputStore(tmp_path, V, dtype="float32", max_gb=1e-9)
+    memo = MemoizedTeacher(tiny_lm(), store)
+    memo(**batch(0))
+    with caplog.at_level("WARNING", logger="kd_lightning"):
+        store.flush()
+    assert "max_gb" in caplog.text and not list(tmp_path.glob("part-*"))
+    memo(**batch(0))
+    assert store.stats["computed_rows"] == 6 and store.stats["hit_rows"] == 0
+
+
+def test_second_run_of_a_sweep_reads_the_teacher_outputs(make_cfg, tmp_path: Path):
+    """Two runs with the same teacher and data and different losses: the second never runs the
+    teacher on training or evaluation batches, and its summary says how much time it saved."""
+    common = ("teacher_outputs.reuse=true", "baseline=false")
+    first = run(make_cfg(*common, "loss=kl", output_dir=tmp_path / "a"))
+    second = run(make_cfg(*common, "loss=reverse_kl", output_dir=tmp_path / "b"))
+    a, b = first["teacher_outputs"], second["teacher_outputs"]
+    assert 0 < a["stored_rows"] <= a["computed_rows"]
+    assert b["computed_rows"] == 0 and b["hit_rows"] >= a["stored_rows"] > 0
+    assert b["saved_seconds"] > 0 and a["directories"] == b["directories"]
+    # the teacher's held-out loss is the same whether computed or read (float16 store)
+    ta, tb = first["models"]["teacher:moe"]["loss"], second["models"]["teacher:moe"]["loss"]
+    assert abs(ta - tb) < 1e-3
+    saved = json.loads((tmp_path / "b" / "summary.json").read_text())["teacher_outputs"]
+    assert saved["hit_rows"] == b["hit_rows"]
+
+
+def test_reuse_gives_the_same_student_as_running_the_teacher(make_cfg, tmp_path: Path):
+    """float32 store: the student trained from stored outputs equals the one trained online."""
+    online = run(make_cfg("baseline=false", output_dir=tmp_path / "online"))
+    opts = ("teacher_outputs.reuse=true", "teacher_outputs.dtype=float32", "baseline=false",
+            f"teacher_outputs.dir={tmp_path / 'store'}")
+    run(make_cfg(*opts, output_dir=tmp_path / "fill"))
+    reread = run(make_cfg(*opts, output_dir=tmp_path / "read"))
+    assert reread["teacher_outputs"]["computed_rows"] == 0
+    s_online, s_read = online["models"]["student (KD)"]["loss"], reread["models"]["student (KD)"]["loss"]
+    assert abs(s_online - s_read) < 1e-4, (s_online, s_read)
+
+
+@pytest.mark.parametrize("override, reason", [("teacher=moe_ka", "stochastic"), ("callbacks=sar", "changes the teacher"),
+                                              ("loss.chunk_size=32", "chunked path")])
+def test_reuse_is_skipped_where_outputs_change(make_cfg, tmp_path: Path, caplog, override: str, reason: str):
+    from hydra.utils import instantiate
+
+    from kd_lightning.stages import obtain_teacher
+    from kd_lightning.teachers.memo import memoize_teachers
+    from kd_lightning.train import method_callbacks, teacher_configs
+
+    cfg = make_cfg("teacher_outputs.reuse=true", override)
+    datamodule = instantiate(cfg.dataset)
+    teachers = {str(t.name): obtain_teacher(cfg, t, datamodule) for t in teacher_configs(cfg)}
+    with caplog.at_level("INFO", logger="kd_lightning"):
+        wrapped = memoize_teachers(cfg, teacher_configs(cfg), teachers, datamodule, method_callbacks(cfg))
+    assert wrapped == teachers and reason in caplog.text
+
+
+def test_report_shows_the_teacher_time_saved(tmp_path: Path):
+    """A sweep preset (`+sweep=losses`, reuse on) of two runs: the report has the time saved."""
+    import os
+    import subprocess
+    import sys
+
+    from kd_lightning.report import write_report
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "-m", "+sweep=losses", "loss=kl,reverse_kl", "seed=0", "baseline=false",
+           "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
+           "trainer.enable_progress_bar=false", "lr_scheduler.num_warmup_steps=1", "dataset.max_train_tokens=20000",
+           "dataset.max_eval_tokens=2048", "dataset.seq_len=64", "dataset.batch_size=8", "teacher.pretrain.max_steps=2",
+           f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = json.loads((sweep / "1" / "summary.json").read_text())["teacher_outputs"]
+    assert second["computed_rows"] == 0 and second["hit_rows"] > 0
+    text = write_report(sweep, plot=False)
+    assert "## Teacher outputs" in text and "Teacher time saved: about" in text
+    assert "2 of 2 run(s) reused teacher outputs" in text and "were read from the store by 2 run(s)" in text
