@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 
 from kd_lightning.interface import TeacherWeightFn
 from kd_lightning.lean import chunked_token_ce, hidden_and_head
+from kd_lightning.losses.common import all_finite
 from kd_lightning.losses.chunked import chunked_distill_loss
 from kd_lightning.losses.sparse import sparse_kl
 
@@ -232,9 +233,8 @@ class DistillationModule(LightningModule):
         aligned teacher logits), or None when the batch is skipped for non-finite teacher logits."""
         teachers = {n: self.align(t, batch["labels"])[0] for n, t in self.teacher_logits(batch).items()}
         counted = {n: t[mask] for n, t in teachers.items()}
-        # One isfinite pass in the common case; -inf (a token the teacher rules out) is legitimate.
-        bad = [n for n, t in counted.items()
-               if not bool(torch.isfinite(t).all()) and bool((torch.isnan(t) | torch.isposinf(t)).any())]
+        # One reduction in the common case; -inf (a token the teacher rules out) is legitimate.
+        bad = [n for n, t in counted.items() if not all_finite(t) and bool((torch.isnan(t) | torch.isposinf(t)).any())]
         if bad:
             message = f"step {self.global_step}: teacher(s) {bad} produced NaN/+inf logits"
             if self.nonfinite_teacher == "error":

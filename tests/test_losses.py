@@ -351,3 +351,20 @@ def test_helpers():
     empty = L.masked_mean(values, torch.zeros_like(mask))
     assert empty.item() == 0.0 and empty.requires_grad
     assert L.masked_mean(values).item() == pytest.approx(3.5)
+
+
+def test_all_finite_is_one_reduction_that_never_misses_a_nonfinite_entry():
+    from kd_lightning.losses.common import all_finite
+
+    x = torch.randn(7, 13)
+    assert all_finite(x)
+    for bad in (math.inf, -math.inf, math.nan):
+        y = x.clone()
+        y[3, 5] = bad
+        assert not all_finite(y)
+    y = x.clone()
+    y[0, 0], y[1, 1] = math.inf, -math.inf  # inf + -inf = nan: still caught
+    assert not all_finite(y)
+    # finite entries whose sum overflows report False: callers then take their careful (exact) path
+    assert not all_finite(torch.full((4,), 3e38))
+    assert all_finite(torch.randn(3, requires_grad=True))

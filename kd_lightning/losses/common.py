@@ -48,7 +48,14 @@ def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return torch.log_softmax(upcast(logits) / temperature, dim=-1)
+    logits = upcast(logits)
+    return torch.log_softmax(logits if temperature == 1 else logits / temperature, dim=-1)
+
+
+def all_finite(x: Tensor) -> bool:
+    """True when no entry is ±inf or NaN, in one reduction: a sum is finite exactly when every
+    entry is, except when finite entries overflow it (then False: callers take their careful path)."""
+    return bool(torch.isfinite(x.detach().sum()))
 
 
 def kl_sum(log_a: Tensor, log_b: Tensor, *, strict: bool = False, cross_entropy: bool = False) -> Tensor:
@@ -62,7 +69,7 @@ def kl_sum(log_a: Tensor, log_b: Tensor, *, strict: bool = False, cross_entropy:
     ``−Σ a log b`` (the "CE form" some references return; same gradient w.r.t. ``b``).
     """
     diff = -log_b if cross_entropy else log_a - log_b
-    if not strict and bool(torch.isfinite(log_a).all()) and bool(torch.isfinite(log_b).all()):
+    if not strict and all_finite(log_a) and all_finite(log_b):
         # Fast path (the common case): no zero probability on either side, nothing to guard.
         return (log_a.exp() * diff).sum(-1)
     a = log_a.exp()
