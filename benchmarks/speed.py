@@ -15,6 +15,7 @@ prints medians, the ratio (a) / ((b) + (c)) (target <= 1.05) and tokens/s of the
 loop and logger are not in any of the three (`self.log` without a Trainer returns at once).
 
     python benchmarks/speed.py --quick        # < 2 minutes on 2 CPU cores (1 thread, CPU time)
+    python benchmarks/speed.py --quick --pieces   # also the loss and statistics pieces alone
     python benchmarks/speed.py                # more repeats
     python benchmarks/speed.py --threads 0 --clock wall    # torch's threads, elapsed time (quiet machine)
     python benchmarks/speed.py --device cuda --repeats 200
@@ -142,10 +143,13 @@ def first_batch(cfg: Any, device: str) -> dict[str, torch.Tensor]:
 
 
 def benchmark_args(argv: Sequence[str] | None, description: str, *, quick_help: str, repeats: tuple[int, int],
-                   warmup: int) -> argparse.Namespace:
+                   warmup: int, pieces: bool = False) -> argparse.Namespace:
     """The command line shared by speed.py and scale.py; `repeats` = (full, quick) defaults."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help=quick_help)
+    if pieces:
+        parser.add_argument("--pieces", action="store_true",
+                            help="also time the pieces a KD step adds (loss forward + backward, teacher token CE)")
     parser.add_argument("--repeats", type=int, default=None, help=f"timed repeats (default {repeats[0]}; quick {repeats[1]})")
     parser.add_argument("--warmup", type=int, default=warmup, help="untimed repeats before the timed ones")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -173,9 +177,38 @@ def apply_clock_options(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+def kd_pieces(kd: Any, teacher: torch.nn.Module, batch: dict[str, torch.Tensor], args: argparse.Namespace) -> dict[str, float]:
+    """`--pieces`: what the KD step adds to (b) + (c), each piece timed alone on the batch's shapes."""
+    import torch.nn.functional as F
+
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
+    s_logits = kd.student_logits(batch)[:, :-1].detach().requires_grad_(True)
+
+    def loss_fb() -> None:
+        kd.loss_fn(s_logits, t_logits, mask, temperature=kd.kd_temperature).backward()
+
+    def kl_div_fb() -> None:
+        F.kl_div(F.log_softmax(s_logits[mask], -1), F.log_softmax(t_logits[mask], -1), log_target=True,
+                 reduction="batchmean").backward()
+
+    fns = {"loss_fwd_bwd": loss_fb, "kl_div_fwd_bwd": kl_div_fb,
+           "teacher_token_ce": lambda: F.cross_entropy(t_logits[mask].float(), labels[mask], reduction="none")}
+    times = interleaved_times(fns, max(args.repeats, 30), args.warmup, args.device, args.clock)
+    med = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+    print(f"pieces on [{int(mask.sum())} positions, {t_logits.shape[-1]} classes], median ms:")
+    print(f"  loss={kd.loss_fn.func.__name__ if hasattr(kd.loss_fn, 'func') else getattr(kd.loss_fn, '__name__', 'loss')} "
+          f"forward + backward        {med['loss_fwd_bwd']:7.2f}")
+    print(f"  log_softmax + F.kl_div(log_target) f+b  {med['kl_div_fwd_bwd']:7.2f}   (reference, no zero-probability guard)")
+    print(f"  teacher token CE (last_step statistics) {med['teacher_token_ce']:7.2f}")
+    return {f"piece_{k}_ms": v for k, v in med.items()}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = benchmark_args(argv, __doc__.splitlines()[0], quick_help="fewer repeats (< 2 minutes on 2 CPU cores)",
-                          repeats=(60, 15), warmup=3)
+                          repeats=(60, 15), warmup=3, pieces=True)
     # Only one batch is needed: cap the corpus read (the batch shape is the default's).
     cfg = compose_config(["dataset.max_train_tokens=200000", "dataset.max_eval_tokens=4096", *args.overrides])
     torch.manual_seed(int(cfg.seed))
@@ -201,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
           f"{low['kd_step'] / (low['teacher_forward'] + low['student_ce_step']):.3f} min   (target <= 1.05)")
     print(f"KD step overhead beyond (b) + (c): {1e3 * (med['kd_step'] - med['teacher_forward'] - med['student_ce_step']):.2f} ms")
     print(f"KD step throughput: {tokens / med['kd_step']:,.0f} tokens/s ({tokens} tokens per step)")
-    return {"ratio": ratio, "tokens_per_second": tokens / med["kd_step"], **{f"{k}_ms": 1e3 * v for k, v in med.items()}}
+    pieces = kd_pieces(kd, teacher, batch, args) if args.pieces else {}
+    return {**pieces, "ratio": ratio, "tokens_per_second": tokens / med["kd_step"], **{f"{k}_ms": 1e3 * v for k, v in med.items()}}
 
 
 if __name__ == "__main__":

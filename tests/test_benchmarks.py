@@ -1,0 +1,54 @@
+"""Smoke tests of the benchmark scripts' `--quick` modes: they run, print their table, and the
+numbers they return are sane (not their values: benchmarks are not tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def bench(script: str, *args: str, timeout: int = 300) -> str:
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_speed_quick_prints_the_ratio():
+    out = bench("speed.py", "--quick", "--repeats", "3", "--warmup", "1")
+    ratio_line = next(line for line in out.splitlines() if line.startswith("ratio (a) / ((b) + (c))"))
+    ratio = float(ratio_line.split(":")[1].split()[0])
+    assert 0.5 < ratio < 3.0, ratio_line
+    assert "tokens/s" in out
+
+
+def test_cached_kd_quick_prints_the_ratio():
+    out = bench("cached_kd.py", "--quick", "--repeats", "3", "--warmup", "1")
+    assert "ratio" in out and "target <= 1.05" in out
+
+
+@pytest.mark.slow
+def test_sweep_reuse_quick_saves_teacher_time_and_keeps_the_results(tmp_path: Path):
+    out = bench("sweep_reuse.py", "--quick", "--out", str(tmp_path), timeout=600)
+    result = json.loads((tmp_path / "sweep_reuse.json").read_text())
+    assert result["max_loss_diff"] < 1e-4, result  # float32 store: the same students
+    assert result["store_mib"] > 0
+    assert "Teacher time saved: about" in out
+    b = [json.loads(p.read_text())["teacher_outputs"] for p in sorted((tmp_path / "B_reuse").glob("*/summary.json"))]
+    assert len(b) == 2 and b[0]["computed_rows"] > 0 and b[1]["computed_rows"] == 0
+
+
+@pytest.mark.slow
+def test_ddp_quick_runs_one_and_two_processes(tmp_path: Path):
+    bench("ddp.py", "--quick", "--steps", "6", "--out", str(tmp_path), timeout=600)
+    rows = json.loads((tmp_path / "ddp.json").read_text())
+    assert [r["processes"] for r in rows] == [1, 2, 2] and [r["global_batch"] for r in rows] == [16, 32, 16]
+    assert all(r["tokens_per_second"] > 0 and r["peak_rss_mib"] > 50 for r in rows)
