@@ -188,3 +188,16 @@ def test_report_shows_the_teacher_time_saved(tmp_path: Path):
     text = write_report(sweep, plot=False)
     assert "## Teacher outputs" in text and "Teacher time saved: about" in text
     assert "2 of 2 run(s) reused teacher outputs" in text and "were read from the store by 2 run(s)" in text
+
+
+def test_store_directory_separates_teachers_precisions_and_formats(make_cfg):
+    from kd_lightning.teachers.memo import store_directory
+
+    cfg = make_cfg("teacher_outputs.reuse=true")
+    teacher = tiny_lm()
+    base = store_directory(cfg, cfg.teacher, teacher)
+    assert base == store_directory(cfg, cfg.teacher, tiny_lm())  # same weights, same store
+    assert base != store_directory(cfg, cfg.teacher, tiny_lm(seed=1))  # other weights
+    for override in ("strategy=bf16", "teacher_outputs.dtype=float16", "teacher_outputs.topk=8"):
+        other = make_cfg("teacher_outputs.reuse=true", override)
+        assert store_directory(other, other.teacher, teacher) != base, override

@@ -5,7 +5,8 @@ next-token log-probabilities, shared by every run that uses the same teacher on 
 `MemoizedTeacher`. For every batch it hashes each row's token ids and attention mask; when every row
 is already stored it returns the stored log-probabilities instead of running the teacher, otherwise
 it runs the teacher on the batch and stores the rows it lacked. The store lives under
-`<paths.cache_dir>/teacher_outputs/<teacher>-<hash of the teacher's config and weights, format>/`,
+`<paths.cache_dir>/teacher_outputs/<teacher>-<hash of the teacher's config and weights, the trainer's
+precision and accelerator, the storage format>/`,
 so runs of a sweep that change the loss, temperature, weights, learning rate, schedule or student
 (anything but the teacher and the data) read what the first run computed. Different data or seeds
 that change the data order simply miss (content keys), and a teacher with other weights gets another
@@ -265,8 +266,10 @@ def store_directory(cfg: Any, teacher_cfg: Any, teacher: nn.Module) -> Path:
 
     opts = cfg.teacher_outputs
     root = Path(os.path.expanduser(str(opts.dir))) if opts.get("dir") else cache_root(cfg.paths.cache_dir) / "teacher_outputs"
+    # precision and accelerator change the teacher's numbers (bf16 autocast, GPU kernels): separate stores
     identity = {"format": FORMAT_VERSION, "weights": weights_hash(teacher), "topk": opts.get("topk"),
-                "dtype": str(opts.get("dtype", "float32")),
+                "dtype": str(opts.get("dtype", "float32")), "precision": str(cfg.trainer.get("precision")),
+                "accelerator": str(cfg.trainer.get("accelerator")),
                 "config": OmegaConf.to_container(teacher_cfg.get("model"), resolve=True) if teacher_cfg.get("model") is not None else None}
     return root / f"{teacher_cfg.name}-{config_key(identity)}"
 
