@@ -13,6 +13,16 @@ Arms (the same student, data and number of student steps in every run, so the sa
 - `temperature`: `temperature=constant temperature.initial=1,2,4` against `temperature=dts`.
 - `moe`: plain `teacher=moe`, `teacher=moe_ka distill.teacher_combine=losses` (Knowledge
   Augmentation) and `callbacks=sar` (Student-Aware Router), all with the default forward KL.
+- `takd`: `experiment=takd takd.num_assistants=0,1,2` (conf/sweep/takd.yaml): teacher -> 0, 1 or 2
+  assistants -> student; the row is the chain's last stage, paired with the same seed's CE-only student.
+- `multi_teacher`: `teacher=ensemble` (MoE + dense teacher) with
+  `callbacks=none,confidence,ca_mkd,performance_gap,reinforced` (conf/sweep/multi_teacher.yaml).
+
+`--dataset digits` runs the same comparison on scikit-learn digits (`experiment=digits`, the
+experiment's own 300-step budget; tables under `<out>/digits/`): `losses`, `temperature` (constant
+T = 1, 2, 4, 8 against DTS at T0 2 in [1, 3] and at the reference's T0 4 in [2, 4]), `takd` and
+`gap` (the 512x512 teacher into an 8-unit student: TAKD chains, and KL against TAID), and
+`multi_teacher` (`experiment=digits_ensemble`, the same 5 weightings). The MoE arm does not apply.
 
 All runs share one `paths.cache_dir` (default `<out>/cache`), so the MoE teacher is pre-trained once
 per seed (600 steps, about 3 minutes each on one CPU core) and the CE-only baseline once per seed.
@@ -20,6 +30,7 @@ per seed (600 steps, about 3 minutes each on one CPU core) and the CE-only basel
     python benchmarks/methods.py --quick                      # 1 seed, tiny budget: a smoke test (~75 s)
     python benchmarks/methods.py --steps 150 --jobs 2         # 3 seeds, every arm
     python benchmarks/methods.py --arms losses --steps 150    # one arm
+    python benchmarks/methods.py --dataset digits             # every digits arm, 3 seeds (minutes)
 
 Run with OMP_NUM_THREADS=1 on a small CPU machine (two torch threads per process on a shared 2-core
 machine are many times slower). Trailing arguments are extra Hydra overrides for every run.
@@ -40,9 +51,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from kd_lightning.report import ReportError, aggregate, fmt, load_runs, markdown_table, write_report  # noqa: E402
+from kd_lightning.report import (ReportError, aggregate, fmt, load_runs, markdown_table, student_metrics,  # noqa: E402
+                                 write_report)
 
 LOSSES = ["kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "js", "gjsd", "tvd", "akl", "taid", "sparse_kl"]
+WEIGHTINGS = ["none", "confidence", "ca_mkd", "performance_gap", "reinforced"]
 
 # arm -> list of (name of the sub-multirun, its sweep overrides)
 ARMS: dict[str, list[tuple[str, list[str]]]] = {
@@ -52,47 +65,120 @@ ARMS: dict[str, list[tuple[str, list[str]]]] = {
     "moe": [("plain", ["teacher=moe"]),
             ("ka", ["teacher=moe_ka", "distill.teacher_combine=losses"]),
             ("sar", ["callbacks=sar"])],
+    # conf/sweep/takd.yaml: the chain's last stage is the student; 0 assistants is direct KD by the same code
+    "takd": [("takd", ["experiment=takd", "takd.num_assistants=0,1,2"])],
+    # conf/sweep/multi_teacher.yaml: MoE + dense teacher, equal weights against four weightings
+    "multi_teacher": [("multi_teacher", ["teacher=ensemble", "callbacks=" + ",".join(WEIGHTINGS)])],
 }
 QUICK_ARMS: dict[str, list[tuple[str, list[str]]]] = {
     "losses": [("losses", ["loss=kl,skew_kl"])],
     "temperature": [("dts", ["temperature=dts"])],
     "moe": [("ka", ["teacher=moe_ka", "distill.teacher_combine=losses"])],  # SAR is ~8x slower per step
+    "takd": [("takd", ["experiment=takd", "takd.num_assistants=1"])],
+    "multi_teacher": [("multi_teacher", ["teacher=ensemble", "callbacks=ca_mkd"])],
+}
+
+# scikit-learn digits (`--dataset digits`): the classic MLP teacher/student presets. Every loss that is
+# defined for a classifier (`uld` left out as above: teacher and student share the 10 classes);
+# constant T against DTS at its two reference settings; TAKD and TAID at a large capacity gap (the
+# 512x512 teacher, ~300k parameters, into an 8-unit student, ~600 parameters); the 5 weightings of
+# the two-teacher digits ensemble. No MoE arm: there is no MoE classifier teacher.
+DIGITS_LOSSES = LOSSES
+GAP_STUDENT = "student.model.hidden_sizes=[8]"
+DIGITS_ARMS: dict[str, list[tuple[str, list[str]]]] = {
+    "losses": [("losses", ["experiment=digits", "loss=" + ",".join(DIGITS_LOSSES)])],
+    "temperature": [("constant", ["experiment=digits", "temperature=constant", "temperature.initial=1.0,2.0,4.0,8.0"]),
+                    # conf/temperature/dts.yaml's small-student setting (T0 2, [1, 3]) and the
+                    # reference's default (T0 4, [2, 4])
+                    ("dts", ["experiment=digits", "temperature=dts", "temperature.initial=2.0"]),
+                    ("dts_ref", ["experiment=digits", "temperature=dts", "temperature.initial=4.0",
+                                 "temperature.callback.t_min=2.0", "temperature.callback.t_max=4.0"])],
+    "takd": [("takd", ["experiment=digits", GAP_STUDENT, "stage=takd", "+takd.num_assistants=0,1,2"])],
+    "gap": [("gap", ["experiment=digits", GAP_STUDENT, "loss=kl,taid"])],
+    "multi_teacher": [("multi_teacher", ["experiment=digits_ensemble", "callbacks=" + ",".join(WEIGHTINGS)])],
+}
+DIGITS_QUICK_ARMS: dict[str, list[tuple[str, list[str]]]] = {
+    "losses": [("losses", ["experiment=digits", "loss=kl,skew_kl"])],
+    "temperature": [("dts", ["experiment=digits", "temperature=dts"])],
+    "takd": [("takd", ["experiment=digits", GAP_STUDENT, "stage=takd", "+takd.num_assistants=1"])],
+    "gap": [("gap", ["experiment=digits", GAP_STUDENT, "loss=taid"])],
+    "multi_teacher": [("multi_teacher", ["experiment=digits_ensemble", "callbacks=ca_mkd"])],
 }
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="1 seed, 2 losses + DTS + KA, 60-step teacher, 20 student steps (about 75 s on 2 cores)")
-    p.add_argument("--steps", type=int, default=None, help="student steps per run (default 400, the README default; 20 with --quick)")
+                   help="1 seed, 2 losses + DTS + KA, 60-step teacher, 20 student steps (about 75 s on 2 cores); "
+                        "with --dataset digits: one variant of every digits arm, 60 student steps")
+    p.add_argument("--dataset", choices=("stdlib", "digits"), default="stdlib",
+                   help="stdlib: the embedded corpus (default); digits: scikit-learn digits with the MLP presets "
+                        "(experiment=digits / digits_ensemble; no MoE arm), tables under <out>/digits/")
+    p.add_argument("--steps", type=int, default=None,
+                   help="student steps per run (default 400, the README default; 20 with --quick; "
+                        "digits: the experiment's 300, 60 with --quick)")
     p.add_argument("--val-every", type=int, default=None, help="trainer.val_check_interval (default steps // 2)")
     p.add_argument("--eval-tokens", type=int, default=32768,
                    help="dataset.max_eval_tokens (default 32768: 256 windows of 128 bytes per eval split)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default 0,1,2; 0 with --quick)")
-    p.add_argument("--arms", default="losses,temperature,moe", help="comma-separated subset of: " + ", ".join(ARMS))
+    p.add_argument("--arms", default=None,
+                   help="comma-separated subset of: " + ", ".join(ARMS) + " (default losses,temperature,moe); "
+                        "digits: " + ", ".join(DIGITS_ARMS) + " (default all)")
     p.add_argument("--variants", default=None,
-                   help="comma-separated sub-multiruns to keep (losses; constant, dts; plain, ka, sar; default all)")
+                   help="comma-separated sub-multiruns to keep (losses; constant, dts; plain, ka, sar; takd; "
+                        "multi_teacher; digits also dts_ref, gap; default all)")
     p.add_argument("--out", default=None, help="output directory (default outputs/methods/<date>_<time>)")
     p.add_argument("--cache-dir", default=None, help="paths.cache_dir shared by every run (default <out>/cache)")
     p.add_argument("--jobs", type=int, default=1, help="multiruns at the same time (each one process; default 1)")
     p.add_argument("--python", default=sys.executable, help="interpreter for train.py")
+    p.add_argument("--no-reuse", action="store_true",
+                   help="run the teacher in every run (default: teacher_outputs.reuse=true on the embedded corpus, "
+                        "so each seed's teacher outputs are computed once and read by the other runs)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables of an existing --out")
-    return p.parse_known_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if args.arms is None:
+        args.arms = ",".join(DIGITS_ARMS) if args.dataset == "digits" else "losses,temperature,moe"
+    return args, extra
+
+
+def arms_root(args: argparse.Namespace) -> Path:
+    """Where the arms' sweep directories go: <out>, or <out>/digits for --dataset digits."""
+    return Path(args.out) / "digits" if args.dataset == "digits" else Path(args.out)
+
+
+def quick_teacher_overrides(sweep: list[str]) -> list[str]:
+    """Shorter teacher pre-training for --quick, addressed to every member of an ensemble."""
+    if "teacher=ensemble" in sweep:
+        members = ["moe", "dense"]
+    elif "experiment=digits_ensemble" in sweep:
+        members = ["wide", "narrow"]
+    else:
+        return ["teacher.pretrain.max_steps=60"]
+    return [f"teacher.members.{m}.pretrain.max_steps=60" for m in members]
 
 
 def commands(args: argparse.Namespace, extra: list[str]) -> list[tuple[str, Path, list[str]]]:
     """(arm, sweep dir, argv) for every multirun, ordered arm by arm, seed by seed."""
-    out = Path(args.out)
-    steps = args.steps if args.steps is not None else (20 if args.quick else 400)
-    val_every = args.val_every or max(1, steps // 2)
+    out = arms_root(args)
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-    arms = QUICK_ARMS if args.quick else ARMS
-    common = [f"trainer.max_steps={steps}", f"trainer.val_check_interval={val_every}",
-              f"dataset.max_eval_tokens={args.eval_tokens}", f"paths.cache_dir={args.cache_dir}",
-              "baseline=true", "trainer.enable_progress_bar=false"]
-    if args.quick:
-        common += ["teacher.pretrain.max_steps=60", "trainer.limit_val_batches=4"]
+    if args.dataset == "digits":
+        # the experiments' own budget (300 steps, validation every 5 epochs, full eval splits)
+        arms = DIGITS_QUICK_ARMS if args.quick else DIGITS_ARMS
+        steps = args.steps if args.steps is not None else (60 if args.quick else None)
+        common = ([] if steps is None else [f"trainer.max_steps={steps}"]) + [
+            f"paths.cache_dir={args.cache_dir}", "baseline=true", "trainer.enable_progress_bar=false"]
+    else:
+        arms = QUICK_ARMS if args.quick else ARMS
+        steps = args.steps if args.steps is not None else (20 if args.quick else 400)
+        val_every = args.val_every or max(1, steps // 2)
+        common = [f"trainer.max_steps={steps}", f"trainer.val_check_interval={val_every}",
+                  f"dataset.max_eval_tokens={args.eval_tokens}", f"paths.cache_dir={args.cache_dir}",
+                  "baseline=true", "trainer.enable_progress_bar=false"]
+        if not args.no_reuse:  # teacher outputs computed once per seed, read by the other runs (exact, float32)
+            common += ["teacher_outputs.reuse=true"]
+        if args.quick:
+            common += ["trainer.limit_val_batches=4"]
     runs = []
     for arm in args.arms.split(","):
         if arm not in arms:
@@ -101,7 +187,8 @@ def commands(args: argparse.Namespace, extra: list[str]) -> list[tuple[str, Path
         for name, sweep in keep:  # sub-multirun by sub-multirun, so the costly ones (SAR) come last
             for seed in seeds:
                 sweep_dir = out / arm / f"seed{seed}" / name
-                argv = [args.python, str(ROOT / "train.py"), "-m", *sweep, f"seed={seed}", *common, *extra,
+                quick = quick_teacher_overrides(sweep) if args.quick else []
+                argv = [args.python, str(ROOT / "train.py"), "-m", *sweep, f"seed={seed}", *common, *quick, *extra,
                         f"hydra.sweep.dir={sweep_dir}"]
                 runs.append((arm, sweep_dir, argv))
     return runs
@@ -116,26 +203,31 @@ def run_one(arm: str, sweep_dir: Path, argv: list[str]) -> tuple[str, Path, int,
     return arm, sweep_dir, rc, time.perf_counter() - start
 
 
-def reference_rows(runs) -> list[list[str]]:
-    """Teacher and CE-only rows (mean ± std over seeds, one value per seed) from the summaries."""
-    per_seed: dict[str, dict[int, dict]] = {"teacher": {}, "student (CE only)": {}}
+def reference_rows(runs, metrics: list[tuple[str, str]]) -> list[list[str]]:
+    """Teacher and CE-only rows (mean ± std over seeds, one value per seed) from the summaries, in
+    the columns of `combined_table`. Several teachers (an ensemble) get one row each, by name."""
+    per_seed: dict[str, dict[int, dict]] = {"teacher": {}}
     for run in runs:
         models = run.summary.get("models", {})
+        teachers = [key for key in models if key.startswith("teacher")]
         for key, row in models.items():
-            name = "teacher" if key.startswith("teacher") else key
-            if name in per_seed and run.seed is not None:
-                per_seed[name].setdefault(run.seed, row)
+            name = ("teacher" if len(teachers) == 1 else key) if key.startswith("teacher") else key
+            if (name.startswith("teacher") or name == "student (CE only)") and run.seed is not None:
+                per_seed.setdefault(name, {}).setdefault(run.seed, row)
+    per_seed["student (CE only)"] = per_seed.pop("student (CE only)", {})  # last row
+    base = per_seed["student (CE only)"]
     rows = []
     for name, by_seed in per_seed.items():
         if not by_seed:
             continue
-        cells = []
-        for key, spec in (("loss", ".4f"), ("ppl", ".3f"), ("teacher_agreement", ".3f"), ("ece", ".4f")):
-            vals = [float(r[key]) for r in by_seed.values() if r.get(key) is not None]
+        seeds = sorted(by_seed)
+        deltas = {seed: float(by_seed[seed]["loss"]) - float(base[seed]["loss"]) for seed in seeds if seed in base}
+        cells = [_mean_std([float(by_seed[seed]["loss"]) for seed in seeds], ".4f"),
+                 _mean_std(list(deltas.values()), "+.4f"), _per_seed(deltas, "+.4f")]
+        for key, spec in metrics:
+            vals = [float(by_seed[seed][key]) for seed in seeds if by_seed[seed].get(key) is not None]
             cells.append(_mean_std(vals, spec))
-        base = per_seed["student (CE only)"]
-        delta = _mean_std([float(r["loss"]) - float(base[seed]["loss"]) for seed, r in by_seed.items() if seed in base], "+.4f")
-        rows.append([f"*{name}*", ",".join(map(str, sorted(by_seed))), cells[0], delta, *cells[1:], "–"])
+        rows.append([f"*{name}*", ",".join(map(str, seeds)), *cells, "–"])
     return rows
 
 
@@ -149,7 +241,15 @@ def _mean_std(vals: list[float], spec: str) -> str:
     return f"{fmt(mean, spec)} ± {fmt(std, spec.lstrip('+'))}"
 
 
+def _per_seed(by_seed: dict[int, float], spec: str) -> str:
+    """`v0 / v1 / v2` in seed order."""
+    return " / ".join(fmt(by_seed[seed], spec) for seed in sorted(by_seed)) or "–"
+
+
 def combined_table(out: Path, arms: list[str]) -> str:
+    """Per arm: one row per method (mean ± std over seeds, the paired difference to the same seed's
+    CE-only student, mean ± std and per seed) plus the teacher and CE-only reference rows. Classifier
+    runs (digits) get an accuracy column and their throughput is in samples/s."""
     parts = []
     for arm in arms:
         root = out / arm
@@ -161,22 +261,37 @@ def combined_table(out: Path, arms: list[str]) -> str:
         except ReportError as err:
             parts.append(f"### {arm}\n\nno results: {err}\n")
             continue
+        classifier = any(run.summary.get("task") not in (None, "causal_lm") for run in runs)
+        metrics = [("accuracy", ".4f")] if classifier else []
+        metrics += [("ppl", ".3f"), ("teacher_agreement", ".3f"), ("ece", ".4f")]
         # the test split is drawn per seed, so seed-to-seed spread of the loss is mostly the split;
         # the paired difference to the same seed's CE-only student removes it
-        deltas: dict[str, list[float]] = {}
+        deltas: dict[str, dict[int, float]] = {}
+        extra: dict[str, dict[str, list[float]]] = {}
         for run in runs:
             if run.values.get("loss") is not None and run.values.get("baseline_loss") is not None:
-                deltas.setdefault(run.method, []).append(run.values["loss"] - run.values["baseline_loss"])
-        rows = [[f"`{r['method']}`", ",".join(map(str, r["seeds"])),
-                 *(fmt(r[k][0], s) + ("" if math.isnan(r[k][1]) else " ± " + fmt(r[k][1], s))
-                   for k, s in (("loss", ".4f"),)),
-                 _mean_std(deltas.get(r["method"], []), "+.4f"),
-                 *(fmt(r[k][0], s) + ("" if math.isnan(r[k][1]) else " ± " + fmt(r[k][1], s))
-                   for k, s in (("ppl", ".3f"), ("teacher_agreement", ".3f"), ("ece", ".4f"),
-                                ("tokens_per_second", ",.0f")))] for r in aggregate(runs)]
-        rows += reference_rows(runs)
-        header = ["method", "seeds", "held-out loss", "Δ loss vs CE-only (paired)", "perplexity", "teacher agreement",
-                  "ECE", "tokens/s"]
+                deltas.setdefault(run.method, {})[run.seed] = run.values["loss"] - run.values["baseline_loss"]
+            student = student_metrics(run.summary, run.path)
+            for key in ("accuracy",):
+                if student.get(key) is not None:
+                    extra.setdefault(run.method, {}).setdefault(key, []).append(float(student[key]))
+        rows = []
+        for r in aggregate(runs):
+            by_seed = deltas.get(r["method"], {})
+            cells = [_mean_std(list(by_seed.values()), "+.4f"), _per_seed(by_seed, "+.4f")]
+            for key, spec in metrics:
+                if key in r:
+                    cells.append(fmt(r[key][0], spec) + ("" if math.isnan(r[key][1]) else " ± " + fmt(r[key][1], spec)))
+                else:
+                    cells.append(_mean_std(extra.get(r["method"], {}).get(key, []), spec))
+            speed = fmt(r["tokens_per_second"][0], ",.0f") + (
+                "" if math.isnan(r["tokens_per_second"][1]) else " ± " + fmt(r["tokens_per_second"][1], ",.0f"))
+            loss = fmt(r["loss"][0], ".4f") + ("" if math.isnan(r["loss"][1]) else " ± " + fmt(r["loss"][1], ".4f"))
+            rows.append([f"`{r['method']}`", ",".join(map(str, r["seeds"])), loss, *cells, speed])
+        rows += reference_rows(runs, metrics)
+        names = {"accuracy": "accuracy", "ppl": "perplexity", "teacher_agreement": "teacher agreement", "ece": "ECE"}
+        header = ["method", "seeds", "held-out loss", "Δ loss vs CE-only (paired)", "Δ per seed",
+                  *(names[k] for k, _ in metrics), "samples/s" if classifier else "tokens/s"]
         text = f"### {arm}\n\n" + markdown_table(header, rows) + "\n"
         if unfinished:
             text += "\nunfinished (no summary.json): " + ", ".join(str(p.relative_to(root)) for p in unfinished) + "\n"
@@ -190,8 +305,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out = str(Path(args.out or ROOT / "outputs" / "methods" / stamp).resolve())
     args.cache_dir = str(Path(args.cache_dir or Path(args.out) / "cache").resolve())
     if args.report_only:
-        text = combined_table(Path(args.out), args.arms.split(","))
-        (Path(args.out) / "methods.md").write_text(text)
+        text = combined_table(arms_root(args), args.arms.split(","))
+        (arms_root(args) / "methods.md").write_text(text)
         print(text)
         return
     todo = commands(args, extra)
@@ -215,11 +330,19 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[{rc}] {seconds:7.1f} s  {sweep_dir}", flush=True)
     total = time.perf_counter() - start
     arms = args.arms.split(",")
-    text = combined_table(Path(args.out), arms)
-    (Path(args.out) / "methods.md").write_text(text)
-    (Path(args.out) / "timings.json").write_text(json.dumps({"total_seconds": round(total, 1), "multiruns": timings}, indent=2))
+    text = combined_table(arms_root(args), arms)
+    (arms_root(args) / "methods.md").write_text(text)
+    # several invocations into the same --out (e.g. one per --arms) add to one timings.json
+    timings_file = arms_root(args) / "timings.json"
+    previous = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
+    earlier = previous.get("invocations") or ([{"arms": None, "seconds": previous["total_seconds"]}]
+                                              if "total_seconds" in previous else [])
+    invocations = earlier + [{"arms": arms, "seconds": round(total, 1)}]
+    timings_file.write_text(json.dumps({"total_seconds": round(sum(i["seconds"] for i in invocations), 1),
+                                        "invocations": invocations,
+                                        "multiruns": {**previous.get("multiruns", {}), **timings}}, indent=2))
     print(text)
-    print(f"total wall time {total:.0f} s; tables in {args.out}/methods.md and {args.out}/<arm>/results.md")
+    print(f"total wall time {total:.0f} s; tables in {arms_root(args)}/methods.md and {arms_root(args)}/<arm>/results.md")
 
 
 if __name__ == "__main__":
