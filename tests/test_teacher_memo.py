@@ -123,7 +123,7 @@ def test_max_gb_stops_storing_but_keeps_reading(tmp_path: Path, caplog):
 def test_second_run_of_a_sweep_reads_the_teacher_outputs(make_cfg, tmp_path: Path):
     """Two runs with the same teacher and data and different losses: the second never runs the
     teacher on training or evaluation batches, and its summary says how much time it saved."""
-    common = ("teacher_outputs.reuse=true", "baseline=false")
+    common = ("teacher_outputs.reuse=true", "baseline=false", f"teacher_outputs.dir={tmp_path / 'store'}")
     first = run(make_cfg(*common, "loss=kl", output_dir=tmp_path / "a"))
     second = run(make_cfg(*common, "loss=reverse_kl", output_dir=tmp_path / "b"))
     a, b = first["teacher_outputs"], second["teacher_outputs"]
