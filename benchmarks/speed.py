@@ -199,8 +199,8 @@ def kd_pieces(kd: Any, teacher: torch.nn.Module, batch: dict[str, torch.Tensor],
     times = interleaved_times(fns, max(args.repeats, 30), args.warmup, args.device, args.clock)
     med = {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
     print(f"pieces on [{int(mask.sum())} positions, {t_logits.shape[-1]} classes], median ms:")
-    print(f"  loss={kd.loss_fn.func.__name__ if hasattr(kd.loss_fn, 'func') else getattr(kd.loss_fn, '__name__', 'loss')} "
-          f"forward + backward        {med['loss_fwd_bwd']:7.2f}")
+    name = getattr(getattr(kd.loss_fn, "func", kd.loss_fn), "__name__", "loss")  # a partial or a function
+    print(f"  loss={name} forward + backward        {med['loss_fwd_bwd']:7.2f}")
     print(f"  log_softmax + F.kl_div(log_target) f+b  {med['kl_div_fwd_bwd']:7.2f}   (reference, no zero-probability guard)")
     print(f"  teacher token CE (last_step statistics) {med['teacher_token_ce']:7.2f}")
     return {f"piece_{k}_ms": v for k, v in med.items()}

@@ -26,7 +26,7 @@ from kd_lightning.evaluate import evaluate, print_summary
 from kd_lightning.models import count_parameters, output_size, save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.stages import build_model, make_trainer, obtain_baseline, obtain_teacher
-from kd_lightning.teachers.memo import memoize_teachers, reuse_summary
+from kd_lightning.teachers.memo import flush_stores, memoize_teachers, reuse_summary
 
 log = logging.getLogger("kd_lightning")
 
@@ -194,7 +194,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     except SIGTERMException as interrupted:  # checkpoint already written by CheckpointOnSigterm
         raise SystemExit(128 + signal.SIGTERM) from interrupted
     finally:
-        reuse_summary(teachers)  # stored teacher outputs are written even when the run stops early
+        flush_stores(teachers)  # stored teacher outputs are written even when the run stops early
 
     baseline = obtain_baseline(cfg, datamodule)[0] if cfg.baseline else None
     if not trainer.is_global_zero:

@@ -23,11 +23,12 @@ def bench(script: str, *args: str, timeout: int = 300) -> str:
 
 
 def test_speed_quick_prints_the_ratio():
-    out = bench("speed.py", "--quick", "--repeats", "3", "--warmup", "1")
+    out = bench("speed.py", "--quick", "--repeats", "3", "--warmup", "1", "--pieces")
     ratio_line = next(line for line in out.splitlines() if line.startswith("ratio (a) / ((b) + (c))"))
     ratio = float(ratio_line.split(":")[1].split()[0])
     assert 0.5 < ratio < 3.0, ratio_line
     assert "tokens/s" in out
+    assert "loss=forward_kl forward + backward" in out and "teacher token CE" in out  # --pieces
 
 
 def test_cached_kd_quick_prints_the_ratio():

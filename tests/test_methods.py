@@ -171,3 +171,10 @@ def test_combined_table_lists_every_teacher_of_an_ensemble(tmp_path: Path) -> No
     text = methods.combined_table(tmp_path, ["multi_teacher"])
     assert row(text, "*teacher:wide*")[2] == "0.1000 ± 0.0000" and row(text, "*teacher:narrow*")[3] == "-0.3000 ± 0.0000"
     assert "| *teacher* |" not in text and text.strip().splitlines()[-1].startswith("| *student (CE only)* |")
+
+
+def test_teacher_outputs_are_reused_by_default_and_no_reuse_turns_it_off(tmp_path: Path) -> None:
+    default = [hydra_args(argv) for _, _, argv in planned(tmp_path, "--arms", "losses")]
+    off = [hydra_args(argv) for _, _, argv in planned(tmp_path, "--arms", "losses", "--no-reuse")]
+    assert all("teacher_outputs.reuse=true" in a for a in default)
+    assert not any("teacher_outputs.reuse=true" in a for a in off)

@@ -201,3 +201,19 @@ def test_store_directory_separates_teachers_precisions_and_formats(make_cfg):
     for override in ("strategy=bf16", "teacher_outputs.dtype=float16", "teacher_outputs.topk=8"):
         other = make_cfg("teacher_outputs.reuse=true", override)
         assert store_directory(other, other.teacher, teacher) != base, override
+
+
+def test_topk_and_flush_rows_reach_the_store_from_the_config(make_cfg, tmp_path: Path):
+    """`teacher_outputs.topk` and `.flush_rows` from the command line shape what is written, and a
+    second run reads the top-k store without running the teacher."""
+    from safetensors import safe_open
+
+    opts = ("teacher_outputs.reuse=true", "teacher_outputs.topk=8", "teacher_outputs.flush_rows=16", "baseline=false",
+            f"teacher_outputs.dir={tmp_path / 'store'}")
+    first = run(make_cfg(*opts, output_dir=tmp_path / "a"))["teacher_outputs"]
+    parts = sorted((tmp_path / "store").rglob("part-*.safetensors"))
+    assert len(parts) >= 2  # 6 steps x 8 rows + evaluation rows, flushed every 16
+    with safe_open(str(parts[0]), framework="pt") as f:
+        assert set(f.keys()) == {"keys", "values", "ids"} and f.get_tensor("values").shape[-1] == 8
+    second = run(make_cfg(*opts, "loss=js", output_dir=tmp_path / "b"))["teacher_outputs"]
+    assert second["computed_rows"] == 0 and second["hit_rows"] >= first["stored_rows"] > 0

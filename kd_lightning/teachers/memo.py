@@ -48,12 +48,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from kd_lightning.cache import cache_root, config_key
+from kd_lightning.models import output_size
+from kd_lightning.teachers.cached import weights_hash
 
 log = logging.getLogger("kd_lightning")
 
@@ -260,10 +263,6 @@ class MemoizedTeacher(nn.Module):
 
 def store_directory(cfg: Any, teacher_cfg: Any, teacher: nn.Module) -> Path:
     """`<teacher_outputs.dir or paths.cache_dir/teacher_outputs>/<name>-<hash of config, weights, format>`."""
-    from omegaconf import OmegaConf
-
-    from kd_lightning.teachers.cached import weights_hash
-
     opts = cfg.teacher_outputs
     root = Path(os.path.expanduser(str(opts.dir))) if opts.get("dir") else cache_root(cfg.paths.cache_dir) / "teacher_outputs"
     # precision and accelerator change the teacher's numbers (bf16 autocast, GPU kernels): separate stores
@@ -298,8 +297,6 @@ def memoize_teachers(cfg: Any, teacher_cfgs: list[Any], teachers: dict[str, nn.M
     opts = cfg.get("teacher_outputs")
     if opts is None or not opts.get("reuse", False):
         return teachers
-    from kd_lightning.models import output_size
-
     out = dict(teachers)
     for teacher_cfg in teacher_cfgs:
         name = str(teacher_cfg.name)
@@ -316,14 +313,21 @@ def memoize_teachers(cfg: Any, teacher_cfgs: list[Any], teachers: dict[str, nn.M
     return out
 
 
+def flush_stores(teachers: dict[str, nn.Module]) -> None:
+    """Write every memoized teacher's buffered outputs (also when a run stops early)."""
+    for teacher in teachers.values():
+        if isinstance(teacher, MemoizedTeacher):
+            teacher.store.flush()
+
+
 def reuse_summary(teachers: dict[str, nn.Module]) -> dict[str, Any] | None:
     """Flush every store and sum their statistics (None when nothing was memoized)."""
     stores = [t.store for t in teachers.values() if isinstance(t, MemoizedTeacher)]
     if not stores:
         return None
+    flush_stores(teachers)
     total: dict[str, Any] = {}
     for store in stores:
-        store.flush()
         for key, value in store.stats.items():
             total[key] = total.get(key, 0) + value
     total = {k: round(v, 3) if isinstance(v, float) else v for k, v in total.items()}
@@ -331,4 +335,5 @@ def reuse_summary(teachers: dict[str, nn.Module]) -> dict[str, Any] | None:
     return total
 
 
-__all__ = ["MemoizedTeacher", "TeacherOutputStore", "memoize_teachers", "reuse_summary", "row_keys", "why_not_reusable"]
+__all__ = ["MemoizedTeacher", "TeacherOutputStore", "flush_stores", "memoize_teachers", "reuse_summary", "row_keys",
+           "why_not_reusable"]
