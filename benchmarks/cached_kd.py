@@ -5,7 +5,7 @@ tiny student built from conf/), times
 
   (a) a training step with cached sparse targets (`teacher=cached loss=sparse_kl`): the targets
       looked up by sample index in the in-memory table read from a safetensors shard
-      (`kd_lightning.teachers.cached.CachedTeacher`), student forward, CE + `sparse_kl`, backward,
+      (`kd_lightning.teachers.teacher_cache.CachedTeacher`), student forward, CE + `sparse_kl`, backward,
       optimizer step (`DistillationModule._step`, as `kd_lightning.train` builds it);
   (b) the student's CE-only training step (the no-KD baseline's code path), backward, optimizer step;
 
@@ -37,7 +37,7 @@ from speed import (benchmark_args, build_ce_module, compose_config, first_batch,
 def cached_teacher(cfg, batch: dict[str, torch.Tensor], directory: Path):
     """A `CachedTeacher` over one shard holding the batch's samples (indices renumbered 0..B-1)."""
     from kd_lightning.stages import build_model
-    from kd_lightning.teachers.cached import FORMAT_VERSION, CachedTeacher, batch_targets, method_params
+    from kd_lightning.teachers.teacher_cache import FORMAT_VERSION, CachedTeacher, batch_targets, method_params
 
     teacher = build_model(cfg.teacher.model, lm_vocabulary(), int(cfg.seed)).eval()
     with torch.no_grad():

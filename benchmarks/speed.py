@@ -96,7 +96,7 @@ def hydra_optimizer(cfg: Any, params: list[torch.nn.Parameter]) -> torch.optim.O
 def training_step(module: Any, batch: dict[str, torch.Tensor]) -> None:
     """One optimisation step as Lightning's automatic optimisation runs it (minus the loop)."""
     module.bench_optimizer.zero_grad(set_to_none=True)
-    module._step(batch).backward()
+    module.training_step(batch, 0).backward()
     module.bench_optimizer.step()
 
 

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassCalibrationError
 
+from kd_lightning.tasks import Task, task_named
+
 ECE_BINS = 15
 
 
@@ -17,13 +19,14 @@ ECE_BINS = 15
 def evaluate(
     model: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
-    task: str,
+    task: Task | str,
     reference: nn.Module | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
     """Token-mean CE (nats), perplexity, top-1 accuracy and expected calibration error (top-1,
     15 equal-width confidence bins, L1: Guo et al. 2017, "On Calibration of Modern Neural Networks")
     of `model` on `batches`; with a `reference` model (the teacher) also the top-1 agreement."""
+    task = task_named(task) if isinstance(task, str) else task
     was_training = model.training
     model.eval().to(device)
     if reference is not None:
@@ -33,7 +36,7 @@ def evaluate(
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         logits, labels = _aligned_logits(model, batch, task)
-        mask = labels != -100
+        mask = task.mask(labels)
         if not mask.any():
             continue
         logits, labels = logits[mask].float(), labels[mask]
@@ -60,21 +63,8 @@ def evaluate(
     return result
 
 
-def _aligned_logits(model: nn.Module, batch: dict[str, torch.Tensor], task: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if task == "classification":
-        return model(batch["inputs"]), batch["labels"]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-    return logits[:, :-1], batch["labels"][:, 1:]
-
-
-def format_summary(rows: dict[str, dict[str, float]], task: str, student_dir: str) -> str:
-    """A plain-text table (rendered with rich when printed by `print_summary`)."""
-    unit = "loss (nats/token)" if task == "causal_lm" else "loss (nats)"
-    lines = [f"{'model':<22}{'params':>12}{unit:>20}{'ppl':>10}{'accuracy':>10}"]
-    for name, r in rows.items():
-        lines.append(f"{name:<22}{int(r.get('params', 0)):>12,}{r['loss']:>20.4f}{r['ppl']:>10.3f}{r['accuracy']:>10.4f}")
-    lines.append(f"student saved to: {student_dir}")
-    return "\n".join(lines)
+def _aligned_logits(model: nn.Module, batch: dict[str, torch.Tensor], task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    return task.align(task.logits(model, batch), batch["labels"])
 
 
 def print_summary(rows: dict[str, dict[str, float]], task: str, student_dir: str, title: str) -> None:

@@ -22,7 +22,7 @@ knowledge augmentation) is run M times per step; `teacher_logits` then holds M e
 is the mean divergence over the draws; with "mixture" it is the divergence to their average.
 
 Class attributes a callback declares when it changes what the teacher computes (read by
-`kd_lightning.teachers.memo`, which then runs the teacher every step instead of reusing stored
+`kd_lightning.teachers.teacher_outputs`, which then runs the teacher every step instead of reusing stored
 outputs, `teacher_outputs.reuse`): `modifies_teacher = True` (it trains part of a teacher, SAR) and
 `generates_inputs = True` (it feeds the teacher sequences that are not in the dataset, on-policy
 generation and DistiLLM replay). A teacher module whose every pass is a new draw declares
@@ -30,18 +30,22 @@ generation and DistiLLM replay). A teacher module whose every pass is a new draw
 
 Attributes a callback may read:
 - `student: nn.Module`, `teachers: nn.ModuleDict` (frozen; a callback that trains part of a teacher,
-  like SAR's router, owns those parameters and their optimizer).
+  like SAR's router, owns those parameters and their optimizer, and declares them with
+  `train_teacher_parameters`).
 - `last_step: dict[str, Tensor]` — detached statistics of the last training batch: `student_ce`
   (scalar), `teacher_ce` [K], `kd_loss` (scalar), `token_count` (scalar), `student_token_ce` [N] and
   `teacher_token_ce` [K, N] over the counted positions, `teacher_weights` [K] (batch mean).
-- `task: str` — "causal_lm" or "classification".
+- `task: str` — "causal_lm" or "classification"; `adapter` — its `kd_lightning.tasks` adapter
+  (logits, alignment, label mask, `IGNORE_INDEX`).
 
 Methods:
 - `student_logits(batch) -> Tensor` and `teacher_logits(batch) -> dict[str, Tensor]` (no grad),
   both unshifted model outputs.
 - `align(logits, labels) -> (logits, labels)` — the causal shift for LMs, identity for classifiers.
+- `train_teacher_parameters(teacher_name, parameters)` — a callback that trains part of a frozen
+  teacher (SAR) declares those parameters: they get gradients and are kept in checkpoints.
 
-Batches are dicts (LM: `input_ids`, `attention_mask`, `labels` with -100 = ignored, `prompt_lengths`,
+Batches are dicts (LM: `input_ids`, `attention_mask`, `labels` with -100 (`IGNORE_INDEX`) = ignored, `prompt_lengths`,
 and `index`, the training sample's position in the dataset, used by offline teacher targets); a
 callback may replace entries in place in `on_train_batch_start` (on-policy generation swaps
 `input_ids`/`labels`/`attention_mask`).
@@ -74,11 +78,13 @@ class DistillationHost(Protocol):
 
     def align(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def train_teacher_parameters(self, teacher_name: str, parameters: Any) -> None: ...
+
 
 def require_distillation_module(module: Any, callback: object) -> DistillationHost:
     """Fail clearly when a callback is attached to a module that does not offer the interface."""
     missing = [name for name in DistillationHost.__annotations__ if not hasattr(module, name)]
-    missing += [m for m in ("student_logits", "teacher_logits", "align") if not hasattr(module, m)]
+    missing += [m for m in ("student_logits", "teacher_logits", "align", "train_teacher_parameters") if not hasattr(module, m)]
     if missing:
         raise TypeError(
             f"{type(callback).__name__} needs a kd_lightning DistillationModule; "

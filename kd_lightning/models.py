@@ -8,13 +8,43 @@ configs stay independent of the dataset config; `kd_lightning.train` passes them
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
+from kd_lightning.tasks import CausalLM, Classification
 
+Builder = TypeVar("Builder", bound=Callable[..., Any])
+
+
+def builds(task: str) -> Callable[[Builder], Builder]:
+    """Mark a builder with the task its models serve (read by `kd_lightning.config.check_config`,
+    which thereby refuses a classifier student on text data before anything is built)."""
+
+    def mark(builder: Builder) -> Builder:
+        builder.task = task  # type: ignore[attr-defined]
+        return builder
+
+    return mark
+
+
+@contextmanager
+def seeded_init(seed: int | None) -> Iterator[None]:
+    """Model weights initialised inside are a function of `seed` alone, and the global RNG stream is
+    left as it was: building a model never reseeds the run (CPU generator; models are built there)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@builds(CausalLM.name)
 def build_causal_lm(
     config: Any,
     *,
@@ -36,14 +66,14 @@ def build_causal_lm(
             value = getattr(tokenizer, key, None)
             if value is not None:
                 setattr(config, key, value)
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    with seeded_init(seed):
+        model = AutoModelForCausalLM.from_config(config)
     if torch_dtype is not None:
         model = model.to(getattr(torch, torch_dtype))
     return model
 
 
+@builds(CausalLM.name)
 def from_pretrained(
     pretrained: str,
     *,
@@ -65,6 +95,11 @@ def from_pretrained(
 
     if not pretrained or pretrained == "???":
         raise ValueError("student/teacher `pretrained=` must name a local directory or hub id")
+    if torch.get_default_device().type == "meta":  # shapes only (parameter counts): no weights read
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code, revision=revision)
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     dtype = getattr(torch, torch_dtype) if torch_dtype else None
     return AutoModelForCausalLM.from_pretrained(
         pretrained,
@@ -95,6 +130,7 @@ class MLPClassifier(nn.Module):
         return self.net(inputs)
 
 
+@builds(Classification.name)
 def build_mlp(
     hidden_sizes: list[int],
     *,
@@ -104,9 +140,8 @@ def build_mlp(
     seed: int | None = None,
     **_: Any,
 ) -> MLPClassifier:
-    if seed is not None:
-        torch.manual_seed(seed)
-    return MLPClassifier(num_features, num_classes, list(hidden_sizes), dropout)
+    with seeded_init(seed):
+        return MLPClassifier(num_features, num_classes, list(hidden_sizes), dropout)
 
 
 def output_size(model: nn.Module) -> int:
@@ -121,10 +156,6 @@ def output_size(model: nn.Module) -> int:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def is_causal_lm(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model, "generate")
 
 
 def save_model(model: nn.Module, directory: str | Path, tokenizer: Any = None) -> Path:
@@ -153,7 +184,8 @@ def load_model(directory: str | Path) -> nn.Module:
 
         config = json.loads((directory / "mlp_config.json").read_text())
         model = MLPClassifier(config["num_features"], config["num_classes"], config["hidden_sizes"])
-        model.load_state_dict(load_file(str(directory / "model.safetensors")))
+        if torch.get_default_device().type != "meta":  # on meta: shapes only, no weights read
+            model.load_state_dict(load_file(str(directory / "model.safetensors")))
         return model
     from transformers import AutoModelForCausalLM
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
@@ -21,12 +21,11 @@ from lightning import LightningModule
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics import MeanMetric
+from typing_extensions import override
 
 from kd_lightning.interface import TeacherWeightFn
-from kd_lightning.lean import chunked_token_ce, hidden_and_head
-from kd_lightning.losses.common import all_finite
-from kd_lightning.losses.chunked import chunked_distill_loss
-from kd_lightning.losses.sparse import sparse_kl
+from kd_lightning.kd_paths import StepTerms, choose_path
+from kd_lightning.tasks import task_of_model
 
 LossFn = Callable[..., Tensor]
 
@@ -108,7 +107,15 @@ class DistillationModule(LightningModule):
         self.teacher_combine = teacher_combine
         self.chunk_size = chunk_size
         self.save_teachers = save_teachers
-        self.task = "classification" if not hasattr(student, "generate") else "causal_lm"
+        self.adapter = task_of_model(student)
+        self.task = self.adapter.name
+        # How a step gets its KD term: decided once, here.
+        self.kd_path = choose_path(has_teachers=bool(self.teachers), sparse=self.sparse_teacher_name is not None,
+                                   chunk_size=chunk_size, causal_lm=self.task == "causal_lm",
+                                   combine=teacher_combine, nonfinite=nonfinite_teacher)
+        # Teacher parameters a callback trains (SAR's routers): kept in checkpoints, see
+        # `train_teacher_parameters`.
+        self.trainable_teacher_keys: set[str] = set()
         k = max(len(self.teachers), 1)
         weights = torch.full((k,), 1.0 / k) if teacher_weights is None else torch.tensor(teacher_weights, dtype=torch.float32)
         if weights.numel() != k or (weights < 0).any() or weights.sum() <= 0:
@@ -117,7 +124,6 @@ class DistillationModule(LightningModule):
         self.teacher_weight_fn: TeacherWeightFn | None = None
         self.loss_params: dict[str, Any] = {}
         self.last_step: dict[str, Tensor] = {}
-        self.extra_trainable = nn.ModuleDict()  # e.g. feature projections owned by a loss
         self.save_hyperparameters(
             {"kd_weight": kd_weight, "ce_weight": ce_weight, "kd_temperature": kd_temperature,
              "teacher_names": list(self.teachers), "teacher_combine": teacher_combine, "chunk_size": chunk_size}
@@ -132,6 +138,7 @@ class DistillationModule(LightningModule):
         return self.teachers[self.sparse_teacher_name] if self.sparse_teacher_name else None
 
     # ------------------------------------------------------------------ forward passes
+    @override
     def train(self, mode: bool = True) -> "DistillationModule":
         super().train(mode)
         for teacher in self.teachers.values():
@@ -139,7 +146,7 @@ class DistillationModule(LightningModule):
         return self
 
     def student_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        return self._logits(self.student, batch)
+        return self.adapter.logits(self.student, batch)
 
     @torch.no_grad()
     def teacher_logits(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -150,7 +157,7 @@ class DistillationModule(LightningModule):
         for name, teacher in self.teachers.items():
             draws = int(getattr(teacher, "num_samples", 1))
             for r in range(draws):
-                out[name if draws == 1 else f"{name}/sample{r}"] = self._logits(teacher, batch)
+                out[name if draws == 1 else f"{name}/sample{r}"] = self.adapter.logits(teacher, batch)
         return out
 
     def expand_teacher_weights(self, weights: Tensor) -> Tensor:
@@ -162,137 +169,55 @@ class DistillationModule(LightningModule):
         repeats = torch.tensor(draws, device=weights.device)
         return torch.repeat_interleave(weights / repeats.to(weights.dtype), repeats, dim=-1)
 
-    def _logits(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        if self.task == "classification":
-            return model(batch["inputs"])
-        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
-
     def align(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Logits at position t predict token t+1 in a causal LM; classifiers are already aligned."""
-        if self.task == "classification":
-            return logits, labels
-        return logits[:, :-1], labels[:, 1:]
+        return self.adapter.align(logits, labels)
 
-    # ------------------------------------------------------------------ losses
-    def _weights_for(self, teacher_logits: dict[str, Tensor], student: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
-        if self.teacher_weight_fn is None:
-            weights = self.teacher_weights.to(student.device)
-        else:
-            weights = self.teacher_weight_fn(teacher_logits, student, labels, mask)
-            weights = weights.to(device=student.device, dtype=torch.float32).detach()
-        return weights if weights.shape[-1] == len(teacher_logits) else self.expand_teacher_weights(weights)
-
-    def kd_term(self, student: Tensor, teachers: dict[str, Tensor], labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """The divergence between aligned student logits and the (weighted) teachers. Returns
-        (kd loss without T^2, batch-mean teacher weights [K])."""
-        assert self.loss_fn is not None
-        T = self.kd_temperature
-        weights = self._weights_for(teachers, student, labels, mask)  # [K] or [B, K]
-        params = dict(self.loss_params)
-        logits = list(teachers.values())
-        if len(logits) == 1:
-            return self.loss_fn(student, logits[0], mask, temperature=T, **params), weights.reshape(-1, 1).mean(-1)
-        stacked = torch.stack([t.float() for t in logits], dim=-2)  # [..., K, V]
-        per_position_w = weights.view(weights.shape[0], *([1] * (student.dim() - 2)), -1) if weights.dim() == 2 else weights
-        per_position_w = per_position_w.expand(*student.shape[:-1], len(logits))  # [..., K]
-        if self.teacher_combine == "mixture":
-            # Mixture of teacher distributions at temperature T, handed to the loss as logits
-            # T * log(p_mix) so that the loss's own division by T recovers log(p_mix).
-            log_p = torch.log_softmax(stacked / T, dim=-1) + torch.log(per_position_w.clamp_min(1e-30)).unsqueeze(-1)
-            mixture_logits = T * torch.logsumexp(log_p, dim=-2)
-            kd = self.loss_fn(student, mixture_logits, mask, temperature=T, **params)
-        else:
-            kd = student.new_zeros(())
-            count = mask.sum().clamp_min(1)
-            for k, teacher in enumerate(logits):
-                per_pos = self.loss_fn(student, teacher, mask, temperature=T, reduction="none", **params)
-                kd = kd + (per_pos * per_position_w[..., k] * mask).sum() / count
-        batch_w = weights if weights.dim() == 1 else weights.mean(0)
-        return kd, batch_w
-
-    def _chunked_terms(self, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The `loss.chunk_size` path: (student token CE, KD term, teacher token CE [1, M], weights)."""
-        if len(self.teachers) != 1 or self.teacher_weight_fn is not None:
-            raise ValueError("loss.chunk_size supports exactly one teacher without a weighting callback")
-        hidden, head = hidden_and_head(self.student, batch)
-        rows, targets = hidden[:, :-1][mask], labels[mask]
-        token_ce = chunked_token_ce(rows, head, targets, self.chunk_size)
-        teacher = next(iter(self.teachers.values()))
-        with torch.no_grad():
-            t_hidden, t_head = hidden_and_head(teacher, batch)
-            t_rows = t_hidden[:, :-1][mask]
-            teacher_token_ce = chunked_token_ce(t_rows, t_head, targets, self.chunk_size).unsqueeze(0)
-        kd = chunked_distill_loss(rows, head.weight, t_rows, t_head.weight, None, self.loss_fn,
-                                  chunk_size=self.chunk_size, temperature=self.kd_temperature,
-                                  student_head_bias=head.bias, teacher_head_bias=t_head.bias, **self.loss_params)
-        return token_ce, kd, teacher_token_ce, self.teacher_weights.to(kd.device)
-
-    def _dense_terms(self, batch: dict[str, Tensor], student: Tensor, labels: Tensor,
-                     mask: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]] | None:
-        """KD term from full teacher logits: (kd, batch-mean weights, teacher token CE [K, M],
-        aligned teacher logits), or None when the batch is skipped for non-finite teacher logits."""
-        teachers = {n: self.align(t, batch["labels"])[0] for n, t in self.teacher_logits(batch).items()}
-        counted = {n: t[mask] for n, t in teachers.items()}
-        # One reduction in the common case; -inf (a token the teacher rules out) is legitimate.
-        bad = [n for n, t in counted.items() if not all_finite(t) and bool((torch.isnan(t) | torch.isposinf(t)).any())]
-        if bad:
-            message = f"step {self.global_step}: teacher(s) {bad} produced NaN/+inf logits"
-            if self.nonfinite_teacher == "error":
-                raise FloatingPointError(message + " (distill.nonfinite_teacher=skip skips such batches)")
-            warnings.warn(message + "; skipping this batch")
-            return None
-        kd, batch_w = self.kd_term(student, teachers, labels, mask)
-        targets = labels[mask]
-        teacher_token_ce = torch.stack([F.cross_entropy(t.float(), targets, reduction="none") for t in counted.values()])
-        return kd, batch_w, teacher_token_ce, teachers
-
+    # ------------------------------------------------------------------ the step
     def _step(self, batch: dict[str, Tensor]) -> Tensor | None:
-        labels = batch["labels"] if self.task == "classification" else batch["labels"][:, 1:]
-        mask = labels != -100
+        """loss = kd_weight · T² · KD + ce_weight · CE over the batch's counted positions."""
+        labels = self.adapter.labels(batch)
+        mask = self.adapter.mask(labels)
         count = mask.sum()
         if count == 0:
-            warnings.warn(f"step {self.global_step}: every label is masked (-100); loss is 0 for this batch")
-        if self.chunk_size and self.task == "causal_lm" and self.teachers and self.sparse_teacher is None:
-            token_ce, kd, teacher_token_ce, batch_w = self._chunked_terms(batch, labels, mask)
-            teachers: dict[str, Tensor] = dict(self.teachers)  # names only, for logging
-        else:
-            student, _ = self.align(self.student_logits(batch), batch["labels"])
-            token_ce = F.cross_entropy(student[mask].float(), labels[mask], reduction="none")
-        ce = token_ce.sum() / count.clamp_min(1)
-        stats: dict[str, Tensor] = {"student_ce": ce.detach(), "token_count": count.detach(),
-                                    "student_token_ce": token_ce.detach()}
+            warnings.warn(f"step {self.global_step}: every label is masked; loss is 0 for this batch")
+        terms = self.kd_path(self, batch, labels, mask)
+        if terms is None:  # skipped (non-finite teacher logits, distill.nonfinite_teacher=skip)
+            return None
+        ce = terms.student_token_ce.sum() / count.clamp_min(1)
         loss = self.ce_weight * ce
-        if self.teachers:
-            if self.sparse_teacher is not None:  # offline targets, stored for the aligned positions
-                kd = sparse_kl(student, self.sparse_teacher.targets(batch), mask, temperature=self.kd_temperature)
-                batch_w, teacher_token_ce, teachers = self.teacher_weights.to(kd.device), None, dict(self.teachers)
-            elif not self.chunk_size or self.task != "causal_lm":
-                dense = self._dense_terms(batch, student, labels, mask)
-                if dense is None:
-                    return None
-                kd, batch_w, teacher_token_ce, teachers = dense
-            loss = loss + self.kd_weight * self.kd_temperature**2 * kd
-            stats.update(kd_loss=kd.detach(), teacher_weights=batch_w.detach())
-            if teacher_token_ce is not None:  # no teacher CE statistics from sparse targets
-                stats.update(teacher_token_ce=teacher_token_ce,
-                             teacher_ce=teacher_token_ce.mean(-1) if count > 0 else teacher_token_ce.sum(-1))
-            self.log("train/kd_loss", kd, prog_bar=True)
-            for name, w in zip(teachers, batch_w):
-                if len(teachers) > 1:
-                    self.log(f"train/teacher_weight/{name}", w)
-        self.last_step = stats
-        self.log("train/ce_loss", ce, prog_bar=not self.teachers)
-        self.log("train/temperature", self.kd_temperature)
+        if terms.kd is not None:
+            loss = loss + self.kd_weight * self.kd_temperature**2 * terms.kd
+        self.record(terms, ce, count)
         self.log("train/loss", loss)
         return loss
 
+    def record(self, terms: StepTerms, ce: Tensor, count: Tensor) -> None:
+        """Detached statistics for the callbacks (`last_step`, see `kd_lightning.interface`) and logs."""
+        stats: dict[str, Tensor] = {"student_ce": ce.detach(), "token_count": count.detach(),
+                                    "student_token_ce": terms.student_token_ce.detach()}
+        if terms.kd is not None:
+            stats.update(kd_loss=terms.kd.detach(), teacher_weights=terms.teacher_weights)
+            self.log("train/kd_loss", terms.kd, prog_bar=True)
+            if len(terms.teacher_names) > 1:
+                for name, w in zip(terms.teacher_names, terms.teacher_weights):
+                    self.log(f"train/teacher_weight/{name}", w)
+        if terms.teacher_token_ce is not None:
+            stats.update(teacher_token_ce=terms.teacher_token_ce,
+                         teacher_ce=terms.teacher_token_ce.mean(-1) if count > 0 else terms.teacher_token_ce.sum(-1))
+        self.last_step = stats
+        self.log("train/ce_loss", ce, prog_bar=not self.teachers)
+        self.log("train/temperature", self.kd_temperature)
+
+    @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         return self._step(batch)
 
     # ------------------------------------------------------------------ evaluation
+    @override
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         student, labels = self.align(self.student_logits(batch), batch["labels"])
-        mask = labels != -100
+        mask = self.adapter.mask(labels)
         count = mask.sum()
         if count == 0:
             return
@@ -303,6 +228,7 @@ class DistillationModule(LightningModule):
             self.val_agreement.update(agree, weight=count)
             self.val_teacher_loss.update(F.cross_entropy(teacher[mask].float(), labels[mask]), weight=count)
 
+    @override
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count == 0:
             return
@@ -318,9 +244,21 @@ class DistillationModule(LightningModule):
 
     # ------------------------------------------------------------------ optimisation & checkpoints
     def trainable_parameters(self) -> list[nn.Parameter]:
-        params = list(self.student.parameters()) + list(self.extra_trainable.parameters())
-        return [p for p in params if p.requires_grad]
+        """What the module's optimizer trains: the student (teacher parts a callback trains have
+        their own optimizer in that callback)."""
+        return [p for p in self.student.parameters() if p.requires_grad]
 
+    def train_teacher_parameters(self, teacher_name: str, parameters: Iterable[nn.Parameter]) -> None:
+        """A callback that trains part of a frozen teacher (SAR's routers) declares it here: those
+        parameters get gradients and are kept in checkpoints (the rest of the teacher is not)."""
+        teacher = self.teachers[teacher_name]
+        wanted = {id(p) for p in parameters}
+        for key, param in teacher.named_parameters():
+            if id(param) in wanted:
+                param.requires_grad_(True)
+                self.trainable_teacher_keys.add(f"teachers.{teacher_name}.{key}")
+
+    @override
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.trainable_parameters())
         if self.scheduler_factory is None:
@@ -329,14 +267,15 @@ class DistillationModule(LightningModule):
         scheduler = self.scheduler_factory(optimizer, num_training_steps=int(total) if math.isfinite(total) else 10**9)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.save_teachers:
             return
-        trainable = {f"teachers.{n}" for n, p in self.teachers.named_parameters() if p.requires_grad}
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("teachers.") and k not in trainable]:
+        for key in [k for k in state if k.startswith("teachers.") and k not in self.trainable_teacher_keys]:
             del state[key]
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen teacher weights are rebuilt from config, not stored: fill them in so that strict
         # loading still catches a student whose weights do not match.

@@ -13,22 +13,45 @@ import torch
 from lightning import Trainer
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from transformers import get_cosine_schedule_with_warmup
 
-from kd_lightning.cache import cache_root, config_key, is_complete, write_atomically
+from kd_lightning.config import CONFIG_DIR, teacher_configs
+from kd_lightning.model_cache import cache_root, config_key, is_complete, write_atomically
 from kd_lightning.models import load_model, save_model
+from kd_lightning.module import DistillationModule
+from kd_lightning.tasks import task_named
+from kd_lightning.teachers.teacher_cache import cache_teacher_targets, load_cached_teacher
 
 log = logging.getLogger("kd_lightning")
 
 
 def model_kwargs(datamodule: Any, seed: int) -> dict[str, Any]:
     """What every model builder gets from the data: sizes and special tokens."""
-    if datamodule.task == "classification":
-        return {"num_features": datamodule.num_features, "num_classes": datamodule.num_classes, "seed": seed}
-    return {"vocab_size": datamodule.vocab_size, "tokenizer": datamodule.tokenizer, "seed": seed}
+    return task_named(datamodule.task).builder_kwargs(datamodule, seed)
 
 
 def build_model(model_cfg: DictConfig, datamodule: Any, seed: int) -> nn.Module:
     return hydra.utils.instantiate(model_cfg, **model_kwargs(datamodule, seed))
+
+
+def augment_teacher(model: nn.Module, augment_cfg: Any) -> nn.Module:
+    """Wrap a built teacher with its config's `augment` node, or return it unchanged when null.
+
+    The node is a `_partial_` Hydra target called with `model=` (what the config group
+    `teacher/augment=<option>` or the preset `teacher=moe_ka` puts there). A plain string such as
+    `teacher.augment=ka` (a value override, which Hydra cannot turn into a group choice) names the
+    option file `conf/teacher/augment/<string>.yaml`, loaded as that group would load it."""
+    if augment_cfg is None:
+        return model
+    if isinstance(augment_cfg, str):
+        folder = Path(CONFIG_DIR) / "teacher" / "augment"
+        option = folder / f"{augment_cfg}.yaml"
+        if not option.is_file():
+            choices = sorted(p.stem for p in folder.glob("*.yaml"))
+            raise ValueError(f"teacher.augment={augment_cfg!r}: no option {option}; choose one of {choices}")
+        augment_cfg = OmegaConf.load(option)
+    factory = hydra.utils.instantiate(augment_cfg)
+    return factory(model=model)
 
 
 def make_trainer(cfg: DictConfig, *, name: str, max_steps: int | None = None, callbacks: list[Any] | None = None,
@@ -76,7 +99,6 @@ def obtain_ce_model(
     """Load a CE-trained model from the cache, or train it (CE only) and cache it.
 
     Returns (model, cache entry, whether it was trained now)."""
-    from kd_lightning.module import DistillationModule
 
     payload = _cache_payload(kind, model_cfg, training, datamodule, int(cfg.seed))
     entry = cache_root(cfg.paths.cache_dir) / f"{kind}s" / f"{name}-{config_key(payload)}"
@@ -99,11 +121,7 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) ->
     """A teacher from its config: used as is when `pretrain` is null (e.g. `from_pretrained`),
     otherwise pre-trained by kd-lightning on the data and cached. A teacher config's `augment` node
     (e.g. MoE knowledge augmentation) wraps the built teacher."""
-    from kd_lightning.teachers import augment_teacher
-
     if teacher_cfg.get("cached"):  # teacher=cached: stored sparse targets, no model
-        from kd_lightning.teachers.cached import load_cached_teacher
-
         return load_cached_teacher(cfg, teacher_cfg, datamodule)
     pretrain = teacher_cfg.get("pretrain")
     if pretrain is None:
@@ -137,6 +155,22 @@ def obtain_baseline(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, bool]:
 
 
 def _warmup_cosine(warmup_steps: int) -> Any:
-    from transformers import get_cosine_schedule_with_warmup
-
     return partial(get_cosine_schedule_with_warmup, num_warmup_steps=warmup_steps)
+
+
+# ------------------------------------------------------------------------------ stages
+def teacher_stage(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+    """`stage=teacher`: pre-train and cache the teacher(s), then stop."""
+    teachers = [str(t.name) for t in teacher_configs(cfg) if obtain_teacher(cfg, t, datamodule) is not None]
+    log.info("Teacher(s) ready: %s", ", ".join(teachers))
+    return {"teachers": teachers}
+
+
+def cache_teacher_stage(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+    """`stage=cache_teacher`: the (single) teacher's offline sparse targets for the training split."""
+    configs = teacher_configs(cfg)
+    if len(configs) != 1:
+        raise ValueError(f"stage=cache_teacher caches one teacher, got {[str(t.name) for t in configs]}")
+    directory = cache_teacher_targets(cfg, datamodule, configs[0], obtain_teacher(cfg, configs[0], datamodule))
+    log.info("Teacher targets at %s; train with: teacher=cached loss=sparse_kl teacher_cache.dir=%s", directory, directory)
+    return {"teacher_targets": str(directory)}

@@ -1,7 +1,7 @@
 """TAKD: distil through a chain of teacher assistants, teacher -> TA_1 -> ... -> TA_n -> student.
 
 "Improved Knowledge Distillation via Teacher Assistant" (Mirzadeh et al., AAAI 2020). Every stage is
-an ordinary `kd_lightning.train.run` on a derived config: stage 1 distils the first assistant from
+an ordinary `kd_lightning.train.distill` on a derived config: stage 1 distils the first assistant from
 the configured teacher, stage i+1 distils the next model from stage i's saved student directory.
 `python train.py experiment=takd` runs the chain (stage=takd) with the `takd:` node:
 
@@ -30,9 +30,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kd_lightning.config import teacher_configs
 from kd_lightning.evaluate import print_summary
-from kd_lightning.models import count_parameters, load_model
+from kd_lightning.models import builds, count_parameters, load_model
 from kd_lightning.stages import model_kwargs
+from kd_lightning.train import distill, guard_output_dir
 
 log = logging.getLogger("kd_lightning")
 
@@ -49,21 +51,16 @@ def propose_assistant_sizes(teacher_params: int, student_params: int, n: int) ->
     return [round(student_params * ratio ** ((n + 1 - i) / (n + 1))) for i in range(1, n + 1)]
 
 
+@builds("classification")
 def load_saved_model(directory: str, **_: Any) -> nn.Module:
-    """A model saved by an earlier stage (`kd_lightning.models.save_model`), as a teacher."""
+    """A classifier saved by an earlier stage (`kd_lightning.models.save_model`), as a teacher
+    (causal LMs come back through `kd_lightning.models.from_pretrained`)."""
     return load_model(directory)
 
 
 def count_model_parameters(model_cfg: DictConfig, datamodule: Any, seed: int = 0) -> int:
-    """Parameter count of the model a config builds, on the meta device (no memory, no weights)."""
-    if model_cfg.get("_target_") == "kd_lightning.models.from_pretrained":
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(model_cfg.pretrained, trust_remote_code=bool(model_cfg.get("trust_remote_code")))
-        with torch.device("meta"):
-            return count_parameters(AutoModelForCausalLM.from_config(config))
-    if model_cfg.get("_target_") == "kd_lightning.takd.load_saved_model":
-        return count_parameters(load_model(model_cfg.directory))
+    """Parameter count of the model a config builds, on the meta device (no memory; builders of
+    saved models read only their config there)."""
     with torch.device("meta"):
         return count_parameters(hydra.utils.instantiate(model_cfg, **model_kwargs(datamodule, seed)))
 
@@ -154,21 +151,21 @@ def stage_config(cfg: DictConfig, teacher: dict[str, Any] | DictConfig, student:
     return OmegaConf.create(data)
 
 
-def run_stage(stage_cfg: DictConfig, label: str) -> dict[str, Any]:
-    from kd_lightning.train import run
-
+def run_stage(stage_cfg: DictConfig, datamodule: Any, label: str) -> dict[str, Any]:
     summary_file = Path(stage_cfg.paths.output_dir) / "summary.json"
     if stage_cfg.resume == "auto" and summary_file.is_file():
         log.info("TAKD: %s finished earlier (%s): skipping", label, summary_file)
         return json.loads(summary_file.read_text())
     log.info("TAKD: running %s: %s -> %s", label, stage_cfg.teacher.name, stage_cfg.student.name)
-    return run(stage_cfg)
+    output_dir = Path(stage_cfg.paths.output_dir)
+    guard_output_dir(output_dir, stage_cfg.resume)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return distill(stage_cfg, datamodule)
 
 
-def run_chain(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume) the whole chain; returns the chain summary (empty on non-zero DDP ranks)."""
-    from kd_lightning.train import teacher_configs
-
+def run_chain(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+    """`stage=takd`: run (or resume) the whole chain on one data module; returns the chain summary
+    (empty on non-zero DDP ranks)."""
     if cfg.get("takd") is None:
         raise ValueError("stage=takd needs a `takd:` node (use experiment=takd)")
     if cfg.resume not in (None, "auto"):
@@ -176,14 +173,13 @@ def run_chain(cfg: DictConfig) -> dict[str, Any]:
     if len(teacher_configs(cfg)) != 1:
         raise ValueError("stage=takd distils from one teacher; teacher=ensemble is not supported")
     output_dir = Path(cfg.paths.output_dir)
-    datamodule = hydra.utils.instantiate(cfg.dataset)
     members = chain_members(cfg, datamodule)
     teacher: dict[str, Any] = OmegaConf.to_container(cfg.teacher, resolve=True)  # type: ignore[assignment]
     stages: list[dict[str, Any]] = []
     for i, member in enumerate(members, 1):
         last = i == len(members)
         label = f"stage{i}_{member.name}"
-        summary = run_stage(stage_config(cfg, teacher, member, output_dir / label, cfg.baseline and last), label)
+        summary = run_stage(stage_config(cfg, teacher, member, output_dir / label, cfg.baseline and last), datamodule, label)
         if not summary:  # non-zero DDP rank
             return {}
         stages.append({"stage": label, "teacher": str(teacher["name"]),
@@ -192,7 +188,7 @@ def run_chain(cfg: DictConfig) -> dict[str, Any]:
     direct = None
     if cfg.takd.get("compare_direct"):
         label = f"direct_{cfg.student.name}"
-        direct = run_stage(stage_config(cfg, cfg.teacher, members[-1], output_dir / label, False), label)
+        direct = run_stage(stage_config(cfg, cfg.teacher, members[-1], output_dir / label, False), datamodule, label)
     return write_chain_summary(cfg, output_dir, stages, direct)
 
 

@@ -12,10 +12,9 @@ from kd_lightning.callbacks.generation import FRESH, REPLAY
 from kd_lightning.losses import forward_kl
 from kd_lightning.models import build_mlp
 from kd_lightning.module import DistillationModule
-from kd_lightning.train import run
+from kd_lightning.pipeline import run
 from tests.conftest import column, metrics_csv
-from tests.test_callbacks_schedule import SHORT, fake_trainer
-from tests.test_module import V, tiny_lm
+from tests.helpers import SHORT, V, fake_trainer, tiny_lm
 
 PAD, EOS = 0, 1
 pytestmark = pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
@@ -69,7 +68,7 @@ def test_on_policy_batch_holds_student_samples_after_unchanged_prompts() -> None
         greedy = module.student.generate(input_ids=original["input_ids"][row:row + 1, :p], do_sample=False,
                                          max_new_tokens=n, pad_token_id=PAD, eos_token_id=EOS)
         assert torch.equal(ids[row, p:p + n], greedy[0, p:p + n])
-    assert torch.isfinite(module._step(batch))
+    assert torch.isfinite(module.training_step(batch, 0))
 
 
 def test_on_policy_packed_windows_use_the_first_tokens_and_mask_after_eos() -> None:

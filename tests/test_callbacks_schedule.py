@@ -17,30 +17,12 @@ from kd_lightning.callbacks.temperature import dts_scale
 from kd_lightning.losses import forward_kl, taid
 from kd_lightning.models import build_mlp
 from kd_lightning.module import DistillationModule
-from kd_lightning.train import run
+from kd_lightning.pipeline import run
 from tests.conftest import column, metrics_csv
-from tests.test_module import V, tiny_lm
+from tests.helpers import SHORT, V, fake_trainer, tiny_lm
 
 # Callbacks log through the module; driven outside a Trainer, Lightning warns and drops the value.
 pytestmark = pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
-SHORT = ("trainer.max_steps=4", "trainer.val_check_interval=4")  # end-to-end runs: 4 steps, 1 validation
-
-
-class FakeStrategy:
-    def __init__(self) -> None:
-        self.reduced: list[str] = []
-
-    def reduce(self, tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
-        self.reduced.append(reduce_op)
-        return tensor
-
-
-def fake_trainer(max_steps: int, rank: int = 0) -> SimpleNamespace:
-    """What the callbacks read from a Trainer."""
-    return SimpleNamespace(global_step=0, max_steps=max_steps, global_rank=rank, strategy=FakeStrategy(),
-                           sanity_checking=False, callback_metrics={})
-
-
 def lm_module(loss=forward_kl) -> DistillationModule:
     return DistillationModule(tiny_lm(0), tiny_lm(1), loss)
 
@@ -240,7 +222,7 @@ def test_taid_sets_interpolation_before_the_first_step_and_round_trips() -> None
     first = TAIDSchedule()
     first.setup(fake_trainer(10), fresh_module, "fit")
     assert fresh_module.loss_params["interpolation"] == 0.4
-    assert torch.isfinite(fresh_module._step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}))
+    assert torch.isfinite(fresh_module.training_step({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}, 0))
     resumed = TAIDSchedule()
     resumed.load_state_dict(schedule.state_dict())
     assert resumed.state_dict() == schedule.state_dict() and resumed.interpolation > 0.4

@@ -340,11 +340,14 @@ def test_public_signature_is_the_standard_one():
 
 
 def test_helpers():
+    from kd_lightning.tasks import CausalLM
+
     logits = torch.randn(2, 5, 3)
     labels = torch.tensor([[-100, 4, 5, -100, 7], [1, 2, 3, 4, -100]])
-    shifted_logits, shifted_labels = L.shift_for_causal_lm(logits, labels)
+    shifted_logits, shifted_labels = CausalLM.align(logits, labels)
     assert torch.equal(shifted_logits, logits[:, :-1]) and torch.equal(shifted_labels, labels[:, 1:])
-    mask = L.label_mask(shifted_labels)
+    assert torch.equal(CausalLM.labels({"labels": labels}), shifted_labels)
+    mask = CausalLM.mask(shifted_labels)
     assert mask.tolist() == [[True, True, False, True], [True, True, True, False]]
     values = torch.arange(8.0).reshape(2, 4).requires_grad_(True)
     assert L.masked_mean(values, mask).item() == pytest.approx((0 + 1 + 3 + 4 + 5 + 6) / 6)

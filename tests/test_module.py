@@ -12,26 +12,10 @@ from transformers import LlamaConfig
 from kd_lightning.losses import forward_kl, reverse_kl
 from kd_lightning.models import build_causal_lm, build_mlp
 from kd_lightning.module import DistillationModule
-
-V = 40
+from tests.helpers import V, lm_batch, tiny_lm
 
 # The step is called outside a Trainer here; Lightning warns that self.log has no trainer yet.
 pytestmark = pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
-
-
-def tiny_lm(seed: int, hidden: int = 32) -> torch.nn.Module:
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    return build_causal_lm(config, vocab_size=V, seed=seed)
-
-
-def lm_batch(seed: int = 0, B: int = 3, L: int = 9) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, V, (B, L), generator=g)
-    labels = ids.clone()
-    labels[0, :4] = -100  # a prompt
-    labels[2, -3:] = -100  # padding
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def reference_loss(student, teacher, batch, kd_weight, ce_weight, T):
@@ -51,7 +35,7 @@ def test_training_step_matches_equation(T: float) -> None:
     student, teacher = tiny_lm(0), tiny_lm(1, hidden=48)
     module = DistillationModule(student, teacher, forward_kl, kd_weight=0.7, ce_weight=0.3, kd_temperature=T)
     batch = lm_batch()
-    got = module._step(batch)
+    got = module.training_step(batch, 0)
     want = reference_loss(student, teacher.eval(), batch, 0.7, 0.3, T)
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6)
     assert set(module.last_step) >= {"student_ce", "kd_loss", "teacher_ce", "token_count", "teacher_token_ce"}
@@ -64,11 +48,11 @@ def test_masked_positions_do_not_change_the_loss() -> None:
     changed = {k: v.clone() for k, v in batch.items()}
     # Input tokens at the end of row 2 only feed masked predictions (causal model, labels -100 there).
     changed["input_ids"][2, -2:] = (changed["input_ids"][2, -2:] + 5) % V
-    assert torch.allclose(module._step(batch), module._step(changed))
+    assert torch.allclose(module.training_step(batch, 0), module.training_step(changed, 0))
     # ...while changing a counted label does change it.
     changed["labels"][1, 5] = (changed["labels"][1, 5] + 1) % V
     changed["input_ids"][1, 5] = changed["labels"][1, 5]
-    assert not torch.allclose(module._step(batch), module._step(changed))
+    assert not torch.allclose(module.training_step(batch, 0), module.training_step(changed, 0))
 
 
 def test_all_masked_batch_gives_zero_with_warning() -> None:
@@ -76,7 +60,7 @@ def test_all_masked_batch_gives_zero_with_warning() -> None:
     batch = lm_batch()
     batch["labels"][:] = -100
     with pytest.warns(UserWarning, match="every label is masked"):
-        loss = module._step(batch)
+        loss = module.training_step(batch, 0)
     assert loss.item() == 0.0 and torch.isfinite(loss)
     loss.backward()  # graph is valid
 
@@ -89,7 +73,7 @@ def test_teachers_frozen_out_of_optimizer_and_checkpoint() -> None:
     opt = module.configure_optimizers()
     opt_params = {id(p) for group in opt.param_groups for p in group["params"]}
     assert opt_params == {id(p) for p in student.parameters()}
-    module._step(lm_batch()).backward()
+    module.training_step(lm_batch(), 0).backward()
     assert all(p.grad is None for p in teacher.parameters())
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
@@ -102,7 +86,7 @@ def test_two_teacher_mixture_equals_kl_to_average_distribution() -> None:
     student, t1, t2 = tiny_lm(0), tiny_lm(1), tiny_lm(2)
     module = DistillationModule(student, {"a": t1, "b": t2}, forward_kl, teacher_weights=[0.25, 0.75])
     batch = lm_batch()
-    kd = module._step(batch)
+    kd = module.training_step(batch, 0)
     s = student(input_ids=batch["input_ids"]).logits[:, :-1].double()
     m = batch["labels"][:, 1:] != -100
     p = 0.25 * torch.softmax(t1(input_ids=batch["input_ids"]).logits[:, :-1].double(), -1) + \
@@ -110,8 +94,9 @@ def test_two_teacher_mixture_equals_kl_to_average_distribution() -> None:
     want = (p[m] * (p[m].log() - torch.log_softmax(s[m], -1))).sum(-1).mean()
     assert torch.allclose(kd.double(), want, rtol=1e-5)
     # "losses" combination: weighted sum of per-teacher divergences, which is larger (convexity).
-    module.teacher_combine = "losses"
-    assert module._step(batch) > kd
+    losses = DistillationModule(student, {"a": t1, "b": t2}, forward_kl, teacher_weights=[0.25, 0.75],
+                                teacher_combine="losses")
+    assert losses.training_step(batch, 0) > kd
 
 
 def test_classifier_student_and_teacher() -> None:
@@ -120,7 +105,7 @@ def test_classifier_student_and_teacher() -> None:
     module = DistillationModule(student, teacher, forward_kl, kd_weight=1.0, ce_weight=1.0, kd_temperature=4.0)
     assert module.task == "classification"
     batch = {"inputs": torch.randn(6, 8), "labels": torch.randint(0, 5, (6,))}
-    loss = module._step(batch)
+    loss = module.training_step(batch, 0)
     s, t = student(batch["inputs"]).double(), teacher(batch["inputs"]).double()
     p = torch.softmax(t / 4, -1)
     kl = (p * (p.log() - torch.log_softmax(s / 4, -1))).sum(-1).mean()
@@ -148,7 +133,7 @@ def test_chunked_path_matches_plain_loss_and_gradients(loss_fn) -> None:
     for chunk_size in (None, 5):
         module = DistillationModule(student, teacher, loss_fn, ce_weight=0.4, kd_temperature=2.0, chunk_size=chunk_size)
         student.zero_grad()
-        loss = module._step(batch)
+        loss = module.training_step(batch, 0)
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in student.parameters()]))
         assert torch.allclose(module.last_step["student_ce"], grads[0][0].new_tensor(module.last_step["student_ce"]))
@@ -172,16 +157,36 @@ def test_nonfinite_teacher_logits_stop_or_skip_naming_the_step() -> None:
 
     student = tiny_lm(0)
     with pytest.raises(FloatingPointError, match=r"step 0: teacher\(s\) \['teacher'\] produced NaN"):
-        DistillationModule(student, Broken(tiny_lm(1)), forward_kl)._step(lm_batch())
+        DistillationModule(student, Broken(tiny_lm(1)), forward_kl).training_step(lm_batch(), 0)
     with pytest.warns(UserWarning, match="skipping this batch"):
-        assert DistillationModule(student, Broken(tiny_lm(1)), forward_kl, nonfinite_teacher="skip")._step(lm_batch()) is None
-    # -inf logits (tokens the teacher rules out) are legitimate.
-    teacher = tiny_lm(1)
-    with torch.no_grad():
-        teacher.lm_head.bias = None
-        teacher.lm_head.weight[7] = 0.0
-    module = DistillationModule(student, teacher, forward_kl)
-    assert torch.isfinite(module._step(lm_batch()))
+        assert DistillationModule(student, Broken(tiny_lm(1)), forward_kl, nonfinite_teacher="skip").training_step(lm_batch(), 0) is None
+
+
+
+def test_teacher_ruling_tokens_out_with_minus_inf_logits_is_legitimate() -> None:
+    class RulesOut(torch.nn.Module):  # token 7 gets probability exactly 0
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner, self.generate = inner, inner.generate
+
+        def forward(self, **kwargs):
+            out = self.inner(**kwargs)
+            out.logits[..., 7] = float("-inf")
+            return out
+
+    student, teacher, batch = tiny_lm(0), RulesOut(tiny_lm(1)), lm_batch()
+    assert torch.isneginf(teacher(input_ids=batch["input_ids"]).logits[..., 7]).all()
+    module = DistillationModule(student, teacher, forward_kl, kd_weight=1.0, ce_weight=0.0)
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in student.parameters() if p.grad is not None)
+    # Independent formula: 0 · log 0 = 0, so token 7 contributes nothing.
+    s = student(input_ids=batch["input_ids"]).logits[:, :-1].double()
+    t = teacher(input_ids=batch["input_ids"]).logits[:, :-1].double()
+    m = batch["labels"][:, 1:] != -100
+    p = torch.softmax(t[m], -1)
+    want = (torch.xlogy(p, p) - p * torch.log_softmax(s[m], -1)).sum(-1).mean()
+    assert torch.allclose(loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_evaluate_reports_binned_expected_calibration_error() -> None:
@@ -201,3 +206,25 @@ def test_evaluate_reports_binned_expected_calibration_error() -> None:
         if in_bin.any():
             ece += in_bin.float().mean() * (confidence[in_bin].mean() - correct[in_bin].mean()).abs()
     assert abs(result["ece"] - float(ece)) < 1e-6
+
+
+def test_per_example_weights_of_one_teacher_come_out_per_teacher() -> None:
+    """`last_step["teacher_weights"]` is [K] (batch mean), as kd_lightning.interface documents,
+    also for one teacher whose weighting callback returns per-example weights [B, 1]."""
+    module = DistillationModule(tiny_lm(0), tiny_lm(1), forward_kl)
+    module.teacher_weight_fn = lambda teachers, student, labels, mask: torch.ones(student.shape[0], 1)
+    module.training_step(lm_batch(B=3), 0)
+    assert module.last_step["teacher_weights"].shape == (1,)
+    assert torch.allclose(module.last_step["teacher_weights"], torch.ones(1))
+
+
+def test_sar_parameters_are_declared_and_kept_in_checkpoints() -> None:
+    """Teacher parameters a callback declares are trainable and checkpointed; the rest are not."""
+    student, teacher = tiny_lm(0), tiny_lm(1)
+    module = DistillationModule(student, teacher, forward_kl)
+    module.train_teacher_parameters("teacher", [teacher.lm_head.weight])
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    kept = [k for k in checkpoint["state_dict"] if k.startswith("teachers.")]
+    assert kept == ["teachers.teacher.lm_head.weight"] and teacher.lm_head.weight.requires_grad
+    assert not teacher.model.embed_tokens.weight.requires_grad

@@ -54,7 +54,7 @@ def test_sigterm_saves_checkpoint_and_resume_auto_continues(tmp_path: Path) -> N
 
 
 def test_same_seed_same_metrics_different_seed_different_run(make_cfg, tmp_path: Path) -> None:
-    from kd_lightning.train import run
+    from kd_lightning.pipeline import run
 
     def student_loss(seed: int, name: str) -> float:
         summary = run(make_cfg(f"seed={seed}", "baseline=false", output_dir=tmp_path / name))
@@ -125,7 +125,7 @@ def test_sigkill_resumes_from_last_periodic_checkpoint_and_matches(tmp_path: Pat
 
 
 def test_resume_from_a_missing_checkpoint_fails_clearly(make_cfg, tmp_path: Path) -> None:
-    from kd_lightning.train import run
+    from kd_lightning.pipeline import run
 
     with pytest.raises(FileNotFoundError, match="resume=.*no checkpoint at"):
         run(make_cfg(f"resume={tmp_path / 'nope.ckpt'}"))

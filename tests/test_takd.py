@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from kd_lightning.takd import assistant_model, count_model_parameters, propose_assistant_sizes
-from kd_lightning.train import run
+from kd_lightning.pipeline import run
 
 
 def test_proposed_sizes_are_geometric_largest_first() -> None:

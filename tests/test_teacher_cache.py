@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from kd_lightning.losses.sparse import SparseTargets, sample_targets, topk_targets
 from kd_lightning.stages import obtain_teacher
-from kd_lightning.train import run
+from kd_lightning.pipeline import run
 from tests.conftest import column, compose_config, metrics_csv, tiny_overrides
 
 # Smaller than the shared tiny data so that the teacher's pass over the training split takes ~1 s.
@@ -116,7 +116,7 @@ def test_mismatching_or_missing_cache_fails_before_training(built, make_cfg, tmp
 
 
 def test_fit_width_pads_or_keeps_the_most_drawn_ids() -> None:
-    from kd_lightning.teachers.cached import fit_width
+    from kd_lightning.teachers.teacher_cache import fit_width
 
     targets = SparseTargets(torch.tensor([[5, 2, 9]]), torch.tensor([[0.5, 0.3, 0.2]]))
     padded = fit_width(targets, 5)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from kd_lightning.models import build_causal_lm, save_model
 from kd_lightning.stages import build_model
-from kd_lightning.train import run
+from kd_lightning.pipeline import run
 from tests.conftest import column, metrics_csv
 
 

@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from typing_extensions import override
 from torch import Tensor, nn
 
-from kd_lightning.callbacks.temperature import total_steps
+from kd_lightning.callbacks.common import total_steps
+from kd_lightning.distributed import rank_seed
 from kd_lightning.interface import require_distillation_module
+from kd_lightning.tasks import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 
 
 def special_ids(model: nn.Module) -> tuple[int, list[int]]:
@@ -122,19 +124,21 @@ class _StudentSampler(Callback):
         self.generator = torch.Generator().manual_seed(self.seed)
         self.restored = False
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         module = require_distillation_module(pl_module, self)
         if module.task != "causal_lm" or not hasattr(module.student, "generate"):
             raise ValueError(f"{type(self).__name__} needs a causal LM student with `generate` (task causal_lm), "
                              f"got task {module.task!r}")
         if not self.restored:
-            self.generator.manual_seed(self.seed + trainer.global_rank)
+            self.generator.manual_seed(rank_seed(self.seed, trainer.global_rank))
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A checkpoint holds rank 0's generator; other ranks branch off it so they stay distinct.
         if self.restored and trainer.global_rank > 0:
             offset = int(torch.randint(2**62, (), generator=self.generator))
-            self.generator.manual_seed(offset + trainer.global_rank)
+            self.generator.manual_seed(rank_seed(offset, trainer.global_rank))
 
     def uniform(self) -> float:
         return float(torch.rand((), generator=self.generator))
@@ -151,9 +155,11 @@ class _StudentSampler(Callback):
         for key, value in values.items():
             pl_module.log(f"train/{key}", float(value), on_step=True, on_epoch=False, batch_size=batch_size)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.generator.set_state(state_dict["generator"])
         self.restored = True
@@ -184,6 +190,7 @@ class OnPolicyGeneration(_StudentSampler):
             raise ValueError(f"OnPolicyGeneration: lambda_on_policy={lambda_on_policy!r} must be in [0, 1]")
         self.lambda_on_policy = float(lambda_on_policy)
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         on_policy = self.uniform() < self.lambda_on_policy
         seconds = 0.0
@@ -250,6 +257,7 @@ class DistillmOffPolicy(_StudentSampler):
         self.buffer: deque[dict[str, Tensor]] = deque(maxlen=self.capacity)
         self.pad_id = 0
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.pad_id = special_ids(pl_module.student)[0]
@@ -288,6 +296,7 @@ class DistillmOffPolicy(_StudentSampler):
         return {"input_ids": ids, "attention_mask": mask, "labels": labels,
                 "prompt_lengths": torch.stack([r["prompt_lengths"] for r in rows])}
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         source = self.choose(trainer.global_step, total_steps(trainer))
         seconds = 0.0
@@ -307,15 +316,18 @@ class DistillmOffPolicy(_StudentSampler):
             self.threshold = min(self.threshold + self.THRESHOLD_STEP, 1.0)
             self.prev_val_loss = val_loss
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         val_loss = trainer.callback_metrics.get("val/student_loss")
         if not trainer.sanity_checking and val_loss is not None:
             self.update_threshold(float(val_loss))
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "threshold": self.threshold, "prev_val_loss": self.prev_val_loss,
                 "buffer": list(self.buffer)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.threshold = float(state_dict["threshold"])

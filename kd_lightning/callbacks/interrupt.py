@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
+from typing_extensions import override
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("kd_lightning")
@@ -25,6 +26,7 @@ class CheckpointOnSigterm(Callback):
     def __init__(self, filename: str = "last.ckpt") -> None:
         self.filename = filename
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
@@ -35,5 +37,6 @@ class CheckpointOnSigterm(Callback):
         log.warning("SIGTERM at step %d: saved %s; rerun the same command with resume=auto to continue",
                     trainer.global_step, path)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {}

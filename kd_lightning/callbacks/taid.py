@@ -6,8 +6,9 @@ import math
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
+from typing_extensions import override
 
-from kd_lightning.callbacks.temperature import progress, total_steps
+from kd_lightning.callbacks.common import progress, total_steps
 from kd_lightning.interface import require_distillation_module
 
 
@@ -82,16 +83,19 @@ class TAIDSchedule(Callback):
         self.prev_loss = loss
         return self.interpolation
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         module = require_distillation_module(pl_module, self)
         if len(module.teachers) == 0:
             raise ValueError("TAIDSchedule needs a teacher (and loss=taid): t interpolates towards the teacher")
         module.loss_params["interpolation"] = self.interpolation
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         pl_module.loss_params["interpolation"] = self.interpolation
         pl_module.log("train/taid_interpolation", self.interpolation, on_step=True, on_epoch=False)
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = pl_module.last_step["kd_loss"].detach().float().reshape(())
@@ -100,9 +104,11 @@ class TAIDSchedule(Callback):
         self.update(float(loss), progress(trainer.global_step - 1, total_steps(trainer)))
         pl_module.loss_params["interpolation"] = self.interpolation
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"interpolation": self.interpolation, "prev_loss": self.prev_loss, "momentum": self.momentum}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.interpolation = float(state_dict["interpolation"])
         self.prev_loss = float(state_dict["prev_loss"])

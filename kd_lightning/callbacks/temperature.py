@@ -16,24 +16,10 @@ import math
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
+from typing_extensions import override
 
+from kd_lightning.callbacks.common import progress, total_steps
 from kd_lightning.interface import require_distillation_module
-
-
-def total_steps(trainer: Trainer) -> int:
-    """Optimizer steps the run will take: `max_steps`, else Lightning's estimate from epochs."""
-    max_steps = int(getattr(trainer, "max_steps", -1) or -1)
-    if max_steps > 0:
-        return max_steps
-    estimated = trainer.estimated_stepping_batches
-    if not math.isfinite(estimated) or estimated <= 0:
-        raise ValueError("a schedule needs a finite run length: set trainer.max_steps or trainer.max_epochs")
-    return int(estimated)
-
-
-def progress(step: int, total: int) -> float:
-    """Fraction of training done at 0-based `step` of `total`: 0 at the first step, 1 at the last."""
-    return min(1.0, max(0.0, step / max(total - 1, 1)))
 
 
 def _check_positive(owner: str, **values: float) -> None:
@@ -52,9 +38,11 @@ class _StepSchedule(Callback):
     def temperature_at(self, fraction: float) -> float:
         raise NotImplementedError
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         require_distillation_module(pl_module, self)
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         pl_module.kd_temperature = self.temperature_at(progress(trainer.global_step, total_steps(trainer)))
 
@@ -154,14 +142,17 @@ class DynamicTemperature(Callback):
         self.temperature = self.momentum * self.temperature + (1.0 - self.momentum) * self.last_target
         return self.temperature
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         module = require_distillation_module(pl_module, self)
         if len(module.teachers) == 0:
             raise ValueError("DynamicTemperature needs a teacher: it adapts T to the teacher-student CE gap")
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         pl_module.kd_temperature = self.temperature  # also re-applies a restored T after resuming
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         stats = pl_module.last_step
@@ -169,9 +160,11 @@ class DynamicTemperature(Callback):
         # trainer.global_step already counts this step: it is the index of the step that uses T.
         self.update(progress(trainer.global_step, total_steps(trainer)), gap)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "last_target": self.last_target}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.temperature = float(state_dict["temperature"])
         self.last_target = float(state_dict.get("last_target", self.temperature))

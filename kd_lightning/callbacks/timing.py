@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 
 class FitTimer(Callback):
@@ -17,12 +18,15 @@ class FitTimer(Callback):
     def __init__(self) -> None:
         self.start, self.seconds, self.tokens = 0.0, 0.0, torch.zeros((), dtype=torch.long)
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start = time.perf_counter()
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.tokens = self.tokens.to(pl_module.device) + pl_module.last_step["token_count"]
 
+    @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.seconds = time.perf_counter() - self.start
 

@@ -14,11 +14,13 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from lightning import Callback, LightningModule, Trainer
+from typing_extensions import override
 from torch import Tensor, nn
 
 from kd_lightning.interface import DistillationHost, require_distillation_module
 from kd_lightning.losses.common import log_probs
-from kd_lightning.teachers import rank_seeded_generator
+from kd_lightning.tasks import IGNORE_INDEX
+from kd_lightning.distributed import rank_seeded_generator
 
 
 def per_example_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -54,6 +56,7 @@ def equal_weights(like: Tensor) -> Tensor:
 class TeacherWeighting(Callback):
     """Base: installs itself as the module's `teacher_weight_fn`; subclasses define `weights`."""
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         module = require_distillation_module(pl_module, self)
         current = module.teacher_weight_fn
@@ -160,6 +163,7 @@ class ReinforcedWeighting(TeacherWeighting):
         self._generator_state: Tensor | None = None
         self._pending: tuple[Tensor, Tensor, Tensor] | None = None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self.policy.to(pl_module.device)
@@ -217,10 +221,11 @@ class ReinforcedWeighting(TeacherWeighting):
     @torch.no_grad()
     def student_ce(self, module: DistillationHost, batch: dict[str, Tensor]) -> Tensor:
         logits, labels = module.align(module.student_logits(batch), batch["labels"])
-        mask = labels != -100
+        mask = labels != IGNORE_INDEX
         token_ce = -log_probs(logits).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         return per_example_mean(token_ce, mask)
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._pending is None:
@@ -232,12 +237,14 @@ class ReinforcedWeighting(TeacherWeighting):
         pl_module.log("train/policy_reward", reward.mean(), on_step=True, on_epoch=False)
         pl_module.log("train/policy_baseline", float(self.baseline), on_step=True, on_epoch=False)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         generator_state = self.generator.get_state() if self.generator is not None else self._generator_state
         return {"policy": {k: v.detach().cpu() for k, v in self.policy.state_dict().items()},
                 "optimizer": self.optimizer.state_dict(), "baseline": self.baseline, "updates": self.updates,
                 "seed": self.seed, "generator": generator_state}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.policy.load_state_dict(state_dict["policy"])
         self.optimizer.load_state_dict(state_dict["optimizer"])

@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from kd_lightning.data.resumable import ResumableDataLoader
 from kd_lightning.data.tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_identity
@@ -135,6 +136,7 @@ class BaseDataModule(L.LightningDataModule):
         """Everything that decides the samples (data content, tokenizer, split params, seed)."""
         raise NotImplementedError
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.datasets is None:
             self.datasets = self._load()
@@ -160,6 +162,7 @@ class BaseDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if trainer is None or trainer.world_size > 1:
@@ -172,9 +175,11 @@ class BaseDataModule(L.LightningDataModule):
         return ResumableDataLoader(self._dataset("train"), self.batch_size, self.seed, progress,
                                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", self.eval_batch_size, None)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", self.eval_batch_size, None)
 

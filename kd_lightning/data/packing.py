@@ -8,7 +8,7 @@ derives, per item:
 - ``labels``         LongTensor [L]  unshifted: ``input_ids`` where counted, -100 on prompt and padding
 - ``prompt_lengths`` LongTensor []   so that on-policy generation can recover the prompt
 - ``index``          LongTensor []   the sample's row in its split (offline teacher targets are
-  looked up by it: `kd_lightning.teachers.cached`)
+  looked up by it: `kd_lightning.teachers.teacher_cache`)
 The training module does the causal shift.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-IGNORE_INDEX = -100
+from kd_lightning.tasks import IGNORE_INDEX
 
 
 class LMDataset(Dataset):

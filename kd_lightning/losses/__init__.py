@@ -5,8 +5,8 @@ Token-level divergence contract::
     fn(student_logits [..., V], teacher_logits [..., V], mask [...] | None = None, *,
        temperature=1.0, reduction="mean", **params) -> Tensor
 
-- ``mask`` is bool, True = the position counts; logits are already aligned (use
-  :func:`shift_for_causal_lm` for causal LMs).
+- ``mask`` is bool, True = the position counts; logits are already aligned (for causal LMs,
+  ``kd_lightning.tasks.CausalLM.align`` shifts them; the losses never shift themselves).
 - ``reduction``: "mean" (token-mean of the per-position divergence summed over V), "sum", "none"
   (shape ``[...]``, exact zeros at masked positions), "seq_mean". With no counted position "mean"
   returns 0 with a graph (no NaN, no warning; the module decides whether to warn).
@@ -17,7 +17,7 @@ Token-level divergence contract::
 
 from kd_lightning.losses.adaptive import adaptive_kl, taid
 from kd_lightning.losses.chunked import chunked_distill_loss
-from kd_lightning.losses.common import label_mask, log_probs, masked_mean, shift_for_causal_lm
+from kd_lightning.losses.common import log_probs, masked_mean
 from kd_lightning.losses.cross_vocab import uld
 from kd_lightning.losses.divergences import (
     forward_kl,
@@ -39,7 +39,6 @@ __all__ = [
     "generalized_jsd",
     "hint_mse",
     "jensen_shannon",
-    "label_mask",
     "log_probs",
     "make_projection",
     "masked_mean",
@@ -47,7 +46,6 @@ __all__ = [
     "rkd_angle",
     "rkd_distance",
     "sample_targets",
-    "shift_for_causal_lm",
     "skew_kl",
     "skew_reverse_kl",
     "sparse_kl",

@@ -108,20 +108,6 @@ def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
     return total / mask.sum().clamp_min(1)
 
 
-def label_mask(labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Bool mask of positions whose label counts (HF convention: ``ignore_index`` = ignored)."""
-    return labels != ignore_index
-
-
-def shift_for_causal_lm(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Align causal-LM outputs with their targets: logits at position t predict token t+1.
-
-    Returns ``(logits[:, :-1], labels[:, 1:])``; build the mask from the shifted labels with
-    :func:`label_mask`. Apply the same shift to teacher logits. The losses never shift themselves.
-    """
-    return logits[:, :-1], labels[:, 1:]
-
-
 def check_mask(mask: Tensor | None, positions: torch.Size) -> Tensor | None:
     """Validate a position mask against the position shape and return it as bool."""
     if mask is None:

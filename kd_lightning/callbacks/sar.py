@@ -16,11 +16,13 @@ from typing import Any, Callable
 
 import torch
 from lightning import Callback, LightningModule, Trainer
+from typing_extensions import override
 from torch import Tensor, nn
 
 from kd_lightning.interface import DistillationHost, require_distillation_module
 from kd_lightning.losses.common import kl_sum, log_probs
-from kd_lightning.teachers.moe import find_router_gates
+from kd_lightning.tasks import IGNORE_INDEX
+from kd_lightning.teachers.moe import find_router_gates, router_parameters, set_router_top_k
 
 
 def coefficient_of_variation_squared(x: Tensor, eps: float = 1e-10) -> Tensor:
@@ -46,7 +48,7 @@ class StudentAwareRouter(Callback):
     """Student-Aware Router training of an MoE teacher, alternating with the student's steps.
 
     In `setup`: every router of the teacher gets `top_k = num_experts`, its parameters (and only
-    those) get `requires_grad=True` (so `DistillationModule` keeps them in its checkpoints) and an
+    those) are declared with `module.train_teacher_parameters` (gradients on, kept in checkpoints) and an
     AdamW optimizer of their own. Every `every_n_steps` training steps, before the student's step:
     teacher in train mode, student logits under no_grad, one optimizer step on
     KL(p_T ‖ q_S) + balance_weight · balance (token-mean over counted positions, T = 1), teacher
@@ -96,20 +98,18 @@ class StudentAwareRouter(Callback):
         if self.teacher_name not in names:
             raise ValueError(f"StudentAwareRouter: teacher={self.teacher_name!r} is not one of {names}")
         teacher = module.teachers[self.teacher_name]
-        gates = [gate for _, gate in find_router_gates(teacher)]
-        params = [p for gate in gates for p in gate.parameters()]
+        params = router_parameters(teacher)
         if self.optimizer is not None and [id(p) for p in params] == [id(p) for p in self.router_params]:
             return  # set up again for another stage (validate, test): keep the optimizer state
-        self.gates, self.router_params = gates, params
-        for gate in self.gates:
-            gate.top_k = gate.num_experts
-        for p in self.router_params:
-            p.requires_grad_(True)
+        self.gates, self.router_params = [gate for _, gate in find_router_gates(teacher)], params
+        set_router_top_k(teacher, None)  # every expert is weighted while the routers learn
+        module.train_teacher_parameters(self.teacher_name, self.router_params)
         self.optimizer = torch.optim.AdamW(self.router_params, lr=self.lr, weight_decay=self.weight_decay)
         if self._pending_optimizer_state is not None:
             self.optimizer.load_state_dict(self._pending_optimizer_state)
             self._pending_optimizer_state = None
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.attach(require_distillation_module(pl_module, self))
         self._reduce = lambda grad: trainer.strategy.reduce(grad, reduce_op="mean")
@@ -130,7 +130,7 @@ class StudentAwareRouter(Callback):
                 teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
                 student, labels = module.align(student_logits, batch["labels"])
                 teacher_aligned, _ = module.align(teacher_logits, batch["labels"])
-                mask = labels != -100
+                mask = labels != IGNORE_INDEX
                 if mask.any():
                     kl = kl_sum(log_probs(teacher_aligned[mask]), log_probs(student[mask])).mean()
                 else:
@@ -150,6 +150,7 @@ class StudentAwareRouter(Callback):
         self.router_steps += 1
         return kl.detach(), balance.detach()
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps == 0:
             kl, balance = self.router_step(pl_module, batch)
@@ -157,12 +158,14 @@ class StudentAwareRouter(Callback):
             pl_module.log("train/router_balance_loss", balance, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"router_steps": self.router_steps}
         if self.optimizer is not None:
             state["optimizer"] = self.optimizer.state_dict()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.router_steps = int(state_dict.get("router_steps", 0))
         optimizer_state = state_dict.get("optimizer")

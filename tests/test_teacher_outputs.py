@@ -1,4 +1,4 @@
-"""Teacher outputs computed once per sweep (`teacher_outputs.reuse`, kd_lightning/teachers/memo.py)."""
+"""Teacher outputs computed once per sweep (`teacher_outputs.reuse`, kd_lightning/teachers/teacher_outputs.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kd_lightning.losses import forward_kl, reverse_kl, skew_kl
-from kd_lightning.teachers.memo import MemoizedTeacher, TeacherOutputStore, row_keys
-from kd_lightning.train import run
+from kd_lightning.teachers.teacher_outputs import MemoizedTeacher, TeacherOutputStore, row_keys
+from kd_lightning.pipeline import run
 
 V = 37
 
@@ -155,14 +155,16 @@ def test_reuse_is_skipped_where_outputs_change(make_cfg, tmp_path: Path, caplog,
     from hydra.utils import instantiate
 
     from kd_lightning.stages import obtain_teacher
-    from kd_lightning.teachers.memo import memoize_teachers
-    from kd_lightning.train import method_callbacks, teacher_configs
+    from kd_lightning.config import method_callbacks, teacher_configs
+    from kd_lightning.teachers.teacher_outputs import memoize_teachers
+    from kd_lightning.train import teacher_model_configs, teacher_output_context, teacher_output_options
 
     cfg = make_cfg("teacher_outputs.reuse=true", override)
     datamodule = instantiate(cfg.dataset)
     teachers = {str(t.name): obtain_teacher(cfg, t, datamodule) for t in teacher_configs(cfg)}
     with caplog.at_level("INFO", logger="kd_lightning"):
-        wrapped = memoize_teachers(cfg, teacher_configs(cfg), teachers, datamodule, method_callbacks(cfg))
+        wrapped = memoize_teachers(teacher_output_options(cfg), teachers, teacher_model_configs(cfg),
+                                   teacher_output_context(cfg, datamodule.task), method_callbacks(cfg))
     assert wrapped == teachers and reason in caplog.text
 
 
@@ -191,16 +193,21 @@ def test_report_shows_the_teacher_time_saved(tmp_path: Path):
 
 
 def test_store_directory_separates_teachers_precisions_and_formats(make_cfg):
-    from kd_lightning.teachers.memo import store_directory
+    from kd_lightning.teachers.teacher_outputs import store_directory
+    from kd_lightning.train import teacher_model_configs, teacher_output_context, teacher_output_options
+
+    def directory(cfg, teacher):
+        return store_directory(teacher_output_options(cfg), str(cfg.teacher.name), teacher_model_configs(cfg)["moe"],
+                               teacher, teacher_output_context(cfg, "causal_lm"))
 
     cfg = make_cfg("teacher_outputs.reuse=true")
     teacher = tiny_lm()
-    base = store_directory(cfg, cfg.teacher, teacher)
-    assert base == store_directory(cfg, cfg.teacher, tiny_lm())  # same weights, same store
-    assert base != store_directory(cfg, cfg.teacher, tiny_lm(seed=1))  # other weights
+    base = directory(cfg, teacher)
+    assert base == directory(cfg, tiny_lm())  # same weights, same store
+    assert base != directory(cfg, tiny_lm(seed=1))  # other weights
     for override in ("strategy=bf16", "teacher_outputs.dtype=float16", "teacher_outputs.topk=8"):
         other = make_cfg("teacher_outputs.reuse=true", override)
-        assert store_directory(other, other.teacher, teacher) != base, override
+        assert directory(other, teacher) != base, override
 
 
 def test_topk_and_flush_rows_reach_the_store_from_the_config(make_cfg, tmp_path: Path):

@@ -10,7 +10,7 @@ Layout of a cache directory::
     manifest.json                 what the targets were built from (checked before training)
     shard-00000.safetensors       indices int32 [positions, k], probs float32|float16 [positions, k]
     shard-00001.safetensors       ... each for a contiguous range of training samples
-    kd_manifest.json              completeness marker (kd_lightning.cache.write_atomically)
+    kd_manifest.json              completeness marker (kd_lightning.model_cache.write_atomically)
 
 Positions are the ALIGNED ones: a window of ``seq_len`` tokens has ``seq_len - 1`` stored rows, row
 ``t`` being the teacher's prediction of token ``t + 1`` (what `DistillationModule.align` gives the
@@ -33,9 +33,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from kd_lightning.cache import cache_root, config_key, is_complete, write_atomically
+from kd_lightning.model_cache import cache_root, config_key, is_complete, write_atomically
 from kd_lightning.data.tokenizer import tokenizer_identity
 from kd_lightning.losses.sparse import SparseTargets, sample_targets, topk_targets
+from kd_lightning.tasks import CausalLM
 
 log = logging.getLogger("kd_lightning")
 
@@ -87,8 +88,8 @@ def batch_targets(teacher: nn.Module, batch: dict[str, Tensor], params: dict[str
     """Aligned sparse targets [B, L-1, k] of one batch. Rows that no label counts (padding, prompt)
     get the uniform distribution's targets, as in `online_sparse_kl`: they are never read.
     `counts["truncated"]` (if given) adds the counted rows that drew more than k unique ids."""
-    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1].float()
-    counted = batch["labels"][:, 1:] != -100
+    logits, labels = CausalLM.align(CausalLM.logits(teacher, batch).float(), batch["labels"])
+    counted = CausalLM.mask(labels)
     logits = logits.masked_fill(~counted.unsqueeze(-1), 0.0)
     k, T = params["k"], params["temperature"]
     if params["method"] == "topk":

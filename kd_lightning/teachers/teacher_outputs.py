@@ -44,19 +44,21 @@ import math
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import save_file
+from lightning import Callback
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutput
+from typing_extensions import override
 
-from kd_lightning.cache import cache_root, config_key
+from kd_lightning.model_cache import config_key
 from kd_lightning.models import output_size
-from kd_lightning.teachers.cached import weights_hash
+from kd_lightning.teachers.teacher_cache import weights_hash
 
 log = logging.getLogger("kd_lightning")
 
@@ -261,27 +263,45 @@ class MemoizedTeacher(nn.Module):
         return CausalLMOutput(logits=logits)
 
 
-def store_directory(cfg: Any, teacher_cfg: Any, teacher: nn.Module) -> Path:
-    """`<teacher_outputs.dir or paths.cache_dir/teacher_outputs>/<name>-<hash of config, weights, format>`."""
-    opts = cfg.teacher_outputs
-    root = Path(os.path.expanduser(str(opts.dir))) if opts.get("dir") else cache_root(cfg.paths.cache_dir) / "teacher_outputs"
-    # precision and accelerator change the teacher's numbers (bf16 autocast, GPU kernels): separate stores
-    identity = {"format": FORMAT_VERSION, "weights": weights_hash(teacher), "topk": opts.get("topk"),
-                "dtype": str(opts.get("dtype", "float32")), "precision": str(cfg.trainer.get("precision")),
-                "accelerator": str(cfg.trainer.get("accelerator")),
-                "config": OmegaConf.to_container(teacher_cfg.get("model"), resolve=True) if teacher_cfg.get("model") is not None else None}
-    return root / f"{teacher_cfg.name}-{config_key(identity)}"
+@dataclass(frozen=True)
+class TeacherOutputOptions:
+    """`teacher_outputs:` of the config, typed (see conf/train.yaml for each key's meaning)."""
+
+    reuse: bool = False
+    root: str = "~/.cache/kd_lightning/teacher_outputs"  # `dir`, or <paths.cache_dir>/teacher_outputs
+    topk: int | None = None
+    dtype: str = "float32"
+    flush_rows: int = 1024
+    max_gb: float = 20.0
 
 
-def why_not_reusable(cfg: Any, datamodule: Any, teacher: nn.Module, callbacks: list[Any]) -> str | None:
+@dataclass(frozen=True)
+class RunContext:
+    """What else decides whether and where a run's teacher outputs can be stored."""
+
+    task: str
+    chunked: bool  # `loss.chunk_size` is set: the chunked path reads hidden states, not logits
+    precision: str  # trainer precision and accelerator change the teacher's numbers
+    accelerator: str
+
+
+def store_directory(opts: TeacherOutputOptions, name: str, model_config: Any, teacher: nn.Module,
+                    context: RunContext) -> Path:
+    """`<root>/<name>-<hash of the teacher's config and weights, precision, accelerator, format>`."""
+    identity = {"format": FORMAT_VERSION, "weights": weights_hash(teacher), "topk": opts.topk, "dtype": opts.dtype,
+                "precision": context.precision, "accelerator": context.accelerator, "config": model_config}
+    return Path(os.path.expanduser(opts.root)) / f"{name}-{config_key(identity)}"
+
+
+def why_not_reusable(context: RunContext, teacher: nn.Module, callbacks: list[Any]) -> str | None:
     """None when a teacher's outputs can be memoized in this run, else the reason they cannot."""
-    if datamodule.task != "causal_lm":
-        return f"task {datamodule.task} (only causal LMs are memoized)"
+    if context.task != "causal_lm":
+        return f"task {context.task} (only causal LMs are memoized)"
     if getattr(teacher, "sparse_targets", False):
         return "the teacher is already offline sparse targets"
     if getattr(teacher, "stochastic", False) or int(getattr(teacher, "num_samples", 1)) > 1:
         return f"{type(teacher).__name__} is stochastic (a new draw every step)"
-    if cfg.loss.get("chunk_size"):
+    if context.chunked:
         return "loss.chunk_size: the chunked path reads the teacher's hidden states"
     for callback in callbacks:
         if getattr(callback, "modifies_teacher", False):
@@ -291,49 +311,59 @@ def why_not_reusable(cfg: Any, datamodule: Any, teacher: nn.Module, callbacks: l
     return None
 
 
-def memoize_teachers(cfg: Any, teacher_cfgs: list[Any], teachers: dict[str, nn.Module], datamodule: Any,
-                     callbacks: list[Any]) -> dict[str, nn.Module]:
-    """Wrap each teacher whose outputs can be reused (`teacher_outputs.reuse=true`)."""
-    opts = cfg.get("teacher_outputs")
-    if opts is None or not opts.get("reuse", False):
+def memoize_teachers(opts: TeacherOutputOptions, teachers: dict[str, nn.Module], model_configs: dict[str, Any],
+                     context: RunContext, callbacks: list[Any]) -> dict[str, nn.Module]:
+    """Wrap each teacher whose outputs can be reused (`opts.reuse`); `model_configs` holds each
+    teacher's resolved model config (part of the store's identity)."""
+    if not opts.reuse:
         return teachers
     out = dict(teachers)
-    for teacher_cfg in teacher_cfgs:
-        name = str(teacher_cfg.name)
-        reason = why_not_reusable(cfg, datamodule, teachers[name], callbacks)
+    for name, teacher in teachers.items():
+        reason = why_not_reusable(context, teacher, callbacks)
         if reason:
             log.info("teacher_outputs.reuse: teacher '%s' runs every step: %s", name, reason)
             continue
-        directory = store_directory(cfg, teacher_cfg, teachers[name])
-        store = TeacherOutputStore(directory, output_size(teachers[name]), topk=opts.get("topk"),
-                                   dtype=str(opts.get("dtype", "float32")), flush_rows=int(opts.get("flush_rows", 1024)),
-                                   max_gb=float(opts.get("max_gb", 20)))
+        directory = store_directory(opts, name, model_configs.get(name), teacher, context)
+        store = TeacherOutputStore(directory, output_size(teacher), topk=opts.topk, dtype=opts.dtype,
+                                   flush_rows=opts.flush_rows, max_gb=opts.max_gb)
         log.info("teacher_outputs.reuse: teacher '%s' outputs stored at %s (%d rows there)", name, directory, len(store))
-        out[name] = MemoizedTeacher(teachers[name], store)
+        out[name] = MemoizedTeacher(teacher, store)
     return out
 
 
-def flush_stores(teachers: dict[str, nn.Module]) -> None:
-    """Write every memoized teacher's buffered outputs (also when a run stops early)."""
-    for teacher in teachers.values():
-        if isinstance(teacher, MemoizedTeacher):
-            teacher.store.flush()
+class TeacherOutputsFlush(Callback):
+    """Writes every memoized teacher's buffered outputs when training ends, also when it stops on an
+    exception (SIGTERM, an error): what was computed is never lost. `summary()` sums the stores'
+    statistics for `summary.json`."""
+
+    def __init__(self, teachers: dict[str, nn.Module]) -> None:
+        self.stores = [t.store for t in teachers.values() if isinstance(t, MemoizedTeacher)]
+
+    def flush(self) -> None:
+        for store in self.stores:
+            store.flush()
+
+    @override
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.flush()
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.flush()
+
+    def summary(self) -> dict[str, Any] | None:
+        """Flush, then the summed statistics (None when nothing was memoized)."""
+        if not self.stores:
+            return None
+        self.flush()
+        total: dict[str, Any] = {}
+        for store in self.stores:
+            for key, value in store.stats.items():
+                total[key] = total.get(key, 0) + value
+        total = {k: round(v, 3) if isinstance(v, float) else v for k, v in total.items()}
+        total["directories"] = [str(s.directory) for s in self.stores]
+        return total
 
 
-def reuse_summary(teachers: dict[str, nn.Module]) -> dict[str, Any] | None:
-    """Flush every store and sum their statistics (None when nothing was memoized)."""
-    stores = [t.store for t in teachers.values() if isinstance(t, MemoizedTeacher)]
-    if not stores:
-        return None
-    flush_stores(teachers)
-    total: dict[str, Any] = {}
-    for store in stores:
-        for key, value in store.stats.items():
-            total[key] = total.get(key, 0) + value
-    total = {k: round(v, 3) if isinstance(v, float) else v for k, v in total.items()}
-    total["directories"] = [str(s.directory) for s in stores]
-    return total
-
-
-__all__ = ["MemoizedTeacher", "TeacherOutputStore", "flush_stores", "memoize_teachers", "reuse_summary", "row_keys",
-           "why_not_reusable"]
+__all__ = ["MemoizedTeacher", "RunContext", "TeacherOutputOptions", "TeacherOutputStore", "TeacherOutputsFlush",
+           "memoize_teachers", "row_keys", "store_directory", "why_not_reusable"]

@@ -1,0 +1,173 @@
+"""The three ways a step gets its KD term, chosen once when the module is built.
+
+- `DenseKD`: full teacher logits from a forward pass (one or several teachers, mixtures, weighting
+  callbacks, stochastic teachers);
+- `ChunkedKD`: the memory-lean path (`loss.chunk_size`): student and teacher heads applied chunk by
+  chunk to the final hidden states, so `[tokens, V]` logits never exist;
+- `SparseKD`: offline sparse targets (`teacher=cached`), read by sample index.
+
+Each path returns the step's `StepTerms`; `DistillationModule._step` combines them into
+``kd_weight · T² · kd + ce_weight · CE``. A path never decides weights or temperature itself: it reads
+the module's current values (what the callbacks set).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kd_lightning.lean import chunked_token_ce, hidden_and_head
+from kd_lightning.losses.chunked import chunked_distill_loss
+from kd_lightning.losses.common import all_finite
+from kd_lightning.losses.sparse import sparse_kl
+
+if TYPE_CHECKING:
+    from kd_lightning.module import DistillationModule
+
+
+class StepTerms(NamedTuple):
+    """What a KD path computes for one batch (counted positions only)."""
+
+    student_token_ce: Tensor  # [M], with graph
+    kd: Tensor | None  # scalar token-mean divergence (no T²), with graph; None without teachers
+    teacher_token_ce: Tensor | None  # [K, M] detached, None when the path has no teacher logits
+    teacher_weights: Tensor | None  # [K] batch-mean weight of each teacher entry, detached
+    teacher_names: list[str]  # names of the weighted entries, for logging
+
+
+def student_terms(module: DistillationModule, batch: dict[str, Tensor], labels: Tensor,
+                  mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Aligned student logits and the per-token CE of the counted positions."""
+    student, _ = module.adapter.align(module.student_logits(batch), batch["labels"])
+    return student, F.cross_entropy(student[mask].float(), labels[mask], reduction="none")
+
+
+class CEOnly:
+    """No teacher: plain cross-entropy training (teacher pre-training, the no-KD baseline)."""
+
+    def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> StepTerms:
+        _, token_ce = student_terms(module, batch, labels, mask)
+        return StepTerms(token_ce, None, None, None, [])
+
+
+class DenseKD:
+    """KD from full teacher logits; several teachers are mixed ("mixture") or their divergences
+    weighted ("losses"). A NaN/+inf teacher logit at a counted position stops the run naming the
+    step (`nonfinite="error"`) or skips the batch (`"skip"`): the call then returns None."""
+
+    def __init__(self, combine: str, nonfinite: str) -> None:
+        self.combine, self.nonfinite = combine, nonfinite
+
+    def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor,
+                 mask: Tensor) -> StepTerms | None:
+        student, token_ce = student_terms(module, batch, labels, mask)
+        teacher_logits = {n: module.adapter.align(t, batch["labels"])[0] for n, t in module.teacher_logits(batch).items()}
+        counted = {n: t[mask] for n, t in teacher_logits.items()}
+        # One reduction in the common case; -inf (a token the teacher rules out) is legitimate.
+        bad = [n for n, t in counted.items() if not all_finite(t) and bool((torch.isnan(t) | torch.isposinf(t)).any())]
+        if bad:
+            message = f"step {module.global_step}: teacher(s) {bad} produced NaN/+inf logits"
+            if self.nonfinite == "error":
+                raise FloatingPointError(message + " (distill.nonfinite_teacher=skip skips such batches)")
+            warnings.warn(message + "; skipping this batch")
+            return None
+        weights = self.weights(module, teacher_logits, student, labels, mask)  # [K] or [B, K]
+        kd = self.divergence(module, student, teacher_logits, weights, mask)
+        targets = labels[mask]
+        teacher_token_ce = torch.stack([F.cross_entropy(t.float(), targets, reduction="none") for t in counted.values()])
+        batch_weights = weights if weights.dim() == 1 else weights.mean(0)
+        return StepTerms(token_ce, kd, teacher_token_ce, batch_weights.detach(), list(teacher_logits))
+
+    @staticmethod
+    def weights(module: DistillationModule, teacher_logits: dict[str, Tensor], student: Tensor, labels: Tensor,
+                mask: Tensor) -> Tensor:
+        """Per-entry teacher weights: static, or from the weighting callback ([K] or per-example [B, K])."""
+        if module.teacher_weight_fn is None:
+            weights = module.teacher_weights.to(student.device)
+        else:
+            weights = module.teacher_weight_fn(teacher_logits, student, labels, mask)
+            weights = weights.to(device=student.device, dtype=torch.float32).detach()
+        return weights if weights.shape[-1] == len(teacher_logits) else module.expand_teacher_weights(weights)
+
+    def divergence(self, module: DistillationModule, student: Tensor, teacher_logits: dict[str, Tensor],
+                   weights: Tensor, mask: Tensor) -> Tensor:
+        """Token-mean divergence (no T²) between the student and the weighted teachers."""
+        loss_fn, params, T = module.loss_fn, dict(module.loss_params), module.kd_temperature
+        assert loss_fn is not None
+        logits = list(teacher_logits.values())
+        if len(logits) == 1:
+            return loss_fn(student, logits[0], mask, temperature=T, **params)
+        stacked = torch.stack([t.float() for t in logits], dim=-2)  # [..., K, V]
+        per_position = weights.view(weights.shape[0], *([1] * (student.dim() - 2)), -1) if weights.dim() == 2 else weights
+        per_position = per_position.expand(*student.shape[:-1], len(logits))  # [..., K]
+        if self.combine == "mixture":
+            # Mixture of teacher distributions at temperature T, handed to the loss as logits
+            # T * log(p_mix) so that the loss's own division by T recovers log(p_mix).
+            log_p = torch.log_softmax(stacked / T, dim=-1) + torch.log(per_position.clamp_min(1e-30)).unsqueeze(-1)
+            return loss_fn(student, T * torch.logsumexp(log_p, dim=-2), mask, temperature=T, **params)
+        kd = student.new_zeros(())
+        count = mask.sum().clamp_min(1)
+        for k, teacher in enumerate(logits):
+            per_pos = loss_fn(student, teacher, mask, temperature=T, reduction="none", **params)
+            kd = kd + (per_pos * per_position[..., k] * mask).sum() / count
+        return kd
+
+
+class ChunkedKD:
+    """`loss.chunk_size`: one teacher, both heads applied chunk by chunk to the counted hidden states;
+    the CE is recomputed per chunk in backward (activation checkpointing)."""
+
+    def __init__(self, chunk_size: int) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"loss.chunk_size must be >= 1, got {chunk_size}")
+        self.chunk_size = chunk_size
+
+    def check(self, module: DistillationModule) -> None:
+        if len(module.teachers) != 1 or module.teacher_weight_fn is not None:
+            raise ValueError("loss.chunk_size supports exactly one teacher without a weighting callback")
+
+    def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> StepTerms:
+        self.check(module)
+        hidden, head = hidden_and_head(module.student, batch)
+        rows, targets = hidden[:, :-1][mask], labels[mask]
+        token_ce = chunked_token_ce(rows, head, targets, self.chunk_size)
+        name, teacher = next(iter(module.teachers.items()))
+        with torch.no_grad():
+            t_hidden, t_head = hidden_and_head(teacher, batch)
+            t_rows = t_hidden[:, :-1][mask]
+            teacher_token_ce = chunked_token_ce(t_rows, t_head, targets, self.chunk_size).unsqueeze(0)
+        assert module.loss_fn is not None
+        kd = chunked_distill_loss(rows, head.weight, t_rows, t_head.weight, None, module.loss_fn,
+                                  chunk_size=self.chunk_size, temperature=module.kd_temperature,
+                                  student_head_bias=head.bias, teacher_head_bias=t_head.bias, **module.loss_params)
+        return StepTerms(token_ce, kd, teacher_token_ce, module.teacher_weights.to(kd.device), [name])
+
+
+class SparseKD:
+    """Offline sparse targets (`teacher=cached`), stored for the aligned positions of each training
+    sample: the KD term is `sparse_kl` whatever `loss_fn` is; no teacher CE statistics."""
+
+    def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> StepTerms:
+        student, token_ce = student_terms(module, batch, labels, mask)
+        name, teacher = next(iter(module.teachers.items()))
+        kd = sparse_kl(student, teacher.targets(batch), mask, temperature=module.kd_temperature)
+        return StepTerms(token_ce, kd, None, module.teacher_weights.to(kd.device), [name])
+
+
+KDPath = Any  # CEOnly | DenseKD | ChunkedKD | SparseKD: callables (module, batch, labels, mask) -> StepTerms | None
+
+
+def choose_path(*, has_teachers: bool, sparse: bool, chunk_size: int | None, causal_lm: bool, combine: str,
+                nonfinite: str) -> KDPath:
+    """The one place that decides how a step gets its KD term."""
+    if not has_teachers:
+        return CEOnly()
+    if sparse:
+        return SparseKD()
+    if chunk_size and causal_lm:
+        return ChunkedKD(int(chunk_size))
+    return DenseKD(combine, nonfinite)

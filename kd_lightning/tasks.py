@@ -1,0 +1,93 @@
+"""Task adapters: everything that differs between a causal LM and a classifier, in one place.
+
+The module, evaluation, the teacher-output stores and the callbacks ask the adapter instead of
+branching on the task themselves:
+
+- `logits(model, batch)`: the model's raw output logits for a batch;
+- `align(logits, labels)`: logits at position t predict token t+1 in a causal LM (the shift);
+  classifier outputs are already aligned;
+- `labels(batch)`: the aligned labels, with `IGNORE_INDEX` where a position does not count;
+- `mask(labels)`: bool mask of counted positions;
+- `builder_kwargs(datamodule, seed)`: what every model builder gets from the data.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+"""Label of a position that does not count (prompt, padding): the Hugging Face convention."""
+
+
+class CausalLM:
+    """`transformers` causal LMs: batches with `input_ids`, `attention_mask`, unshifted `labels`."""
+
+    name = "causal_lm"
+
+    @staticmethod
+    def logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+
+    @staticmethod
+    def align(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return logits[:, :-1], labels[:, 1:]
+
+    @staticmethod
+    def labels(batch: dict[str, Tensor]) -> Tensor:
+        return batch["labels"][:, 1:]
+
+    @staticmethod
+    def builder_kwargs(datamodule: Any, seed: int) -> dict[str, Any]:
+        return {"vocab_size": datamodule.vocab_size, "tokenizer": datamodule.tokenizer, "seed": seed}
+
+    @staticmethod
+    def mask(labels: Tensor) -> Tensor:
+        return labels != IGNORE_INDEX
+
+
+class Classification:
+    """Any classifier `nn.Module` mapping `inputs` [B, F] to logits [B, C]; `labels` [B]."""
+
+    name = "classification"
+
+    @staticmethod
+    def logits(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        return model(batch["inputs"])
+
+    @staticmethod
+    def align(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        return logits, labels
+
+    @staticmethod
+    def labels(batch: dict[str, Tensor]) -> Tensor:
+        return batch["labels"]
+
+    @staticmethod
+    def builder_kwargs(datamodule: Any, seed: int) -> dict[str, Any]:
+        return {"num_features": datamodule.num_features, "num_classes": datamodule.num_classes, "seed": seed}
+
+    @staticmethod
+    def mask(labels: Tensor) -> Tensor:
+        return labels != IGNORE_INDEX
+
+
+Task = type[CausalLM] | type[Classification]
+TASKS: dict[str, Task] = {CausalLM.name: CausalLM, Classification.name: Classification}
+
+
+def task_named(name: str) -> Task:
+    """The adapter of a datamodule's `task` string."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; one of {sorted(TASKS)}") from None
+
+
+def task_of_model(model: nn.Module) -> Task:
+    """A `transformers` generative model is a causal LM; anything else is a classifier."""
+    return CausalLM if hasattr(model, "generate") else Classification
+
+
+__all__ = ["IGNORE_INDEX", "CausalLM", "Classification", "Task", "task_named", "task_of_model"]

@@ -1,0 +1,85 @@
+"""The package imports one way: no circle between its modules, counting imports inside functions
+(which must never be used to hide one) and leaving out `if TYPE_CHECKING:` blocks."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "kd_lightning"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def runtime_imports(tree: ast.AST, modules: set[str]) -> set[str]:
+    """kd_lightning modules imported anywhere in `tree`, except under `if TYPE_CHECKING:`."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in modules)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module in modules:
+                found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    modules = set(files)
+    return {name: runtime_imports(ast.parse(path.read_text()), modules) - {name} for name, path in files.items()}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    path: list[str] = []
+
+    def walk(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return path[path.index(target):] + [target]
+            if target not in state and (cycle := walk(target)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := walk(start)):
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_circle() -> None:
+    graph = import_graph()
+    assert "kd_lightning.pipeline" in graph and "kd_lightning.train" in graph["kd_lightning.pipeline"]
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_planted_circle() -> None:
+    graph = import_graph()
+    graph["kd_lightning.config"] = graph["kd_lightning.config"] | {"kd_lightning.pipeline"}  # config -> pipeline -> ... -> config
+    cycle = find_cycle(graph)
+    assert cycle is not None and cycle[0] == cycle[-1] and "kd_lightning.config" in cycle
+
+
+def test_stages_are_dispatched_in_one_place_and_config_helpers_are_a_leaf() -> None:
+    from kd_lightning.pipeline import STAGES
+
+    assert set(STAGES) == {"distill", "teacher", "takd", "cache_teacher"}
+    assert not {m for m in import_graph()["kd_lightning.config"] if m.startswith("kd_lightning")}
