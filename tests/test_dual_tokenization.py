@@ -70,8 +70,10 @@ def test_windows_share_boundaries_and_fit(small_bpe, large_bpe, seq_len):
             student_span, teacher_span = window_text(sample), window_text(sample, "teacher_")
             assert student_span == teacher_span  # both sides cover the same characters
             assert sample["offsets"][0, 0] == 0 == sample["teacher_offsets"][0, 0]
-            decoded = [tokenizer.decode([i for i in sample[f"{prefix}input_ids"].tolist() if i != tokenizer.eos_token_id])
-                       for tokenizer, prefix in ((student_tok, ""), (teacher_tok, "teacher_"))]
+            decoded = [
+                tokenizer.decode([i for i in sample[f"{prefix}input_ids"].tolist() if i != tokenizer.eos_token_id])
+                for tokenizer, prefix in ((student_tok, ""), (teacher_tok, "teacher_"))
+            ]
             assert decoded[0] == decoded[1] and len(decoded[0]) == student_span[1]
             found = TEXT.find(decoded[0], position)
             assert found >= position

@@ -76,7 +76,9 @@ def encode_document(tokenizer: Any, text: str, prompt_chars: int = 0, add_eos: b
     return (np.concatenate(ids), np.concatenate(offsets).reshape(-1, 2)), prompt_tokens
 
 
-def shared_windows(student_offsets: np.ndarray, teacher_offsets: np.ndarray, seq_len: int) -> list[tuple[int, int, int, int]]:
+def shared_windows(
+    student_offsets: np.ndarray, teacher_offsets: np.ndarray, seq_len: int
+) -> list[tuple[int, int, int, int]]:
     """Cut two tokenizations of one text into windows of at most ``seq_len`` tokens on each side.
 
     Returns ``(student_start, student_end, teacher_start, teacher_end)`` token ranges; every cut is a
