@@ -76,3 +76,16 @@ def test_save_pretrained_next_to_a_student(tokenizer, tmp_path):
 def test_rejects_a_vocabulary_smaller_than_the_bytes():
     with pytest.raises(ValueError, match="at least 259"):
         train_bpe(SAMPLE, 100)
+
+
+@pytest.mark.slow
+def test_stdlib_bpe_is_trained_on_the_training_split_and_cached(tmp_path):
+    from kd_lightning.data.bpe import stdlib_bpe_tokenizer
+
+    tokenizer = stdlib_bpe_tokenizer(tmp_path, 4096)
+    assert len(tokenizer) == 4096
+    text = "def __init__(self, *args, **kwargs):\n        super().__init__()\n"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert len(tokenizer(text)["input_ids"]) < len(text) / 3
+    assert stdlib_bpe_tokenizer(tmp_path, 4096).get_vocab() == tokenizer.get_vocab()
+    assert len(list(tmp_path.iterdir())) == 1
