@@ -186,18 +186,19 @@ def span_kl(
     TRL's GOLD trainer). A group counts when all its tokens are counted on both sides. Where a group
     is one token on each side and that token is in the shared vocabulary (``targets.vocab_map``),
     or more generally k tokens on each side that pair up through the shared vocabulary (the bytes of
-    one character split the same way), each pair of rows is restricted to the shared vocabulary and renormalised
-    (a softmax over the gathered logits) and compared with ``divergence`` (any token divergence of
-    this package, ``forward_kl`` by default; restriction is the approximation: mass on tokens only one
-    side has is ignored). Elsewhere, the rows predicting the group's first token on each side, which
+    one character split the same way), each pair of rows is restricted to the shared vocabulary and
+    renormalised (the divergence sees the gathered logits) and compared with ``divergence``, called as
+    ``divergence(student_rows, teacher_rows, None, temperature=..., reduction="none")`` (any token
+    divergence of this package; ``forward_kl`` by default). Restriction is the approximation: mass on
+    tokens only one side has is ignored. Elsewhere, the rows predicting the group's first token on each side, which
     see the same text, are compared with ULD (:func:`uld`), weighted by ``fallback_weight`` (0 turns
     the fallback off). One term per exact pair and per fallback group; "mean" averages the terms,
     "seq_mean" per sequence first.
 
     ``out_stats`` (a dict) receives ``exact_fraction`` / ``fallback_fraction`` (shares of the counted
     student positions compared exactly and covered by fallback groups; the rest, in groups with an
-    uncounted token, is unaligned) and the term
-    counts ``exact_terms`` / ``fallback_terms``, for the module to log. Alignment reads offsets and
+    uncounted token, is unaligned) and the term counts ``exact_terms`` / ``fallback_terms``, for the
+    module to log. Alignment reads offsets and
     labels on the CPU (one sync per call). Without ``targets`` both sides share one tokenization:
     every position is an exact 1:1 group over the first ``min(Vs, Vt)`` ids, so the value equals
     ``divergence`` on those columns. Not supported on the chunked path (see the module docstring).
@@ -216,33 +217,35 @@ def span_kl(
         raise ValueError("span_kl needs targets with student_labels, both offsets and a vocab_map "
                          "(kd_lightning.losses.align.shared_vocab_map)")
     positions = student_logits.shape[:-1]
-    student_mask = torch.ones(positions, dtype=torch.bool) if mask is None else mask.bool()
-    exact, fallback, fallback_positions = _group_terms(student_mask.cpu(), targets, student_logits.shape[-1])
-    device = student_logits.device
-    teacher = teacher_logits.detach()
-    values = []
-    for terms, kind in ((exact, "exact"), (fallback, "fallback")):
-        index = torch.tensor(terms, dtype=torch.long, device=device).reshape(-1, 3)
-        rows, s_pos, t_pos = index.unbind(-1)
-        if kind == "exact":
-            vocab = targets.vocab_map
-            student_rows = student_logits[rows, s_pos][:, vocab.student_ids.to(device)]
-            teacher_rows = teacher[rows, t_pos.to(teacher.device)][:, vocab.teacher_ids.to(teacher.device)]
-            values.append(divergence(student_rows, teacher_rows, None, temperature=temperature, reduction="none"))
-        else:
-            found = _uld_row(log_probs(student_logits[rows, s_pos], temperature),
-                             log_probs(teacher[rows, t_pos.to(teacher.device)], temperature))
-            values.append(found * fallback_weight if fallback_weight else found[:0])
+    student_mask = torch.ones(positions, dtype=torch.bool) if mask is None else mask.bool().cpu()
+    exact, fallback, fallback_positions = _group_terms(student_mask, targets, student_logits.shape[-1])
     if not fallback_weight:
-        fallback = []
-    order = sorted(range(len(exact) + len(fallback)), key=lambda k: (exact + fallback)[k][:2])
-    flat = torch.cat(values)[torch.tensor(order, dtype=torch.long, device=device)]
+        fallback, fallback_positions = [], 0
+    device, teacher = student_logits.device, teacher_logits.detach()
+
+    def rows_of(terms: list[tuple[int, int, int]]) -> tuple[Tensor, Tensor]:
+        index = torch.tensor(terms, dtype=torch.long).reshape(-1, 3)
+        return (student_logits[index[:, 0].to(device), index[:, 1].to(device)],
+                teacher[index[:, 0].to(teacher.device), index[:, 2].to(teacher.device)])
+
+    student_rows, teacher_rows = rows_of(exact)
+    vocab = targets.vocab_map
+    exact_values = divergence(student_rows[:, vocab.student_ids.to(device)],
+                              teacher_rows[:, vocab.teacher_ids.to(teacher.device)],
+                              None, temperature=temperature, reduction="none")
+    student_rows, teacher_rows = rows_of(fallback)
+    fallback_values = fallback_weight * _uld_row(log_probs(student_rows, temperature),
+                                                 log_probs(teacher_rows, temperature).to(device))
+    # reduce_positions wants the values in row-major order of the student positions they sit at.
+    terms = exact + fallback
+    order = sorted(range(len(terms)), key=lambda k: terms[k][:2])
+    flat = torch.cat([exact_values, fallback_values])[torch.tensor(order, dtype=torch.long, device=device)]
+    where = torch.tensor([term[:2] for term in terms], dtype=torch.long, device=device).reshape(-1, 2)
     compared = torch.zeros(positions, dtype=torch.bool, device=device)
-    where = torch.tensor([term[:2] for term in exact + fallback], dtype=torch.long, device=device).reshape(-1, 2)
     compared[where[:, 0], where[:, 1]] = True
     if out_stats is not None:
-        counted = int((student_mask.cpu() & (targets.student_labels.cpu() != IGNORE_INDEX)).sum())
+        counted = int((student_mask & (targets.student_labels.cpu() != IGNORE_INDEX)).sum())
         out_stats.update(exact_fraction=len(exact) / max(counted, 1),
-                         fallback_fraction=fallback_positions / max(counted, 1) if fallback else 0.0,
+                         fallback_fraction=fallback_positions / max(counted, 1),
                          exact_terms=len(exact), fallback_terms=len(fallback))
     return reduce_positions(flat, compared, positions, reduction)
