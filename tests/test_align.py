@@ -85,3 +85,18 @@ def test_vocab_map_is_cached_in_memory_and_on_disk(bpe, tmp_path, monkeypatch):
     loaded = shared_vocab_map(byte_tokenizer(), bpe, cache_dir=str(tmp_path))
     assert isinstance(loaded, VocabMap) and torch.equal(loaded.student_ids, first.student_ids)
     assert len(list(tmp_path.glob("vocab-map-*.pt"))) == 1
+
+
+def test_vocab_map_normalises_sentencepiece_spaces(bpe):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False)
+    backend.train_from_iterator(SAMPLE, trainer)
+    metaspace = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    mapping = shared_vocab_map(metaspace, bpe)
+    pairs = {metaspace.convert_ids_to_tokens(s): bpe.convert_ids_to_tokens(t)
+             for s, t in zip(mapping.student_ids.tolist(), mapping.teacher_ids.tolist())}
+    assert pairs["▁radius"] == "Ġradius" and pairs["</s>"] == "</s>"

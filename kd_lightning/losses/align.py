@@ -151,7 +151,10 @@ def token_bytes(tokenizer: Any) -> dict[int, bytes]:
     style (``▁`` = space, ``<0xNN>`` byte fallback) is mapped to spaces and bytes; the byte tokenizer
     (ByT5) maps id ``b + 3`` to byte ``b``; anything else is its token string in UTF-8. EOS and BOS
     become the keys ``b"<eos>"`` / ``b"<bos>"`` on both sides (they match each other whatever they
-    are called); other special tokens (pad, unk, added control tokens) are left out.
+    are called); other special tokens (pad, unk, added control tokens) are left out. A
+    SentencePiece word-initial ``▁`` is a space even where the tokenizer invented it (prefix space at
+    the start of a text): such a token then fails the exact-match check in ``span_kl`` and falls back
+    to ULD, which is the safe side.
     """
     from kd_lightning.data.tokenizer import BYTE_OFFSET, is_byte_tokenizer
 
