@@ -59,14 +59,23 @@ def cross_token_targets(batch: Mapping[str, Tensor], vocab_map: VocabMap | None 
 
 
 def _uld_row(log_q: Tensor, log_p: Tensor) -> Tensor:
-    """``Σ_v |sort↓(q)_v − sort↓(p)_v|`` per row, the smaller vocabulary zero-padded; ∈ [0, 2]."""
-    q = log_q.exp().sort(dim=-1, descending=True).values
-    p = log_p.exp().sort(dim=-1, descending=True).values
-    # Zero-padding the shorter vocabulary at the end keeps both vectors sorted (probabilities ≥ 0).
-    width = max(q.shape[-1], p.shape[-1])
-    q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
-    p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
-    return (q - p).abs().sum(-1)
+    """``Σ_v |sort↓(q)_v − sort↓(p)_v|`` per row, the smaller vocabulary zero-padded; ∈ [0, 2].
+
+    Past the smaller vocabulary's width ``W`` the padded side is 0, so those terms sum to the larger
+    side's mass outside its top ``W``: only the top ``W`` of each side is sorted (``topk``), which is
+    several times cheaper than a full sort when the vocabularies differ much (bytes vs 32k BPE).
+    """
+    q, p = log_q.exp(), log_p.exp()
+    width = min(q.shape[-1], p.shape[-1])
+    value = torch.zeros(q.shape[:-1], dtype=q.dtype, device=q.device)
+    tops = []
+    for probs in (q, p):
+        top = probs.topk(width, dim=-1)  # sorted, descending
+        tops.append(top.values)
+        if probs.shape[-1] > width:
+            # The rest by masking (not 1 − Σ top): exact, never negative, gradient to the tail entries.
+            value = value + probs.scatter(-1, top.indices, 0.0).sum(-1)
+    return value + (tops[0] - tops[1]).abs().sum(-1)
 
 
 uld_index_aligned = token_divergence(same_vocab=False)(_uld_row)
@@ -223,16 +232,20 @@ def span_kl(
         fallback, fallback_positions = [], 0
     device, teacher = student_logits.device, teacher_logits.detach()
 
-    def rows_of(terms: list[tuple[int, int, int]]) -> tuple[Tensor, Tensor]:
-        index = torch.tensor(terms, dtype=torch.long).reshape(-1, 3)
-        return (student_logits[index[:, 0].to(device), index[:, 1].to(device)],
-                teacher[index[:, 0].to(teacher.device), index[:, 2].to(teacher.device)])
+    def rows_of(terms: list[tuple[int, int, int]], student_cols: Tensor | None = None,
+                teacher_cols: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        # Gathering rows and shared columns in one advanced index never materialises [M, Vt].
+        index = torch.tensor(terms, dtype=torch.long).reshape(-1, 3, 1)
+        rows, s_pos, t_pos = index[:, 0], index[:, 1], index[:, 2]
+        student_part = (student_logits[rows.to(device), s_pos.to(device), student_cols.to(device)]
+                        if student_cols is not None else student_logits[rows[:, 0].to(device), s_pos[:, 0].to(device)])
+        t_device = teacher.device
+        teacher_part = (teacher[rows.to(t_device), t_pos.to(t_device), teacher_cols.to(t_device)]
+                        if teacher_cols is not None else teacher[rows[:, 0].to(t_device), t_pos[:, 0].to(t_device)])
+        return student_part, teacher_part
 
-    student_rows, teacher_rows = rows_of(exact)
-    vocab = targets.vocab_map
-    exact_values = divergence(student_rows[:, vocab.student_ids.to(device)],
-                              teacher_rows[:, vocab.teacher_ids.to(teacher.device)],
-                              None, temperature=temperature, reduction="none")
+    student_rows, teacher_rows = rows_of(exact, targets.vocab_map.student_ids, targets.vocab_map.teacher_ids)
+    exact_values = divergence(student_rows, teacher_rows, None, temperature=temperature, reduction="none")
     student_rows, teacher_rows = rows_of(fallback)
     fallback_values = fallback_weight * _uld_row(log_probs(student_rows, temperature),
                                                  log_probs(teacher_rows, temperature).to(device))
