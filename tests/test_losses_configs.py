@@ -17,7 +17,7 @@ LOSS_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "conf" / "loss").gl
 
 def test_every_loss_option_has_a_config():
     names = {path.stem for path in LOSS_CONFIGS}
-    assert {"kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "js", "gjsd", "tvd", "akl", "taid", "uld",
+    assert {"kl", "reverse_kl", "skew_kl", "skew_reverse_kl", "js", "gjsd", "tvd", "akl", "taid", "uld", "span_kl",
             "sparse_kl"} <= names
 
 
@@ -41,7 +41,7 @@ def test_loss_config(path):
     extra = {"interpolation": 0.5} if path.stem == "taid" else {}
     value = fn(student, teacher, mask, temperature=2.0, **extra)
     assert value.ndim == 0 and torch.isfinite(value) and value > 0
-    assert cfg.get("cross_vocab", False) == (path.stem == "uld")
+    assert cfg.get("cross_vocab", False) == (path.stem in {"uld", "span_kl"})
 
 
 def test_taid_config_requires_the_callback():

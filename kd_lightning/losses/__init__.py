@@ -18,7 +18,7 @@ Token-level divergence contract::
 from kd_lightning.losses.adaptive import adaptive_kl, taid
 from kd_lightning.losses.chunked import chunked_distill_loss
 from kd_lightning.losses.common import log_probs, masked_mean
-from kd_lightning.losses.cross_vocab import uld
+from kd_lightning.losses.cross_vocab import CrossTokenTargets, cross_token_targets, span_kl, uld, uld_index_aligned
 from kd_lightning.losses.divergences import (
     forward_kl,
     generalized_jsd,
@@ -32,9 +32,11 @@ from kd_lightning.losses.features import hint_mse, make_projection, rkd_angle, r
 from kd_lightning.losses.sparse import SparseTargets, online_sparse_kl, sample_targets, sparse_kl, topk_targets
 
 __all__ = [
+    "CrossTokenTargets",
     "SparseTargets",
     "adaptive_kl",
     "chunked_distill_loss",
+    "cross_token_targets",
     "forward_kl",
     "generalized_jsd",
     "hint_mse",
@@ -48,10 +50,12 @@ __all__ = [
     "sample_targets",
     "skew_kl",
     "skew_reverse_kl",
+    "span_kl",
     "sparse_kl",
     "online_sparse_kl",
     "taid",
     "topk_targets",
     "total_variation",
     "uld",
+    "uld_index_aligned",
 ]
