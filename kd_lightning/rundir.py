@@ -7,6 +7,8 @@
   checkpoints unless `resume` is set.
 - `find_resume_checkpoint(checkpoint_dir)`: for `resume=auto`, `last.ckpt` when it loads, else the
   newest valid `step*.ckpt`; a damaged file is named with what is wrong.
+- `start_run(...)`: all of the above plus the run record (`kd_lightning.runrecord`) in one call, for
+  the start of a run (rank 0, before any compute).
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ import os
 import re
 import socket
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from kd_lightning.runrecord import compare_for_resume, keep_hydra_record, load_run_config, record_run_config
 from kd_lightning.safeload import checkpoint_problem
 
 log = logging.getLogger("kd_lightning")
@@ -159,3 +165,55 @@ def find_resume_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> tuple[Path
         faults.append(f"{candidate.name}: {problem}")
     raise ResumeCheckpointError(f"resume=auto: no usable checkpoint in {checkpoint_dir}: " + "; ".join(faults)
                                 + ". Restore a good copy, or delete the checkpoints directory to start over")
+
+
+def resolve_resume(resume: object, checkpoint_dir: str | os.PathLike[str]) -> tuple[Path | None, list[str]]:
+    """`resume` as the run's config gives it -> the checkpoint to pass to `Trainer.fit(ckpt_path=)`.
+    null: None; `auto`: `find_resume_checkpoint`; a path: that file, which must load weights-only."""
+    if not resume_requested(resume):
+        return None, []
+    if str(resume) == "auto":
+        return find_resume_checkpoint(checkpoint_dir)
+    path = Path(os.path.expanduser(str(resume)))
+    problem = checkpoint_problem(path)
+    if problem == "missing":
+        raise FileNotFoundError(f"resume={resume}: no checkpoint at {path}")
+    if problem is not None:
+        raise ResumeCheckpointError(f"resume={resume}: {path} is {problem}; pass another checkpoint or resume=auto")
+    return path, []
+
+
+@dataclass
+class RunStart:
+    """What `start_run` found: the held lock (release it when the run ends), the checkpoint to resume
+    from (None: start fresh), and lines to log."""
+
+    lock: RunDirLock
+    checkpoint: Path | None
+    notes: list[str] = field(default_factory=list)
+
+
+def start_run(output_dir: str | os.PathLike[str], resume: object, config: Mapping[str, Any], *,
+              allow_changes: bool = False, checkpoint_dir: str | os.PathLike[str] | None = None) -> RunStart:
+    """The start of a run, in order: take the directory's lock; refuse a fresh run over a finished or
+    checkpointed one; keep the first start's `.hydra/` record; on a resume, compare `config` (the
+    resolved config without `hydra`) with the recorded one (`ResumeConfigError` unless
+    `allow_changes`); record it on the first start; find the checkpoint to continue from. The lock
+    is released again if any step fails."""
+    output_dir = Path(output_dir)
+    lock = RunDirLock(output_dir).acquire()
+    try:
+        guard_run_dir(output_dir, resume)
+        fresh = not resume_requested(resume)  # the guard found nothing to continue
+        keep_hydra_record(output_dir, fresh=fresh)
+        recorded = None if fresh else load_run_config(output_dir)
+        notes = []
+        if recorded is not None:
+            changes = compare_for_resume(recorded, config, allow=allow_changes)
+            notes += [f"resume: continuing with a changed key (+resume_allow_changes=true): {c}" for c in changes]
+        record_run_config(output_dir, config, fresh=fresh)
+        checkpoint, found = resolve_resume(resume, checkpoint_dir or output_dir / CHECKPOINT_DIR)
+        return RunStart(lock, checkpoint, notes + found)
+    except BaseException:
+        lock.release()
+        raise

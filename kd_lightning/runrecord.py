@@ -72,11 +72,14 @@ def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
     return yaml.safe_load(yaml.safe_dump(dict(config), sort_keys=True)) or {}
 
 
-def record_run_config(output_dir: str | os.PathLike[str], config: Mapping[str, Any]) -> tuple[Path, bool]:
+def record_run_config(output_dir: str | os.PathLike[str], config: Mapping[str, Any], *,
+                      fresh: bool = False) -> tuple[Path, bool]:
     """Write the run's resolved config (plain dict, `hydra` left out) to `<output_dir>/run_config.yaml`
-    once, on the first start; later starts leave it alone. Returns (path, whether it was written now)."""
+    once, on the first start; later starts leave it alone. `fresh=True` (a start without `resume` in
+    a directory the guard found without checkpoints or summary: nothing of the old run is continued)
+    records anew. Returns (path, whether it was written now)."""
     path = Path(output_dir) / RUN_CONFIG_NAME
-    if path.exists():
+    if path.exists() and not fresh:
         return path, False
     atomic_write_text(path, yaml.safe_dump(_plain(config), sort_keys=True))
     return path, True
@@ -112,18 +115,19 @@ def compare_for_resume(recorded: Mapping[str, Any], new: Mapping[str, Any], allo
     return changes
 
 
-def keep_hydra_record(output_dir: str | os.PathLike[str]) -> Path | None:
-    """Call at every start, after Hydra wrote `.hydra/`. First start: copy `.hydra/*.yaml` to
-    `.hydra/original/`. Later starts: save this start's files as `.hydra/<name>.resume-<n>.yaml`
-    (n = 1, 2, ...) and copy the originals back over `.hydra/<name>.yaml`. Returns the path of the
-    saved resume config, or None on the first start (or when Hydra wrote no `.hydra/`)."""
+def keep_hydra_record(output_dir: str | os.PathLike[str], *, fresh: bool = False) -> Path | None:
+    """Call at every start, after Hydra wrote `.hydra/`. First start (or `fresh`, as in
+    `record_run_config`): copy `.hydra/*.yaml` to `.hydra/original/`. Later starts: save this start's
+    files as `.hydra/<name>.resume-<n>.yaml` (n = 1, 2, ...) and copy the originals back over
+    `.hydra/<name>.yaml`. Returns the path of the saved resume config, or None on a first start (or
+    when Hydra wrote no `.hydra/`)."""
     hydra_dir = Path(output_dir) / ".hydra"
     original = hydra_dir / ORIGINAL_DIR
     present = [hydra_dir / name for name in HYDRA_FILES if (hydra_dir / name).exists()]
     if not present:
         return None
-    if not original.exists():
-        with atomic_directory(original, replace=False) as staging:
+    if fresh or not original.exists():
+        with atomic_directory(original, replace=True) as staging:
             for file in present:
                 shutil.copy2(file, staging / file.name)
         return None

@@ -176,3 +176,31 @@ def test_real_hydra_start_rewrites_dot_hydra_and_the_original_is_restored(tmp_pa
     assert "resume" not in (out / ".hydra" / "config.yaml").read_text()
     assert "resume: auto" in (out / ".hydra" / "config.resume-1.yaml").read_text()
     assert "+resume=auto" in (out / ".hydra" / "overrides.resume-1.yaml").read_text()
+
+
+def test_start_run_in_order(tmp_path: Path) -> None:
+    from kd_lightning.rundir import start_run
+
+    config = {"seed": 0, "resume": None, "trainer": {"max_steps": 4}}
+    first = start_run(tmp_path, None, config)
+    assert first.checkpoint is None and load_run_config(tmp_path) == config
+    with pytest.raises(RunDirBusyError):
+        start_run(tmp_path, "auto", config)
+    first.lock.release()
+    last = save_ckpt(tmp_path / "checkpoints" / "last.ckpt", 2)
+    with pytest.raises(FileExistsError, match="pass resume=auto"):
+        start_run(tmp_path, None, config)
+    again = start_run(tmp_path, "auto", {**config, "resume": "auto", "trainer": {"max_steps": 8}})
+    assert again.checkpoint == last and again.notes == []
+    again.lock.release()  # (a failed start released its lock itself, or this would be busy)
+    with pytest.raises(ResumeConfigError, match="seed: 0 -> 1"):
+        start_run(tmp_path, "auto", {**config, "seed": 1})
+    allowed = start_run(tmp_path, "auto", {**config, "seed": 1}, allow_changes=True)
+    assert allowed.notes == ["resume: continuing with a changed key (+resume_allow_changes=true): seed: 0 -> 1"]
+    allowed.lock.release()
+    assert load_run_config(tmp_path) == config  # the record of the first start stays
+    (tmp_path / "bad.ckpt").write_bytes(b"junk")
+    with pytest.raises(ResumeCheckpointError, match=r"resume=.*bad.ckpt: .*bad.ckpt is not a torch checkpoint archive"):
+        start_run(tmp_path, str(tmp_path / "bad.ckpt"), config)
+    with pytest.raises(FileNotFoundError, match="resume=.*: no checkpoint at"):
+        start_run(tmp_path, str(tmp_path / "nope.ckpt"), config)
