@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -139,22 +140,31 @@ def _owner_pid(name: str) -> int | None:
     return int(pid) if mark and pid.isdigit() else None
 
 
-def clean_stale_temporaries(parent: str | os.PathLike[str], prefix: str = "") -> list[Path]:
+def clean_stale_temporaries(parent: str | os.PathLike[str], prefix: str = "", *,
+                            min_age_seconds: float = 3600.0) -> list[Path]:
     """Delete hidden temporaries (files or directories) in `parent` left by interrupted writers.
 
-    Only entries named `.<prefix>*.tmp-<pid>-*` whose writer process is dead are removed: a live
-    writer's staging area (this process's, or another run's sharing the cache) is never touched.
-    Returns the removed paths. (A pid reused by an unrelated process only delays the clean-up.)
+    Only entries named `.<prefix>*.tmp-<pid>-*` whose writer process is dead here and that have not
+    changed for `min_age_seconds` are removed: this host's live writers are recognised by their pid,
+    and the age guards a writer on another host sharing the directory (a cache on NFS), whose pid means
+    nothing here. Returns the removed paths. (A pid reused by an unrelated process only delays the
+    clean-up.)
     """
     parent = Path(parent)
     removed: list[Path] = []
     if not parent.is_dir():
         return removed
+    now = time.time()
     for entry in parent.iterdir():
         if not entry.name.startswith(f".{prefix}"):
             continue
         pid = _owner_pid(entry.name)
         if pid is None or _pid_alive(pid):
+            continue
+        try:
+            if now - entry.lstat().st_mtime < min_age_seconds:
+                continue
+        except FileNotFoundError:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,12 @@ def dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     return child.pid
+
+
+def age(path: Path, seconds: float = 7200) -> Path:
+    old = time.time() - seconds
+    os.utime(path, (old, old))
+    return path
 
 
 def test_atomic_write_replaces_whole_file_and_leaves_no_temporary(tmp_path: Path) -> None:
@@ -75,13 +82,17 @@ def test_clean_stale_temporaries_removes_only_dead_writers(tmp_path: Path) -> No
     dead = tmp_path / f".teacher-abc.tmp-{dead_pid()}-x1"
     live = tmp_path / f".teacher-abc.tmp-{os.getpid()}-x2"
     other = tmp_path / ".unrelated"
-    for directory in (dead, live, other):
+    recent = tmp_path / f".teacher-abc.tmp-{dead_pid()}-x3"  # maybe another host's live writer
+    for directory in (dead, live, other, recent):
         directory.mkdir()
     stale_file = tmp_path / f".summary.json.tmp-{dead_pid()}-y"
     stale_file.write_text("{")
+    for path in (dead, live, other, stale_file):
+        age(path)
     removed = clean_stale_temporaries(tmp_path)
     assert sorted(removed) == sorted([dead, stale_file])
-    assert live.exists() and other.exists()
+    assert live.exists() and other.exists() and recent.exists()
+    assert clean_stale_temporaries(tmp_path, min_age_seconds=0) == [recent]
     assert clean_stale_temporaries(tmp_path, prefix="other") == []
 
 
@@ -89,6 +100,7 @@ def test_cache_write_atomically_keeps_api_and_cleans_leftovers(tmp_path: Path) -
     entry = tmp_path / "teachers" / "moe-1234"
     leftover = entry.parent / f".moe-1234.tmp-{dead_pid()}-z"
     leftover.mkdir(parents=True)
+    age(leftover)
     write_atomically(entry, lambda d: (d / "model.safetensors").write_text("w"), {"seed": 0})
     assert is_complete(entry) and json.loads((entry / "kd_manifest.json").read_text()) == {"seed": 0}
     write_atomically(entry, lambda d: (d / "model.safetensors").write_text("other"), {"seed": 0})
