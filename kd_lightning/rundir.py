@@ -201,9 +201,17 @@ def start_run(output_dir: str | os.PathLike[str], resume: object, config: Mappin
     `allow_changes`); record it on the first start; find the checkpoint to continue from. The lock
     is released again if any step fails."""
     output_dir = Path(output_dir)
-    lock = RunDirLock(output_dir).acquire()
     try:
-        guard_run_dir(output_dir, resume)
+        lock = RunDirLock(output_dir).acquire()
+    except RunDirBusyError:
+        _restore_hydra_record(output_dir)  # Hydra already wrote this refused start over the live run's
+        raise
+    try:
+        try:
+            guard_run_dir(output_dir, resume)
+        except FileExistsError:
+            _restore_hydra_record(output_dir)
+            raise
         fresh = not resume_requested(resume)  # the guard found nothing to continue
         keep_hydra_record(output_dir, fresh=fresh)
         recorded = None if fresh else load_run_config(output_dir)
@@ -217,3 +225,10 @@ def start_run(output_dir: str | os.PathLike[str], resume: object, config: Mappin
     except BaseException:
         lock.release()
         raise
+
+
+def _restore_hydra_record(output_dir: Path) -> None:
+    """A refused start: Hydra has already rewritten `.hydra/`; put the original record back (the
+    refused invocation is kept as `<name>.resume-<n>.yaml`)."""
+    if (output_dir / ".hydra" / "original").is_dir():
+        keep_hydra_record(output_dir)

@@ -52,11 +52,12 @@ class ResumeConfigError(ValueError):
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists are values. An empty mapping stays a value (`{}`)."""
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}`; lists are values; an empty mapping adds no key (so
+    `callbacks: {}` and an absent `callbacks` compare equal)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
+        if isinstance(value, Mapping):
             flat.update(flatten(value, dotted + "."))
         else:
             flat[dotted] = value

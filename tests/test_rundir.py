@@ -204,3 +204,19 @@ def test_start_run_in_order(tmp_path: Path) -> None:
         start_run(tmp_path, str(tmp_path / "bad.ckpt"), config)
     with pytest.raises(FileNotFoundError, match="resume=.*: no checkpoint at"):
         start_run(tmp_path, str(tmp_path / "nope.ckpt"), config)
+
+
+def test_refused_start_puts_the_original_hydra_record_back(tmp_path: Path) -> None:
+    from kd_lightning.rundir import start_run
+
+    hydra_dir = tmp_path / ".hydra"
+    hydra_dir.mkdir()
+    (hydra_dir / "config.yaml").write_text("seed: 0\n")
+    start_run(tmp_path, None, {"seed": 0}).lock.release()
+    save_ckpt(tmp_path / "checkpoints" / "last.ckpt", 2)
+    (hydra_dir / "config.yaml").write_text("seed: 7\n")  # Hydra, for a start the guard refuses
+    with pytest.raises(FileExistsError):
+        start_run(tmp_path, None, {"seed": 7})
+    assert (hydra_dir / "config.yaml").read_text() == "seed: 0\n"
+    assert (hydra_dir / "config.resume-1.yaml").read_text() == "seed: 7\n"
+    assert compare_for_resume({"seed": 0, "callbacks": {}}, {"seed": 0}) == []
