@@ -74,6 +74,7 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"dataset.seq_len={seq_len}: must be at least 2 (an input token and the next one to predict)")
     _check_temperature(cfg)
     _check_loss_params(cfg)
+    check_callback_configs(cfg)
     for key, value in _pretrained_keys(cfg):
         check_local_pretrained(key, value)
     if seq_len is not None:
@@ -124,6 +125,31 @@ def _check_loss_params(cfg: DictConfig) -> None:
     chunk_size = _get(cfg, "loss.chunk_size")
     if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ConfigError(f"loss.chunk_size={chunk_size!r}: must be null (unchunked) or a positive integer")
+
+
+def _callback_keys(cfg: DictConfig) -> list[str]:
+    named = _get(cfg, "callbacks")
+    keys = [f"callbacks.{name}" for name in named] if isinstance(named, DictConfig) else []
+    return keys + [key for key in ("temperature.callback", "loss.callback") if isinstance(_get(cfg, key), DictConfig)]
+
+
+def check_callback_configs(cfg: DictConfig) -> None:
+    """Build every method callback (`callbacks.*`, `temperature.callback`, `loss.callback`) once,
+    now: their `__init__` validates their arguments (Lightning's convention), and today the run builds
+    them only after the teacher's pre-training. A failure is re-raised naming the config node, e.g.
+    `loss.callback: TAIDSchedule: t_start=1.5 must be in [0, 1)` (the argument is `loss.callback.t_start`)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    for key in _callback_keys(cfg):
+        node = _get(cfg, key)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        try:
+            instantiate(node)
+        except (InstantiationException, ValueError, TypeError) as error:
+            cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
+            raise ConfigError(f"{key}: {str(cause).splitlines()[0]}") from error
 
 
 def _teacher_keys(cfg: DictConfig) -> list[str]:

@@ -32,6 +32,9 @@ BAD_VALUES = {
     "student=hf student.model.pretrained=/no/such/model": r"student.model.pretrained='/no/such/model': no such directory",
     "teacher=hf teacher.model.pretrained=./missing": r"teacher.model.pretrained='./missing': no such directory",
     "teacher=hf": r"teacher.model.pretrained is not set",
+    "loss=taid loss.callback.t_start=1.5": r"loss.callback: TAIDSchedule: t_start=1.5 must be in \[0, 1\)",
+    "temperature=dts temperature.callback.momentum=1": r"temperature.callback: DynamicTemperature: momentum=1",
+    "callbacks=sar callbacks.sar.lr=0": r"callbacks.sar: StudentAwareRouter: lr=0 must be > 0",
 }
 
 
@@ -43,7 +46,9 @@ def test_bad_value_names_its_key(make_cfg, overrides: str) -> None:
 
 
 @pytest.mark.parametrize("overrides", ["", "loss=skew_kl", "temperature=dts", "teacher=ensemble", "loss=akl",
-                                       "experiment=digits", "distill.kd_weight=0", "stage=teacher distill.ce_weight=0 distill.kd_weight=0",
+                                       "experiment=digits", "experiment=takd", "loss=taid", "callbacks=sar",
+                                       "callbacks=distillm_offpolicy", "callbacks=on_policy", "callbacks=reinforced teacher=ensemble",
+                                       "distill.kd_weight=0", "stage=teacher distill.ce_weight=0 distill.kd_weight=0",
                                        "teacher=hf teacher.model.pretrained=Qwen/Qwen1.5-MoE-A2.7B"])
 def test_the_shipped_configs_pass(make_cfg, overrides: str) -> None:
     validate_config(make_cfg(*overrides.split()))
