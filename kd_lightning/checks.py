@@ -250,3 +250,10 @@ def check_training_text(key: str, token_counts: Sequence[int], *, split: str = "
             rank_zero_warn(f"{key}: {name} holds {share:.0%} of the {split} split's {total} tokens; "
                            "the split is mostly one document")
 
+
+
+def learnable_token_counts(texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> list[int]:
+    """Per record, the tokens `check_training_text` counts: those of its text (the response in
+    prompt/response mode), 0 when the text is empty or whitespace only (whose few tokens teach
+    nothing but where the spaces go)."""
+    return [0 if not text.strip() else len(ids) for text, ids in zip(texts, token_ids, strict=True)]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kd_lightning.checks import (ConfigError, check_seq_len_fits, check_training_text, check_writable,
-                                 validate_config)
+                                 learnable_token_counts, validate_config)
 
 BAD_VALUES = {
     "distill.kd_weight=-0.5": r"distill.kd_weight=-0.5: must be >= 0",
@@ -101,3 +101,11 @@ def test_training_text_warns_on_empty_records_and_a_dominant_document() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_training_text("dataset.paths", [10, 12, 9, 0] + [10] * 20)
+
+
+def test_whitespace_only_responses_count_as_empty() -> None:
+    texts = ["  \n", "", "4"]
+    counts = learnable_token_counts(texts, [list(t.encode()) for t in texts])
+    assert counts == [0, 0, 1]
+    with pytest.raises(ConfigError, match="dataset.response_field='response': every one of the 2 train records"):
+        check_training_text("dataset.response_field='response'", learnable_token_counts(texts[:2], [[32, 10], []]))
