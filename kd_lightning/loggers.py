@@ -11,6 +11,7 @@ from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from typing_extensions import override
 
 from kd_lightning.atomic import atomic_write_text
 
@@ -58,9 +59,11 @@ class _KeepingExperimentWriter(ExperimentWriter):
         self._continuing = False
         super().__init__(log_dir)
 
+    @override
     def _check_log_dir_exists(self) -> None:
         self._continuing = os.path.isfile(self.metrics_file_path)
 
+    @override
     def save(self) -> None:
         if self._continuing and self.metrics:
             self._continuing = False
@@ -98,6 +101,7 @@ class ResumableCSVLogger(CSVLogger):
     Local file systems only (the merge reads and atomically rewrites the file)."""
 
     @property
+    @override
     def experiment(self) -> ExperimentWriter:  # type: ignore[override]
         if self._experiment is None:
             from lightning.fabric.utilities.rank_zero import rank_zero_only
