@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"  # an older directory renamed aside while its replacement moves in
 
 
-def _temp_prefix(target: Path) -> str:
-    return f".{target.name}{TMP_MARK}{os.getpid()}-"
+def _temp_prefix(target: Path, mark: str = TMP_MARK) -> str:
+    return f".{target.name}{mark}{os.getpid()}-"
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -81,8 +82,8 @@ def atomic_directory(target: str | os.PathLike[str], *, replace: bool = True) ->
 
     An existing `target` is replaced safely (`replace=True`): it is renamed aside, the new one is
     renamed in, then the old one is deleted, so at every instant `target` is either the old or the new
-    directory (never a mix) and a crash between the two renames leaves the old one beside it under a
-    temporary name that `clean_stale_temporaries` removes. With `replace=False` an existing `target`
+    directory (never a mix); after a crash between the two renames `clean_stale_temporaries` puts the
+    old one back. With `replace=False` an existing `target`
     wins (another writer finished first) and the staged copy is discarded. On an exception the staged
     directory is deleted and `target` is untouched.
     """
@@ -102,7 +103,7 @@ def _move_into_place(staging: Path, target: Path, *, replace: bool) -> None:
         if not replace:
             shutil.rmtree(staging)
             return
-        aside = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
+        aside = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, OLD_MARK), dir=target.parent))
         aside.rmdir()  # only the unique name is wanted
         os.replace(target, aside)
         try:
@@ -133,18 +134,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _owner_pid(name: str) -> int | None:
-    """The writer's pid from `.<name>.tmp-<pid>-<random>`, or None for another name."""
-    _, mark, rest = name.partition(TMP_MARK)
-    pid = rest.split("-", 1)[0]
-    return int(pid) if mark and pid.isdigit() else None
+def _owner_pid(name: str) -> tuple[int, str] | None:
+    """(writer's pid, target name) from `.<target>.tmp-<pid>-<random>` (or `.old-`), else None."""
+    for mark in (TMP_MARK, OLD_MARK):
+        head, found, rest = name.partition(mark)
+        pid = rest.split("-", 1)[0]
+        if found and pid.isdigit():
+            return int(pid), head[1:]
+    return None
 
 
 def clean_stale_temporaries(parent: str | os.PathLike[str], prefix: str = "", *,
                             min_age_seconds: float = 3600.0) -> list[Path]:
     """Delete hidden temporaries (files or directories) in `parent` left by interrupted writers.
 
-    Only entries named `.<prefix>*.tmp-<pid>-*` whose writer process is dead here and that have not
+    An older directory set aside by `atomic_directory` whose target is missing (the writer died
+    between its two renames) is renamed back instead. Only entries named `.<prefix>*.tmp-<pid>-*`
+    (or `.old-`) whose writer process is dead here and that have not
     changed for `min_age_seconds` are removed: this host's live writers are recognised by their pid,
     and the age guards a writer on another host sharing the directory (a cache on NFS), whose pid means
     nothing here. Returns the removed paths. (A pid reused by an unrelated process only delays the
@@ -158,13 +164,18 @@ def clean_stale_temporaries(parent: str | os.PathLike[str], prefix: str = "", *,
     for entry in parent.iterdir():
         if not entry.name.startswith(f".{prefix}"):
             continue
-        pid = _owner_pid(entry.name)
-        if pid is None or _pid_alive(pid):
+        owner = _owner_pid(entry.name)
+        if owner is None or _pid_alive(owner[0]):
             continue
         try:
             if now - entry.lstat().st_mtime < min_age_seconds:
                 continue
         except FileNotFoundError:
+            continue
+        target = parent / owner[1]
+        if OLD_MARK in entry.name and not target.exists():  # died between the two renames: undo
+            os.replace(entry, target)
+            removed.append(entry)
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)

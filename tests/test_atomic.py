@@ -146,3 +146,15 @@ def test_checkpoint_problem_detects_truncated_garbage_and_unsafe(tmp_path: Path)
     unsafe = checkpoint_problem(tmp_path / "unsafe.ckpt")
     assert "weights-only load refuses" in unsafe and "weights_only=False" not in unsafe
     assert checkpoint_problem(tmp_path / "missing.ckpt") == "missing"
+
+
+def test_directory_set_aside_by_a_dead_writer_is_put_back(tmp_path: Path) -> None:
+    aside = tmp_path / f".student.old-{dead_pid()}-q"
+    aside.mkdir()
+    (aside / "model.safetensors").write_text("old")
+    orphan_new = tmp_path / f".student.tmp-{dead_pid()}-r"  # its replacement, never renamed in
+    orphan_new.mkdir()
+    age(orphan_new), age(aside)
+    assert sorted(clean_stale_temporaries(tmp_path)) == sorted([aside, orphan_new])
+    assert (tmp_path / "student" / "model.safetensors").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["student"]
