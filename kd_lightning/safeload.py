@@ -72,6 +72,15 @@ def safe_open_checked(path: str | os.PathLike[str], fix: str = FIX_CACHE, framew
         yield opened
 
 
+def check_safetensors_dir(directory: str | os.PathLike[str], fix: str = FIX_CACHE) -> None:
+    """Before `from_pretrained(directory)` of a cache entry (a cached teacher or baseline): every
+    `*.safetensors` in it has a whole header and the size the header promises (`safe_open` checks
+    both without reading tensor data); else `DamagedFileError` naming the file and `fix`."""
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open_checked(path, fix=fix):
+            pass
+
+
 def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
     """None when `path` loads with `torch.load(weights_only=True)`, else what is wrong, in words.
 

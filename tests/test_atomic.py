@@ -15,8 +15,8 @@ import torch
 from kd_lightning.atomic import (atomic_directory, atomic_write_json, atomic_write_text,
                                  clean_stale_temporaries)
 from kd_lightning.cache import is_complete, write_atomically
-from kd_lightning.safeload import (FIX_TARGETS, DamagedFileError, checkpoint_problem, load_safetensors_checked,
-                                   safe_open_checked)
+from kd_lightning.safeload import (FIX_TARGETS, DamagedFileError, check_safetensors_dir, checkpoint_problem,
+                                   load_safetensors_checked, safe_open_checked)
 
 
 def dead_pid() -> int:
@@ -128,6 +128,8 @@ def test_damaged_safetensors_names_the_file_and_the_fix(tmp_path: Path) -> None:
             pass
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         load_safetensors_checked(tmp_path / "nope.safetensors")
+    with pytest.raises(DamagedFileError, match="part-1.safetensors"):
+        check_safetensors_dir(tmp_path)  # a cache entry with one truncated weight file
 
 
 def test_checkpoint_problem_detects_truncated_garbage_and_unsafe(tmp_path: Path) -> None:
