@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from kd_lightning.atomic import atomic_directory, atomic_write_json, clean_stale_temporaries
 
 CACHE_VERSION = 1
 
@@ -30,19 +30,14 @@ def config_key(payload: Any) -> str:
 
 
 def write_atomically(target: Path, write: Callable[[Path], None], manifest: dict[str, Any]) -> Path:
-    """Call `write(tmp_dir)`, add `kd_manifest.json`, then move the directory to `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    """Call `write(tmp_dir)`, add `kd_manifest.json`, then move the directory to `target`.
+
+    If another process finished the same entry first, theirs is kept (entries are content-addressed,
+    so both are equal). Leftovers of writers that died mid-way are removed first."""
+    clean_stale_temporaries(target.parent, prefix=target.name)
+    with atomic_directory(target, replace=False) as tmp:
         write(tmp)
-        (tmp / "kd_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        if target.exists():  # another process finished first: keep theirs
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / "kd_manifest.json", manifest)
     return target
 
 

@@ -1,0 +1,186 @@
+"""Atomic writes: a reader sees the old file (or directory) or the new one, never half of either.
+
+Every file kd-lightning writes for later reading (summaries, manifests, run records, saved models,
+caches) goes through here. A file is written to a hidden temporary sibling, flushed and fsynced,
+then `os.replace`d over the target (atomic on POSIX within one filesystem). A directory is built in
+a hidden sibling and renamed into place; an older directory is renamed aside first and deleted only
+once the new one is in place.
+
+Temporaries are named `.<target name>.tmp-<pid>-<random>`, so `clean_stale_temporaries` can tell a
+leftover of an interrupted writer (its process is dead) from a live writer's work in progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+TMP_MARK = ".tmp-"
+OLD_MARK = ".old-"  # an older directory renamed aside while its replacement moves in
+
+
+def _temp_prefix(target: Path, mark: str = TMP_MARK) -> str:
+    return f".{target.name}{mark}{os.getpid()}-"
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable: fsync the directory entry (a no-op where the OS does not allow it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` atomically: temp file in the same directory, fsync, `os.replace`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(target.parent)
+    return target
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """`atomic_write_bytes` for UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> Path:
+    """`obj` as JSON (keys sorted, non-JSON values via `str`), written atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike[str], *, replace: bool = True) -> Iterator[Path]:
+    """Stage a directory in a hidden sibling; on success rename it to `target`.
+
+        with atomic_directory(output_dir / "student") as staging:
+            model.save_pretrained(staging)
+
+    An existing `target` is replaced safely (`replace=True`): it is renamed aside, the new one is
+    renamed in, then the old one is deleted, so at every instant `target` is either the old or the new
+    directory (never a mix); after a crash between the two renames `clean_stale_temporaries` puts the
+    old one back. With `replace=False` an existing `target`
+    wins (another writer finished first) and the staged copy is discarded. On an exception the staged
+    directory is deleted and `target` is untouched.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
+    try:
+        yield staging
+        _move_into_place(staging, target, replace=replace)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _move_into_place(staging: Path, target: Path, *, replace: bool) -> None:
+    if target.exists():
+        if not replace:
+            shutil.rmtree(staging)
+            return
+        aside = Path(tempfile.mkdtemp(prefix=_temp_prefix(target, OLD_MARK), dir=target.parent))
+        aside.rmdir()  # only the unique name is wanted
+        os.replace(target, aside)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            os.replace(aside, target)  # put the old one back
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target.exists() and not replace):  # lost a race with another writer: keep theirs
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    _fsync_directory(target.parent)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _owner_pid(name: str) -> tuple[int, str] | None:
+    """(writer's pid, target name) from `.<target>.tmp-<pid>-<random>` (or `.old-`), else None."""
+    for mark in (TMP_MARK, OLD_MARK):
+        head, found, rest = name.partition(mark)
+        pid = rest.split("-", 1)[0]
+        if found and pid.isdigit():
+            return int(pid), head[1:]
+    return None
+
+
+def clean_stale_temporaries(parent: str | os.PathLike[str], prefix: str = "", *,
+                            min_age_seconds: float = 3600.0) -> list[Path]:
+    """Delete hidden temporaries (files or directories) in `parent` left by interrupted writers.
+
+    An older directory set aside by `atomic_directory` whose target is missing (the writer died
+    between its two renames) is renamed back instead. Only entries named `.<prefix>*.tmp-<pid>-*`
+    (or `.old-`) whose writer process is dead here and that have not
+    changed for `min_age_seconds` are removed: this host's live writers are recognised by their pid,
+    and the age guards a writer on another host sharing the directory (a cache on NFS), whose pid means
+    nothing here. Returns the removed paths. (A pid reused by an unrelated process only delays the
+    clean-up.)
+    """
+    parent = Path(parent)
+    removed: list[Path] = []
+    if not parent.is_dir():
+        return removed
+    now = time.time()
+    for entry in parent.iterdir():
+        if not entry.name.startswith(f".{prefix}"):
+            continue
+        owner = _owner_pid(entry.name)
+        if owner is None or _pid_alive(owner[0]):
+            continue
+        try:
+            if now - entry.lstat().st_mtime < min_age_seconds:
+                continue
+        except FileNotFoundError:
+            continue
+        target = parent / owner[1]
+        if OLD_MARK in entry.name and not target.exists():  # died between the two renames: undo
+            os.replace(entry, target)
+            removed.append(entry)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        removed.append(entry)
+    return removed

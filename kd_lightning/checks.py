@@ -1,0 +1,259 @@
+"""The validation layer: a bad config, path or dataset stops the run before any compute.
+
+Every error is a `ConfigError` (a `ValueError`) with one line naming the config key as the user
+writes it (`distill.kd_weight`, not an internal argument), the bad value and what to do.
+
+- `validate_config(cfg)`: numbers and paths of the composed config (call first thing in a run);
+- `check_seq_len_fits(...)`: `dataset.seq_len` against a model's positions (after the model config
+  is known);
+- `check_writable(path, key)`: the output and cache directories (before any compute);
+- `check_training_text(...)`: empty records, nothing to learn, one document dominating a split
+  (after the data is read, before training).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+from omegaconf import DictConfig, OmegaConf
+
+# Loss parameters that must lie in [0, 1] (conf/loss/*.yaml): skew_kl / skew_reverse_kl `alpha`,
+# gjsd `beta`, akl `mu`. Today the loss checks them at its first call, inside the training step.
+UNIT_INTERVAL_LOSS_PARAMS = ("alpha", "beta", "mu")
+# Temperature-schedule values that must be > 0 (conf/temperature/*.yaml callbacks).
+POSITIVE_TEMPERATURE_KEYS = ("start", "end", "initial", "t_min", "t_max")
+POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    """The resolved value at dotted `key`, or None when absent (a missing `???` value stays `???`)."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent.keys():
+        return None
+    if OmegaConf.is_missing(parent, leaf):
+        return "???"
+    return parent[leaf]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(cfg: DictConfig, key: str, integer: bool = False) -> float | int | None:
+    value = _get(cfg, key)
+    if value is None:
+        return None
+    if not _is_number(value) or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key}={value!r}: must be {kind}")
+    return value
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check the composed config before any data is read or model built; raise `ConfigError`."""
+    _check_weights(cfg)
+    max_steps = _number(cfg, "trainer.max_steps", integer=True)
+    if max_steps is not None and (max_steps == 0 or max_steps < -1):
+        raise ConfigError(f"trainer.max_steps={max_steps}: must be a positive number of optimiser steps "
+                          "(or -1 to train for trainer.max_epochs)")
+    threads = _get(cfg, "cpu_threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads <= 0):
+        raise ConfigError(f"cpu_threads={threads!r}: must be a positive integer, or null for half the cores")
+    seq_len = _number(cfg, "dataset.seq_len", integer=True)
+    if seq_len is not None and seq_len < 2:
+        raise ConfigError(f"dataset.seq_len={seq_len}: must be at least 2 (an input token and the next one to predict)")
+    _check_temperature(cfg)
+    _check_loss_params(cfg)
+    check_callback_configs(cfg)
+    for key, value in _pretrained_keys(cfg):
+        check_local_pretrained(key, value)
+    if seq_len is not None:
+        for model_key in ("student.model", *(f"{k}.model" for k in _teacher_keys(cfg))):
+            model_config = _get(cfg, f"{model_key}.config")
+            if isinstance(model_config, DictConfig):
+                check_seq_len_fits(f"{model_key}.config", seq_len, model_config)
+
+
+def _check_weights(cfg: DictConfig) -> None:
+    kd, ce = _number(cfg, "distill.kd_weight"), _number(cfg, "distill.ce_weight")
+    for key, value in (("distill.kd_weight", kd), ("distill.ce_weight", ce)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{key}={value}: must be >= 0 (it weighs a loss term; 0 turns the term off)")
+    if kd == 0 and ce == 0 and _get(cfg, "stage") in (None, "distill", "takd"):
+        raise ConfigError("distill.kd_weight=0 and distill.ce_weight=0: nothing to train; set at least one above 0 "
+                          "(e.g. distill.kd_weight=1)")
+
+
+def _check_temperature(cfg: DictConfig) -> None:
+    initial = _number(cfg, "temperature.initial")
+    if initial is not None and initial <= 0:
+        raise ConfigError(f"temperature.initial={initial}: the distillation temperature must be > 0 (1 leaves the "
+                          "distributions unchanged; classic KD uses 2-4)")
+    callback = _get(cfg, "temperature.callback")
+    if isinstance(callback, DictConfig):
+        for name in POSITIVE_TEMPERATURE_KEYS:
+            value = _number(cfg, f"temperature.callback.{name}")
+            if value is not None and value <= 0:
+                raise ConfigError(f"temperature.callback.{name}={value}: a distillation temperature must be > 0")
+
+
+def _check_loss_params(cfg: DictConfig) -> None:
+    for name in UNIT_INTERVAL_LOSS_PARAMS:
+        value = _number(cfg, f"loss.fn.{name}")
+        if value is not None and not 0 <= value <= 1:
+            raise ConfigError(f"loss.fn.{name}={value}: must lie in [0, 1] (loss={_get(cfg, 'loss.name')})")
+    value_form = _get(cfg, "loss.fn.value_form")
+    if value_form is not None and value_form not in ("kl", "ce"):
+        raise ConfigError(f"loss.fn.value_form={value_form!r}: must be 'kl' or 'ce'")
+    method = _get(cfg, "loss.fn.method")
+    if method is not None and method not in ("sample", "topk"):
+        raise ConfigError(f"loss.fn.method={method!r}: must be 'sample' or 'topk'")
+    for name in ("num_draws", "k"):
+        count = _number(cfg, f"loss.fn.{name}", integer=True)
+        if count is not None and count < 1:
+            raise ConfigError(f"loss.fn.{name}={count}: must be >= 1")
+    chunk_size = _get(cfg, "loss.chunk_size")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ConfigError(f"loss.chunk_size={chunk_size!r}: must be null (unchunked) or a positive integer")
+
+
+def _callback_keys(cfg: DictConfig) -> list[str]:
+    named = _get(cfg, "callbacks")
+    keys = [f"callbacks.{name}" for name in named] if isinstance(named, DictConfig) else []
+    return keys + [key for key in ("temperature.callback", "loss.callback") if isinstance(_get(cfg, key), DictConfig)]
+
+
+def check_callback_configs(cfg: DictConfig) -> None:
+    """Build every method callback (`callbacks.*`, `temperature.callback`, `loss.callback`) once,
+    now: their `__init__` validates their arguments (Lightning's convention), and today the run builds
+    them only after the teacher's pre-training. A failure is re-raised naming the config node, e.g.
+    `loss.callback: TAIDSchedule: t_start=1.5 must be in [0, 1)` (the argument is `loss.callback.t_start`)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    for key in _callback_keys(cfg):
+        node = _get(cfg, key)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        try:
+            instantiate(node)
+        except (InstantiationException, ValueError, TypeError) as error:
+            cause = error.__cause__ if isinstance(error, InstantiationException) and error.__cause__ else error
+            raise ConfigError(f"{key}: {str(cause).splitlines()[0]}") from error
+
+
+def _teacher_keys(cfg: DictConfig) -> list[str]:
+    """Config keys of every teacher: `teacher`, or `teacher.members.<name>` for an ensemble."""
+    members = _get(cfg, "teacher.members")
+    if isinstance(members, DictConfig):
+        return [f"teacher.members.{name}" for name in members]
+    return ["teacher"] if isinstance(_get(cfg, "teacher"), DictConfig) else []
+
+
+def _pretrained_keys(cfg: DictConfig) -> Iterator[tuple[str, Any]]:
+    for model_key in ("student.model", *(f"{k}.model" for k in _teacher_keys(cfg))):
+        model = _get(cfg, model_key)
+        if isinstance(model, DictConfig) and "pretrained" in model.keys():  # `in` skips `???`
+            yield f"{model_key}.pretrained", _get(cfg, f"{model_key}.pretrained")
+
+
+def _looks_local(value: str) -> bool:
+    """A path rather than a hub id (`org/name`): absolute, `./`, `../`, `~`, or a first component that
+    exists here as a directory."""
+    if value.startswith(("/", "./", "../", "~", ".\\")) or value in (".", ".."):
+        return True
+    first = value.split("/", 1)[0]
+    return "/" in value and Path(first).is_dir()
+
+
+def check_local_pretrained(key: str, value: Any) -> None:
+    """`<key>=<path>` of `from_pretrained`: a local-looking path must be a saved model directory."""
+    if value in (None, "", "???"):
+        raise ConfigError(f"{key} is not set: pass {key}=<local model directory or hub id>")
+    value = str(value)
+    if not _looks_local(value):
+        return
+    path = Path(os.path.expanduser(value))
+    if not path.exists():
+        raise ConfigError(f"{key}={value!r}: no such directory ({path.resolve()}); give a saved model directory, "
+                          "or a hub id such as org/name")
+    if not path.is_dir():
+        raise ConfigError(f"{key}={value!r}: is a file; give the directory save_pretrained wrote (with config.json)")
+    if not any(path.iterdir()):
+        raise ConfigError(f"{key}={value!r}: the directory is empty; give the directory save_pretrained wrote")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}={value!r}: no config.json in that directory, so it is not a saved model; "
+                          "give the directory save_pretrained wrote")
+
+
+def check_seq_len_fits(key: str, seq_len: int, model_config: Any, seq_len_key: str = "dataset.seq_len") -> None:
+    """`dataset.seq_len` must not exceed the positions the model at config key `key` supports
+    (`max_position_embeddings`, or `n_positions` for GPT-2-style configs); `model_config` is a
+    transformers `PretrainedConfig`, a mapping or a DictConfig. Unknown limits are not checked."""
+    for field in POSITION_LIMIT_FIELDS:
+        limit = model_config.get(field) if hasattr(model_config, "get") else getattr(model_config, field, None)
+        if _is_number(limit):
+            if seq_len > limit:
+                raise ConfigError(f"{seq_len_key}={seq_len} exceeds {key}.{field}={limit}: the model has no position "
+                                  f"beyond {limit}; lower {seq_len_key} to at most {limit}")
+            return
+
+
+def check_writable(path: str | os.PathLike[str], key: str) -> Path:
+    """Create `path` if needed and prove a file can be written in it; `ConfigError` naming `key`
+    otherwise. Call for `paths.cache_dir` and the output directory before any compute (today an
+    unwritable cache is found only after the teacher's pre-training)."""
+    directory = Path(os.path.expanduser(str(path)))
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".kd_write_probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ConfigError(f"{key}={str(path)!r}: cannot write there ({error.strerror or error}); "
+                          f"set {key} to a writable directory") from error
+    return directory
+
+
+def check_training_text(key: str, token_counts: Sequence[int], *, split: str = "train",
+                        names: Sequence[str] | None = None, empty_warn_fraction: float = 0.1,
+                        dominance: float = 0.5) -> None:
+    """Sanity of a split's text: `token_counts[i]` is the number of tokens that record/document i
+    contributes to the loss (its response tokens in prompt/response mode).
+
+    - no token at all: `ConfigError` (nothing to learn), naming `key` (e.g. `dataset.paths=[...]`);
+    - more than `empty_warn_fraction` of the records empty (or whitespace only): a warning with counts;
+    - one document holding more than `dominance` of the split's tokens: a warning naming it."""
+    total, count = sum(token_counts), len(token_counts)
+    if total == 0:
+        raise ConfigError(f"{key}: every one of the {count} {split} records is empty or whitespace only (0 tokens to "
+                          "learn from); check the data and the text/response field")
+    empty = sum(1 for n in token_counts if n == 0)
+    if count and empty / count > empty_warn_fraction:
+        rank_zero_warn(f"{key}: {empty} of {count} {split} records ({empty / count:.0%}) are empty or whitespace "
+                       "only and contribute nothing")
+    if count > 1:
+        largest = max(range(count), key=lambda i: token_counts[i])
+        share = token_counts[largest] / total
+        if share > dominance:
+            name = names[largest] if names is not None else f"record {largest}"
+            rank_zero_warn(f"{key}: {name} holds {share:.0%} of the {split} split's {total} tokens; "
+                           "the split is mostly one document")
+
+
+
+def learnable_token_counts(texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> list[int]:
+    """Per record, the tokens `check_training_text` counts: those of its text (the response in
+    prompt/response mode), 0 when the text is empty or whitespace only (whose few tokens teach
+    nothing but where the spaces go)."""
+    return [0 if not text.strip() else len(ids) for text, ids in zip(texts, token_ids, strict=True)]

@@ -1,0 +1,109 @@
+"""Loading files kd-lightning wrote earlier, with errors that name the file and the fix.
+
+A file can be damaged by a full disk, a copy that stopped half-way or a writer killed before the
+atomic helpers existed. The libraries then raise bare errors (safetensors: `Error while
+deserializing header: incomplete metadata, file not fully covered`; torch: `PytorchStreamReader
+failed reading zip archive`, or an `UnpicklingError` that advises `weights_only=False`, which must
+never be followed for a file one did not just write). These helpers turn them into one line naming
+the file, what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# What to do about a damaged file, by what the file is.
+FIX_CACHE = "delete it; it will be recomputed on the next run"
+FIX_TARGETS = "delete the directory and re-run stage=cache_teacher"
+
+
+class DamagedFileError(RuntimeError):
+    """A file kd-lightning wrote earlier cannot be read; the message names it and the fix."""
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).splitlines()[0].strip() if str(error).strip() else ""
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _safetensors_error(path: Path, error: BaseException, fix: str) -> DamagedFileError:
+    size = path.stat().st_size if path.exists() else 0
+    return DamagedFileError(f"{path} is not a readable safetensors file ({size} bytes, {_describe(error)}): "
+                            f"it is truncated or damaged; {fix}")
+
+
+def load_safetensors_checked(path: str | os.PathLike[str], fix: str = FIX_CACHE, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file(path)`, raising `DamagedFileError` naming `path` and `fix`
+    instead of the library's bare header error. A missing file stays `FileNotFoundError`."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return load_file(str(path), device=device)
+    except Exception as error:  # SafetensorError is a Rust exception without a stable import path
+        raise _safetensors_error(path, error, fix) from error
+
+
+@contextmanager
+def safe_open_checked(path: str | os.PathLike[str], fix: str = FIX_CACHE, framework: str = "pt",
+                      device: str = "cpu") -> Iterator[Any]:
+    """`safetensors.safe_open(path)` as a context manager; a damaged header raises
+    `DamagedFileError` naming `path` and `fix`. Errors inside the `with` body pass unchanged."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        handle = safe_open(str(path), framework=framework, device=device)
+    except Exception as error:
+        raise _safetensors_error(path, error, fix) from error
+    with handle as opened:
+        yield opened
+
+
+def check_safetensors_dir(directory: str | os.PathLike[str], fix: str = FIX_CACHE) -> None:
+    """Before `from_pretrained(directory)` of a cache entry (a cached teacher or baseline): every
+    `*.safetensors` in it has a whole header and the size the header promises (`safe_open` checks
+    both without reading tensor data); else `DamagedFileError` naming the file and `fix`."""
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        with safe_open_checked(path, fix=fix):
+            pass
+
+
+def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
+    """None when `path` loads with `torch.load(weights_only=True)`, else what is wrong, in words.
+
+    Loading is the check, with `mmap=True`: the archive's directory and the pickle are read and
+    checked (a truncated or overwritten file, a type `weights_only` refuses), while tensor data is
+    mapped rather than read, so even a multi-GB checkpoint is checked in a fraction of a second. The
+    message never advises `weights_only=False`."""
+    path = Path(path)
+    if not path.exists():
+        return "missing"
+    if not path.is_file():
+        return "not a file"
+    size = path.stat().st_size
+    if size == 0:
+        return "empty (0 bytes)"
+    if not zipfile.is_zipfile(path):
+        return f"not a torch checkpoint archive ({size} bytes; truncated or overwritten)"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        return "holds objects that a weights-only load refuses (not written by kd-lightning)"
+    except Exception as error:  # torch raises RuntimeError/EOFError/KeyError for damaged archives
+        return f"damaged ({size} bytes; {_describe(error)[:120]})"
+    if not isinstance(state, dict) or "state_dict" not in state:
+        return "not a Lightning checkpoint (no state_dict)"
+    return None
