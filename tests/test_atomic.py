@@ -14,7 +14,7 @@ import torch
 
 from kd_lightning.atomic import (atomic_directory, atomic_write_json, atomic_write_text,
                                  clean_stale_temporaries)
-from kd_lightning.cache import is_complete, write_atomically
+from kd_lightning.model_cache import is_complete, write_atomically
 from kd_lightning.safeload import (FIX_TARGETS, DamagedFileError, check_safetensors_dir, checkpoint_problem,
                                    load_safetensors_checked, safe_open_checked)
 
