@@ -19,13 +19,16 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from kd_lightning.checks import check_writable, validate_config
 from kd_lightning.config import check_config
 from kd_lightning.distributed import is_global_zero
+from kd_lightning.rundir import CHECKPOINT_DIR, RunDirLock, resolve_resume, start_run
+from kd_lightning.signals import EXIT_SIGTERM
 from kd_lightning.stages import cache_teacher_stage, teacher_stage
 from kd_lightning.takd import run_chain
-from kd_lightning.train import distill, guard_output_dir
+from kd_lightning.train import distill
 
 log = logging.getLogger("kd_lightning")
 
@@ -65,26 +68,47 @@ def close_experiment_loggers() -> None:
         wandb.finish(exit_code=1)
 
 
+def begin_run(cfg: DictConfig, output_dir: Path) -> tuple[RunDirLock | None, Path | None]:
+    """Before any compute: on rank 0 take the run directory's lock, refuse to overwrite a finished or
+    checkpointed run, record the config (a resume must keep its meaning) and find the checkpoint to
+    continue from (`kd_lightning.rundir.start_run`); other DDP ranks only find the checkpoint.
+    Returns (the lock to hold for the whole run, the checkpoint)."""
+    if not is_global_zero():
+        return None, resolve_resume(cfg.resume, output_dir / CHECKPOINT_DIR)[0]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    started = start_run(output_dir, cfg.resume, config, allow_changes=bool(cfg.get("resume_allow_changes", False)))
+    for note in started.notes:
+        log.info("%s", note)
+    return started.lock, started.checkpoint
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stage; returns its summary (empty on non-zero DDP ranks)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r} is not one of {list(STAGES)}")
+    validate_config(cfg)
     quiet_lightning_console()
     set_cpu_threads(cfg.get("cpu_threads"))
     # Teachers are in eval mode by design (frozen); Lightning warns about any eval-mode submodule.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
-    output_dir = Path(cfg.paths.output_dir)
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = hydra.utils.instantiate(cfg.dataset)
-    check_config(cfg, datamodule.task)
-    if is_global_zero():
-        guard_output_dir(output_dir, cfg.resume)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = check_writable(cfg.paths.output_dir, "hydra.run.dir")
+    check_writable(cfg.paths.cache_dir, "paths.cache_dir")
+    lock, checkpoint = begin_run(cfg, output_dir)
     try:
-        summary = STAGES[str(cfg.stage)](cfg, datamodule)
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        datamodule = hydra.utils.instantiate(cfg.dataset)
+        check_config(cfg, datamodule.task)
+        stage = STAGES[str(cfg.stage)]
+        # Only the distillation stage continues from <output_dir>/checkpoints; the CE-trained stages
+        # find their own partial checkpoints (stages.obtain_ce_model), TAKD stages theirs (takd.run_stage).
+        summary = stage(cfg, datamodule, ckpt_path=checkpoint) if stage is distill else stage(cfg, datamodule)
     except BaseException as error:
-        if not isinstance(error, SystemExit) or error.code not in (0, None):
+        # SIGTERM (exit 143) has already said what was saved, in one line
+        if not isinstance(error, SystemExit) or error.code not in (0, None, EXIT_SIGTERM):
             log.error("stage=%s stopped (%s); its output directory is %s", cfg.stage, type(error).__name__, output_dir)
         close_experiment_loggers()
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     return summary

@@ -30,11 +30,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kd_lightning.atomic import atomic_write_text
 from kd_lightning.config import teacher_configs
 from kd_lightning.evaluate import print_summary
 from kd_lightning.models import builds, count_parameters, load_model
+from kd_lightning.rundir import CHECKPOINT_DIR, guard_run_dir, resolve_resume
+from kd_lightning.signals import exit_on_sigterm
 from kd_lightning.stages import model_kwargs
-from kd_lightning.train import distill, guard_output_dir
+from kd_lightning.train import distill
 
 log = logging.getLogger("kd_lightning")
 
@@ -158,9 +161,12 @@ def run_stage(stage_cfg: DictConfig, datamodule: Any, label: str) -> dict[str, A
         return json.loads(summary_file.read_text())
     log.info("TAKD: running %s: %s -> %s", label, stage_cfg.teacher.name, stage_cfg.student.name)
     output_dir = Path(stage_cfg.paths.output_dir)
-    guard_output_dir(output_dir, stage_cfg.resume)
+    guard_run_dir(output_dir, stage_cfg.resume)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return distill(stage_cfg, datamodule)
+    checkpoint, notes = resolve_resume(stage_cfg.resume, output_dir / CHECKPOINT_DIR)
+    for note in notes:
+        log.info("TAKD %s: %s", label, note)
+    return distill(stage_cfg, datamodule, ckpt_path=checkpoint)
 
 
 def run_chain(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
@@ -179,7 +185,9 @@ def run_chain(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
     for i, member in enumerate(members, 1):
         last = i == len(members)
         label = f"stage{i}_{member.name}"
-        summary = run_stage(stage_config(cfg, teacher, member, output_dir / label, cfg.baseline and last), datamodule, label)
+        with exit_on_sigterm(f"TAKD stage {i} ({label})"):  # inside its fit, distill says what it saved
+            summary = run_stage(stage_config(cfg, teacher, member, output_dir / label, cfg.baseline and last),
+                                datamodule, label)
         if not summary:  # non-zero DDP rank
             return {}
         stages.append({"stage": label, "teacher": str(teacher["name"]),
@@ -188,7 +196,8 @@ def run_chain(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
     direct = None
     if cfg.takd.get("compare_direct"):
         label = f"direct_{cfg.student.name}"
-        direct = run_stage(stage_config(cfg, cfg.teacher, members[-1], output_dir / label, False), datamodule, label)
+        with exit_on_sigterm(f"TAKD {label}"):
+            direct = run_stage(stage_config(cfg, cfg.teacher, members[-1], output_dir / label, False), datamodule, label)
     return write_chain_summary(cfg, output_dir, stages, direct)
 
 
@@ -208,6 +217,6 @@ def write_chain_summary(cfg: DictConfig, output_dir: Path, stages: list[dict[str
     summary = {"stage": "takd", "loss": str(cfg.loss.name), "seed": int(cfg.seed), "task": final["task"],
                "models": rows, "stages": [{k: v for k, v in s.items() if k != "summary"} for s in stages],
                "student_dir": final["student_dir"]}
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
     print_summary(rows, final["task"], final["student_dir"], title=f"kd-lightning TAKD: loss={cfg.loss.name}")
     return summary

@@ -7,24 +7,25 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
+import os
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from kd_lightning.atomic import atomic_directory, atomic_write_text
 from kd_lightning.callbacks.interrupt import CheckpointOnSigterm
 from kd_lightning.callbacks.timing import FitTimer
 from kd_lightning.config import method_callbacks, teacher_configs
-from kd_lightning.evaluate import evaluate, print_summary
+from kd_lightning.evaluate import evaluate, print_summary, with_progress
 from kd_lightning.model_cache import cache_root
+from kd_lightning.signals import exit_on_sigterm
 from kd_lightning.models import count_parameters, output_size, save_model
 from kd_lightning.module import DistillationModule
-from kd_lightning.stages import build_model, make_trainer, obtain_baseline, obtain_teacher
+from kd_lightning.stages import build_model, check_model_positions, make_trainer, obtain_baseline, obtain_teacher
 from kd_lightning.tasks import task_named
 from kd_lightning.teachers.teacher_outputs import RunContext, TeacherOutputOptions, TeacherOutputsFlush, memoize_teachers
 
@@ -46,24 +47,6 @@ def check_vocabularies(student: torch.nn.Module, teachers: dict[str, torch.nn.Mo
         if output_size(teacher) != student_size:
             raise ValueError(f"teacher '{name}' has vocabulary size {output_size(teacher)} but the student has "
                              f"{student_size}; distilling across vocabularies needs a cross-vocabulary loss (loss=uld)")
-
-
-def guard_output_dir(output_dir: Path, resume: Any) -> None:
-    if resume is None and (output_dir / "summary.json").exists():
-        raise FileExistsError(f"{output_dir} already holds a finished run (summary.json); choose another "
-                              "hydra.run.dir or pass resume=auto to continue it")
-
-
-def resolve_resume(resume: Any, output_dir: Path) -> str | None:
-    if resume in (None, "", "null"):
-        return None
-    path = output_dir / "checkpoints" / "last.ckpt" if resume == "auto" else Path(str(resume))
-    if resume == "auto" and not path.exists():
-        log.info("resume=auto: no checkpoint at %s, starting fresh", path)
-        return None
-    if not path.exists():
-        raise FileNotFoundError(f"resume={resume}: no checkpoint at {path}")
-    return str(path)
 
 
 def teacher_output_options(cfg: DictConfig) -> TeacherOutputOptions:
@@ -93,8 +76,10 @@ def build_module(cfg: DictConfig, student: torch.nn.Module, teachers: dict[str, 
     return factory(student=student, teachers=teachers)
 
 
-def distill(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
-    """Distil one student; returns the summary (empty on non-zero DDP ranks)."""
+def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Distil one student, continuing from `ckpt_path` when given (the caller resolved `resume`:
+    `pipeline.run` through `rundir.start_run`, a TAKD stage through `rundir.resolve_resume`);
+    returns the summary (empty on non-zero DDP ranks)."""
     output_dir = Path(cfg.paths.output_dir)
     teacher_cfgs = teacher_configs(cfg)
     teachers = {str(t.name): obtain_teacher(cfg, t, datamodule) for t in teacher_cfgs}
@@ -102,6 +87,7 @@ def distill(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
     # (which draws random numbers) or loaded from the cache.
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     student = build_model(cfg.student.model, datamodule, int(cfg.seed))
+    check_model_positions("student.model", student, cfg)
     check_vocabularies(student, teachers, cross_vocab=bool(cfg.loss.get("cross_vocab", False)),
                        tokenizer_size=len(datamodule.tokenizer) if datamodule.task == "causal_lm" else None)
     extra_callbacks = method_callbacks(cfg)
@@ -111,39 +97,45 @@ def distill(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
     module = build_module(cfg, student, teachers)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     timer, stores = FitTimer(), TeacherOutputsFlush(teachers)
-    callbacks = [timer, stores, hydra.utils.instantiate(cfg.checkpoint), CheckpointOnSigterm(), *extra_callbacks]
+    on_sigterm = CheckpointOnSigterm()
+    callbacks = [timer, stores, hydra.utils.instantiate(cfg.checkpoint), on_sigterm, *extra_callbacks]
     trainer = make_trainer(cfg, name="distill", callbacks=callbacks, loggers=loggers or False, checkpoint=True)
     log.info("Distilling %s -> student '%s' (%s params) with loss=%s", ", ".join(teachers), cfg.student.name,
              f"{count_parameters(student):,}", cfg.loss.name)
-    try:
+    with exit_on_sigterm("distillation", saved=lambda: on_sigterm.saved):
         # weights_only: a checkpoint is loaded without unpickling arbitrary objects.
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_resume(cfg.resume, output_dir), weights_only=True)
-    except SIGTERMException as interrupted:  # checkpoint already written by CheckpointOnSigterm
-        raise SystemExit(128 + signal.SIGTERM) from interrupted
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     baseline = obtain_baseline(cfg, datamodule)[0] if cfg.baseline else None
     if not trainer.is_global_zero:
         return {}
-    student_dir = save_model(student, output_dir / "student", getattr(datamodule, "tokenizer", None))
-    summary = summarize(datamodule, teachers, student, baseline, loss=str(cfg.loss.name), seed=int(cfg.seed))
-    summary["student_dir"] = str(student_dir)
-    summary["timing"] = timer.summary(trainer.world_size)
-    reuse = stores.summary()
-    if reuse is not None:
-        summary["teacher_outputs"] = reuse
-        log.info("teacher_outputs: %d rows read from the store (about %.1f s of teacher time saved, %.1f s reading), "
-                 "%d computed (%.1f s)", reuse["hit_rows"], reuse["saved_seconds"], reuse["lookup_seconds"],
-                 reuse["computed_rows"], reuse["computed_seconds"])
-    if "val/student_loss" in trainer.callback_metrics:
-        summary["val_student_loss"] = float(trainer.callback_metrics["val/student_loss"])
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    # the fit is over and its last.ckpt written: a resume=auto only redoes what follows
+    finished = getattr(trainer.checkpoint_callback, "last_model_path", None) or None
+    with exit_on_sigterm("the held-out evaluation and saving", saved=finished):
+        with atomic_directory(output_dir / "student") as staging:
+            save_model(student, staging, getattr(datamodule, "tokenizer", None))
+        student_dir = output_dir / "student"
+        summary = summarize(datamodule, teachers, student, baseline, loss=str(cfg.loss.name), seed=int(cfg.seed),
+                            progress=bool(cfg.trainer.get("enable_progress_bar", True)))
+        summary["student_dir"] = str(student_dir)
+        summary["timing"] = timer.summary(trainer.world_size)
+        reuse = stores.summary()
+        if reuse is not None:
+            summary["teacher_outputs"] = reuse
+            log.info("teacher_outputs: %d rows read from the store (about %.1f s of teacher time saved, %.1f s "
+                     "reading), %d computed (%.1f s)", reuse["hit_rows"], reuse["saved_seconds"],
+                     reuse["lookup_seconds"], reuse["computed_rows"], reuse["computed_seconds"])
+        if "val/student_loss" in trainer.callback_metrics:
+            summary["val_student_loss"] = float(trainer.callback_metrics["val/student_loss"])
+        atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
     print_summary(summary["models"], datamodule.task, str(student_dir), title=f"kd-lightning: loss={cfg.loss.name}")
     return summary
 
 
 def summarize(datamodule: Any, teachers: dict[str, torch.nn.Module], student: torch.nn.Module,
-              baseline: torch.nn.Module | None, *, loss: str, seed: int) -> dict[str, Any]:
-    """Held-out (test split) loss/perplexity of every teacher, the distilled student and the baseline."""
+              baseline: torch.nn.Module | None, *, loss: str, seed: int, progress: bool = False) -> dict[str, Any]:
+    """Held-out (test split) loss/perplexity of every teacher, the distilled student and the baseline,
+    each under a progress bar when `progress`."""
     task = task_named(datamodule.task)
     datamodule.setup("test")
     batches = list(datamodule.test_dataloader())
@@ -153,10 +145,12 @@ def summarize(datamodule: Any, teachers: dict[str, torch.nn.Module], student: to
     first_teacher = next(iter(teachers.values()), None)
     rows: dict[str, dict[str, float]] = {}
     for name, teacher in teachers.items():
-        rows[f"teacher:{name}"] = evaluate(teacher, batches, task)
-    rows["student (KD)"] = evaluate(student, batches, task, reference=first_teacher)
+        rows[f"teacher:{name}"] = evaluate(teacher, with_progress(batches, f"held-out: teacher:{name}", progress), task)
+    rows["student (KD)"] = evaluate(student, with_progress(batches, "held-out: student (KD)", progress), task,
+                                    reference=first_teacher)
     if baseline is not None:
-        rows["student (CE only)"] = evaluate(baseline, batches, task, reference=first_teacher)
+        rows["student (CE only)"] = evaluate(baseline, with_progress(batches, "held-out: student (CE only)", progress),
+                                             task, reference=first_teacher)
     for name, model in [*((f"teacher:{n}", t) for n, t in teachers.items()), ("student (KD)", student),
                         ("student (CE only)", baseline)]:
         if model is not None:
