@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,15 @@ def evaluate(
     if reference is not None:
         result["teacher_agreement"] = total_agree / count
     return result
+
+
+def with_progress(batches: Sequence[dict[str, torch.Tensor]], label: str,
+                  enabled: bool = True) -> Iterable[dict[str, torch.Tensor]]:
+    """`batches` under a tqdm bar named `label` (batch count known up front), so the held-out
+    evaluation is visible and its length bounded on screen; the bar disappears when done."""
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=label, total=len(batches), unit="batch", leave=False, disable=not enabled)
 
 
 def _aligned_logits(model: nn.Module, batch: dict[str, torch.Tensor], task: Task) -> tuple[torch.Tensor, torch.Tensor]:

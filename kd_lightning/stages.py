@@ -15,10 +15,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
+from kd_lightning.callbacks.interrupt import CheckpointOnSigterm
+from kd_lightning.checks import check_seq_len_fits
 from kd_lightning.config import CONFIG_DIR, teacher_configs
 from kd_lightning.model_cache import cache_root, config_key, is_complete, write_atomically
 from kd_lightning.models import load_model, save_model
 from kd_lightning.module import DistillationModule
+from kd_lightning.rundir import CHECKPOINT_DIR, resume_requested
+from kd_lightning.safeload import checkpoint_problem
+from kd_lightning.signals import exit_on_sigterm
 from kd_lightning.tasks import task_named
 from kd_lightning.teachers.teacher_cache import cache_teacher_targets, load_cached_teacher
 
@@ -32,6 +37,14 @@ def model_kwargs(datamodule: Any, seed: int) -> dict[str, Any]:
 
 def build_model(model_cfg: DictConfig, datamodule: Any, seed: int) -> nn.Module:
     return hydra.utils.instantiate(model_cfg, **model_kwargs(datamodule, seed))
+
+
+def check_model_positions(key: str, model: nn.Module, cfg: DictConfig) -> None:
+    """`dataset.seq_len` against the positions of a built model: a `from_pretrained` model's limit is
+    known only once its config is loaded (`checks.validate_config` covers models built from config)."""
+    seq_len = cfg.dataset.get("seq_len")
+    if seq_len is not None and getattr(model, "config", None) is not None:
+        check_seq_len_fits(key, int(seq_len), model.config)
 
 
 def augment_teacher(model: nn.Module, augment_cfg: Any) -> nn.Module:
@@ -98,7 +111,10 @@ def obtain_ce_model(
 ) -> tuple[nn.Module, Path, bool]:
     """Load a CE-trained model from the cache, or train it (CE only) and cache it.
 
-    Returns (model, cache entry, whether it was trained now)."""
+    SIGTERM during the training saves a resumable checkpoint of it in the run's checkpoint directory,
+    `<output_dir>/checkpoints/<kind>-<entry name>.ckpt` (so a fresh run there refuses to start over it),
+    and exits 143; with `resume` set the training continues from it, and it is deleted once the model
+    is cached. Returns (model, cache entry, whether it was trained now)."""
 
     payload = _cache_payload(kind, model_cfg, training, datamodule, int(cfg.seed))
     entry = cache_root(cfg.paths.cache_dir) / f"{kind}s" / f"{name}-{config_key(payload)}"
@@ -109,12 +125,34 @@ def obtain_ce_model(
              kind, name, max_steps, entry)
     model = build_model(model_cfg, datamodule, int(cfg.seed))
     module = DistillationModule(model, None, ce_weight=1.0, kd_weight=0.0, optimizer=optimizer, lr_scheduler=lr_scheduler)
-    trainer = make_trainer(cfg, name=f"{kind}_{name}", max_steps=max_steps, validate=False)
-    trainer.fit(module, datamodule=datamodule)
-    if trainer.is_global_zero:
-        write_atomically(entry, lambda d: save_model(model, d, getattr(datamodule, "tokenizer", None)), payload)
+    partial_ckpt = Path(cfg.paths.output_dir) / CHECKPOINT_DIR / f"{kind}-{entry.name}.ckpt"
+    on_sigterm = CheckpointOnSigterm(path=partial_ckpt)
+    trainer = make_trainer(cfg, name=f"{kind}_{name}", max_steps=max_steps, validate=False, callbacks=[on_sigterm])
+    with exit_on_sigterm(CE_STAGE_NAMES.get(kind, f"{kind} training"), saved=lambda: on_sigterm.saved):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=partial_resume(cfg, partial_ckpt, kind), weights_only=True)
+        if trainer.is_global_zero:
+            write_atomically(entry, lambda d: save_model(model, d, getattr(datamodule, "tokenizer", None)), payload)
     trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        partial_ckpt.unlink(missing_ok=True)  # the cache entry holds the finished model now
     return model, entry, True
+
+
+CE_STAGE_NAMES = {"teacher": "teacher pre-training", "baseline": "CE baseline"}
+
+
+def partial_resume(cfg: DictConfig, partial_ckpt: Path, kind: str) -> Path | None:
+    """The interrupted training's checkpoint to continue from (`resume` set and the file loads)."""
+    if not resume_requested(cfg.get("resume")):
+        return None
+    problem = checkpoint_problem(partial_ckpt)
+    if problem == "missing":
+        return None
+    if problem is not None:
+        log.warning("resume: %s is %s; training the %s from the start", partial_ckpt, problem, kind)
+        return None
+    log.info("resume: continuing the %s from %s", CE_STAGE_NAMES.get(kind, kind), partial_ckpt)
+    return partial_ckpt
 
 
 def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) -> nn.Module:
@@ -125,7 +163,10 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) ->
         return load_cached_teacher(cfg, teacher_cfg, datamodule)
     pretrain = teacher_cfg.get("pretrain")
     if pretrain is None:
-        return augment_teacher(build_model(teacher_cfg.model, datamodule, int(cfg.seed)), teacher_cfg.get("augment"))
+        model = build_model(teacher_cfg.model, datamodule, int(cfg.seed))
+        key = f"teacher.members.{teacher_cfg.name}.model" if cfg.teacher.get("members") else "teacher.model"
+        check_model_positions(key, model, cfg)
+        return augment_teacher(model, teacher_cfg.get("augment"))
     training = OmegaConf.to_container(pretrain, resolve=True)
     optimizer = partial(torch.optim.AdamW, lr=float(pretrain.lr), weight_decay=0.01)
     scheduler = _warmup_cosine(int(pretrain.get("warmup_steps", 0)))
@@ -171,6 +212,8 @@ def cache_teacher_stage(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
     configs = teacher_configs(cfg)
     if len(configs) != 1:
         raise ValueError(f"stage=cache_teacher caches one teacher, got {[str(t.name) for t in configs]}")
-    directory = cache_teacher_targets(cfg, datamodule, configs[0], obtain_teacher(cfg, configs[0], datamodule))
+    teacher = obtain_teacher(cfg, configs[0], datamodule)
+    with exit_on_sigterm("stage=cache_teacher"):  # its parts are written whole or not at all
+        directory = cache_teacher_targets(cfg, datamodule, configs[0], teacher)
     log.info("Teacher targets at %s; train with: teacher=cached loss=sparse_kl teacher_cache.dir=%s", directory, directory)
     return {"teacher_targets": str(directory)}

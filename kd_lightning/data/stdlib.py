@@ -12,6 +12,7 @@ import sysconfig
 from collections.abc import Iterator
 from typing import Any
 
+from kd_lightning.checks import check_training_text, learnable_token_counts
 from kd_lightning.data.base import LMDataModule, check_fractions, check_positive, hash_files, split_indices
 from kd_lightning.data.packing import pack_documents
 from kd_lightning.data.tokenizer import encode_bytes
@@ -86,12 +87,16 @@ class StdlibDataModule(LMDataModule):
 
     def _load(self) -> dict[str, Any]:
         caps = {"train": self.max_train_tokens, "val": self.max_eval_tokens, "test": self.max_eval_tokens}
-        return {
-            split: pack_documents(
-                _read_documents(files), self.eos_token_id, self.pad_token_id, self.seq_len, caps[split]
+        splits = {}
+        for split, files in self._split_files().items():
+            counts: list[int] = []  # learnable tokens of each file read, filled while packing
+            splits[split] = pack_documents(
+                _read_documents(files, counts), self.eos_token_id, self.pad_token_id, self.seq_len, caps[split]
             )
-            for split, files in self._split_files().items()
-        }
+            if split == "train":
+                check_training_text(f"dataset.root={self.root!r}", _capped(counts, caps[split]), split=split,
+                                    names=files[: len(counts)])
+        return splits
 
     def _identity(self) -> dict[str, Any]:
         # Hashing the whole corpus takes about 0.15 s; the root path itself is not identity.
@@ -105,12 +110,24 @@ class StdlibDataModule(LMDataModule):
         }
 
 
-def _read_documents(files: list[str]) -> Iterator[Any]:
-    """Byte ids of each file, read lazily so that a capped split stops reading early."""
+def _capped(counts: list[int], cap: int) -> list[int]:
+    """Per-document tokens that fit in the split's first `cap` tokens (each document + its EOS)."""
+    kept, used = [], 0
+    for count in counts:
+        kept.append(max(0, min(count, cap - used)))
+        used += count + 1
+    return kept
+
+
+def _read_documents(files: list[str], counts: list[int]) -> Iterator[Any]:
+    """Byte ids of each file, read lazily so that a capped split stops reading early; appends each
+    file's learnable token count (0 for whitespace only) to `counts`."""
     for path in files:
         try:
             with open(path, "rb") as handle:
                 data = handle.read()
         except OSError as error:
             raise ValueError(f"dataset.root: cannot read {path!r} ({error.strerror or error})") from error
-        yield encode_bytes(data)
+        ids = encode_bytes(data)
+        counts.extend(learnable_token_counts([data.decode("utf-8", "replace")], [ids]))
+        yield ids

@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from kd_lightning.checks import check_training_text, learnable_token_counts
 from kd_lightning.data.base import SPLITS, LMDataModule, check_fractions, hash_files, split_indices
 from kd_lightning.data.packing import LMDataset, encode_pairs, pack_documents
 from kd_lightning.data.records import (
@@ -56,8 +57,16 @@ class TextLMDataModule(LMDataModule):
             else [("prompt_field", prompt_field), ("response_field", response_field)]
         )
 
-    def _encode(self, records: Sequence[Record]) -> LMDataset:
+    def data_key(self) -> str:
+        """The config key and value that name this data in messages (`dataset.paths=[...]`)."""
+        raise NotImplementedError
+
+    def _encode(self, records: Sequence[Record], split: str = "train") -> LMDataset:
         columns = [encode_texts(self.tokenizer, [record[i] for record in records]) for i in range(len(self.fields))]
+        if split == "train":  # the learnable field: the text, or the response in prompt/response mode
+            (field_key, field), texts = self.fields[-1], [record[-1] for record in records]
+            check_training_text(f"{self.data_key()} (dataset.{field_key}={field!r})",
+                                learnable_token_counts(texts, columns[-1]), split=split)
         if len(columns) == 1:
             return pack_documents(columns[0], self.eos_token_id, self.pad_token_id, self.seq_len)
         return encode_pairs(columns[0], columns[1], self.eos_token_id, self.pad_token_id, self.seq_len)
@@ -70,7 +79,7 @@ class TextLMDataModule(LMDataModule):
         if fractions:
             indices = split_indices(len(train), fractions, self.seed, what="training records")
             records = {**records, **{split: [train[i] for i in order] for split, order in indices.items()}}
-        return {split: self._encode(records[split] or []) for split in SPLITS}
+        return {split: self._encode(records[split] or [], split) for split in SPLITS}
 
     def _split_identity(self) -> dict[str, Any]:
         return {
@@ -122,6 +131,9 @@ class TextFilesDataModule(TextLMDataModule):
             split: None if value is None else resolve_paths("paths" if split == "train" else f"{split}_paths", value)
             for split, value in given.items()
         }
+
+    def data_key(self) -> str:
+        return f"dataset.paths={list(self.hparams.paths) if not isinstance(self.hparams.paths, str) else self.hparams.paths}"
 
     def _load(self) -> dict[str, LMDataset]:
         # Everything is read and checked before anything is tokenized.
@@ -191,6 +203,9 @@ class HFDataModule(TextLMDataModule):
         self.saved_to_disk = os.path.isdir(self.path) and any(
             os.path.exists(os.path.join(self.path, marker)) for marker in ("dataset_dict.json", "state.json")
         )
+
+    def data_key(self) -> str:
+        return f"dataset.path={self.hparams.path!r} (dataset.split={self.splits['split']!r})"
 
     def _load_split(self, key: str) -> Any:
         import datasets
