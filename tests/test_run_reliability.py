@@ -124,6 +124,26 @@ def test_empty_records_and_a_dominant_document_warn_with_counts(tmp_path: Path) 
                for m in messages), messages
 
 
+def kill_trainer_named(monkeypatch: pytest.MonkeyPatch, prefix: str, step: int) -> None:
+    """Every Trainer `kd_lightning.stages.make_trainer` builds for `name=<prefix>...` sends itself
+    SIGTERM after `step` optimiser steps (the pattern of tests/test_resume.py, for stages whose
+    Trainer has no `callbacks` config)."""
+    import kd_lightning.stages as stages
+
+    make_trainer = stages.make_trainer
+
+    def killing(cfg, **kwargs):
+        if kwargs["name"].startswith(prefix):
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), SigtermAt(step)]
+        return make_trainer(cfg, **kwargs)
+
+    monkeypatch.setattr(stages, "make_trainer", killing)
+
+
+def our_sigterm_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "kd_lightning" and "SIGTERM" in r.getMessage()]
+
+
 def tiny_teacher_cfg(out: Path, cache: Path, *extra: str):
     overrides = ("stage=teacher", "teacher.pretrain.max_steps=6", "teacher.pretrain.warmup_steps=1", *extra)
     return compose_config([*tiny_overrides(overrides), *overrides], out, cache)
@@ -133,29 +153,20 @@ def test_sigterm_in_teacher_pretraining_saves_and_resume_auto_ends_with_the_same
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     """SIGTERM at step 3 of 6 of the teacher's CE pre-training: a resumable checkpoint, one line,
     exit 143; `resume=auto` continues it and the cached teacher is bitwise the uninterrupted one."""
-    import kd_lightning.stages as stages
-
     run(tiny_teacher_cfg(tmp_path / "straight", tmp_path / "cache_straight"))
-
-    make_trainer = stages.make_trainer
-
-    def trainer_killed_at_step_3(cfg, **kwargs):
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), SigtermAt(3)]
-        return make_trainer(cfg, **kwargs)
-
-    monkeypatch.setattr(stages, "make_trainer", trainer_killed_at_step_3)
-    out, cache = tmp_path / "resumed", tmp_path / "cache_resumed"
-    with caplog.at_level("INFO", logger="kd_lightning"), pytest.raises(SystemExit) as stopped:
-        run(tiny_teacher_cfg(out, cache))
+    with monkeypatch.context() as patch:
+        kill_trainer_named(patch, "teacher_", 3)
+        out, cache = tmp_path / "resumed", tmp_path / "cache_resumed"
+        with caplog.at_level("INFO", logger="kd_lightning"), pytest.raises(SystemExit) as stopped:
+            run(tiny_teacher_cfg(out, cache))
     assert stopped.value.code == 128 + signal.SIGTERM
-    said = [r.getMessage() for r in caplog.records if r.name == "kd_lightning" and "SIGTERM" in r.getMessage()]
+    said = our_sigterm_lines(caplog)
     assert len(said) == 1 and said[0].startswith("SIGTERM during teacher pre-training: saved ") and "resume=auto" in said[0]
     partial = Path(said[0].split("saved ")[1].split(";")[0])
     assert partial.parent == out / "checkpoints"
     assert torch.load(partial, map_location="cpu", weights_only=True)["global_step"] == 3
     assert not list((cache).glob("**/kd_manifest.json"))  # nothing half-trained was cached
 
-    monkeypatch.setattr(stages, "make_trainer", make_trainer)
     caplog.clear()
     with caplog.at_level("INFO", logger="kd_lightning"):
         run(tiny_teacher_cfg(out, cache, "resume=auto"))
@@ -165,3 +176,26 @@ def test_sigterm_in_teacher_pretraining_saves_and_resume_auto_ends_with_the_same
     resumed = load_file(str(next(cache.glob("**/model.safetensors"))))
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
 
+
+
+def test_sigterm_in_the_ce_baseline_saves_and_resume_auto_reports_the_same_models(
+        make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """SIGTERM at step 2 of 4 of the CE-only baseline (after the distillation finished): one line,
+    exit 143; `resume=auto` skips the finished distillation, continues the baseline, and reports the
+    held-out rows of an uninterrupted run."""
+    short = ("trainer.max_steps=4", "trainer.val_check_interval=4", "seed=3")  # seed 3: a baseline no test cached
+    straight = run(make_cfg(*short, output_dir=tmp_path / "straight"))
+    with open_dict(cfg := make_cfg(*short, output_dir=tmp_path / "resumed")):
+        cfg.paths.cache_dir = str(tmp_path / "cache_resumed")  # the baseline is not in the straight run's cache
+    with monkeypatch.context() as patch:
+        kill_trainer_named(patch, "baseline_", 2)
+        with caplog.at_level("INFO", logger="kd_lightning"), pytest.raises(SystemExit) as stopped:
+            run(cfg)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    said = our_sigterm_lines(caplog)
+    assert len(said) == 1 and said[0].startswith("SIGTERM during CE baseline: saved "), said
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    with open_dict(cfg):
+        cfg.resume = "auto"
+    resumed = run(cfg)
+    assert resumed["models"] == straight["models"]
