@@ -199,3 +199,72 @@ def test_sigterm_in_the_ce_baseline_saves_and_resume_auto_reports_the_same_model
         cfg.resume = "auto"
     resumed = run(cfg)
     assert resumed["models"] == straight["models"]
+
+
+def sigterm_now(*_: object, **__: object) -> None:
+    """Stands in for a step that runs outside any fit and is interrupted there."""
+    import os
+
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+class UnhandledSigterm(RuntimeError):
+    pass
+
+
+def _unhandled(signum: int, frame: object) -> None:
+    raise UnhandledSigterm("SIGTERM reached the test's fallback handler: the stage installed none")
+
+
+def stops_with_one_sigterm_line(caplog: pytest.LogCaptureFixture, cfg) -> str:
+    """Run `cfg`; it must exit 143 with one line of ours. A stage that installs no handler meets a
+    fallback that raises (instead of the default action, which would kill the test process)."""
+    previous = signal.signal(signal.SIGTERM, _unhandled)
+    try:
+        return _stops(caplog, cfg)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stops(caplog: pytest.LogCaptureFixture, cfg) -> str:
+    with caplog.at_level("INFO", logger="kd_lightning"), pytest.raises(SystemExit) as stopped:
+        run(cfg)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    said = our_sigterm_lines(caplog)
+    assert len(said) == 1, said
+    return said[0]
+
+
+def test_sigterm_in_cache_teacher_and_in_a_takd_stage_exit_143_with_one_line(
+        make_cfg, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    import kd_lightning.stages as stages
+    import kd_lightning.takd as takd
+    from tests.test_takd import TINY_CHAIN
+
+    monkeypatch.setattr(stages, "cache_teacher_targets", sigterm_now)
+    line = stops_with_one_sigterm_line(caplog, make_cfg("stage=cache_teacher"))
+    assert line.startswith("SIGTERM during stage=cache_teacher: nothing partial was kept")
+
+    caplog.clear()
+    monkeypatch.setattr(takd, "run_stage", sigterm_now)
+    line = stops_with_one_sigterm_line(caplog, make_cfg(*TINY_CHAIN))
+    assert line.startswith("SIGTERM during TAKD stage 1 (stage1_ta1): nothing partial was kept"), line
+
+
+def test_sigterm_after_the_fit_says_what_is_kept_and_resume_auto_finishes(
+        make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    import kd_lightning.train as train
+
+    out = tmp_path / "run"
+    cfg = make_cfg("baseline=false", "trainer.max_steps=2", "trainer.val_check_interval=2", output_dir=out)
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "summarize", sigterm_now)
+        line = stops_with_one_sigterm_line(caplog, cfg)
+    assert line == (f"SIGTERM during the held-out evaluation and saving: saved {out / 'checkpoints' / 'last.ckpt'}; "
+                    "rerun the same command with resume=auto to continue")
+    assert not (out / "summary.json").exists() and not list(out.glob(".student.tmp-*"))
+    with open_dict(cfg):
+        cfg.resume = "auto"
+    summary = run(cfg)
+    assert (out / "summary.json").is_file() and (out / "student" / "config.json").is_file()
+    assert summary["models"]["student (KD)"]["count"] > 0
