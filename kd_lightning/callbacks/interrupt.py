@@ -35,7 +35,7 @@ class CheckpointOnSigterm(Callback):
         checkpoint = trainer.checkpoint_callback
         directory = getattr(checkpoint, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
         path = Path(self.path) if self.path is not None else Path(directory) / self.filename
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full state: a resume continues from it
         self.saved = path
 
     @override
