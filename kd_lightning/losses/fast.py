@@ -2,7 +2,7 @@
 
 At V = 32k-128k the divergence over ``[tokens, V]`` dominates the KD step, and every freshly
 allocated full-vocabulary temporary costs its page faults. The functions here walk the counted rows
-in chunks of a few MiB (reused by the allocator): per chunk they compute both log-softmaxes in
+in cache-sized chunks (reused by the allocator): per chunk they compute both log-softmaxes in
 float32, the divergence value and its gradient w.r.t. the student logits in closed form
 (:mod:`~kd_lightning.losses.fast_rows`), the student/teacher token CE statistics from the same
 log-probabilities, and write the gradient once into one ``[M, V]`` buffer that backward rescales in
@@ -87,7 +87,8 @@ class _FastKD(torch.autograd.Function):
             if teacher_ce is not None:
                 t_ce[rows] = teacher_ce
             if grad_s is not None:
-                grad[rows] = grad_s.mul_(1.0 / temperature if w is None else w.unsqueeze(1) / temperature)
+                # One write into the [M, V] buffer: the scaling goes straight to its destination.
+                torch.mul(grad_s, 1.0 / temperature if w is None else w.unsqueeze(1) / temperature, out=grad[rows])
         ctx.state = (grad, student if ce and want_grad else None, lse, targets, chunk)
         ctx.mark_non_differentiable(t_ce, s_ce)
         return kd, (s_ce.sum() if ce else kd.new_zeros(())), t_ce, s_ce
@@ -135,7 +136,7 @@ def fast_kd_terms(loss_fn: Callable[..., Tensor], student_logits: Tensor, teache
 
     ``loss_fn`` is a public divergence of :mod:`kd_lightning.losses` or a ``functools.partial``
     binding its parameters; ``kd_sum`` equals ``Σ w · loss_fn(row, reduction="none")`` of the reference
-    to float32 rounding, value and gradient. ``chunk_tokens`` rows at a time (None: about 4 MiB of
+    to float32 rounding, value and gradient. ``chunk_tokens`` rows at a time (None: about 256 KiB of
     float32 per temporary). Raises ``ValueError`` without a fast path (see :func:`supports_fast`).
     """
     run = _resolved(loss_fn, temperature)

@@ -17,9 +17,11 @@ from kd_lightning.losses import adaptive, divergences
 from kd_lightning.losses.common import log_probs
 from kd_lightning.losses.fast_rows import ROW_KERNELS
 
-CHUNK_ELEMENTS = 1 << 20
-"""Auto chunk: about 2^20 float32 entries (4 MiB) per chunk temporary: small enough to be reused by
-the allocator and to stay in cache, large enough that per-op overhead is noise."""
+CHUNK_ELEMENTS = 1 << 16
+"""Auto chunk: about 2^16 float32 entries (256 KiB) per chunk temporary, so a chunk's handful of
+temporaries stay in L2 and are reused by the allocator (no page faults). Measured at V = 32k and
+128k, 1 thread, forward KL fwd+bwd over 1024 rows: 1-2 rows per chunk were 15-30% faster than 8-32
+rows (the Python overhead per chunk, ~0.1 ms, is noise next to a row of 32k-128k entries)."""
 
 
 class KDTerms(NamedTuple):
