@@ -64,6 +64,29 @@ def _outputs(count: int, has_targets: bool, device: torch.device) -> tuple[Tenso
     return s_ce, torch.empty_like(s_ce), (torch.empty_like(s_ce) if has_targets else None)
 
 
+def _rows_pass(z: Tensor, teacher: Any, targets: Tensor | None, weight: Tensor | None, run: Callable[..., Any],
+               temperature: float, chunk: int, grad: Tensor | None, stats: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
+    """Σ w·D over rows ``z [n, V]`` in chunks of ``chunk`` rows; writes ``w·∂D/∂z`` into ``grad [n, V]``
+    (when given) and the token statistics into ``stats = (student CE, teacher CE, student lse)``."""
+    s_ce, t_ce, lse = stats
+    kd = torch.zeros((), dtype=torch.float32, device=z.device)
+    for start in range(0, z.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        zc, tgt = z[rows], (None if targets is None else targets[rows])
+        lq = log_probs(zc, temperature)
+        if tgt is not None:
+            s_ce[rows], lse[rows] = student_stats(zc, lq, tgt, temperature)
+        values, grad_s, teacher_ce = run(lq, _take(teacher, rows), tgt, grad is not None)
+        w = None if weight is None else weight[rows].float()
+        kd += weighted_sum(values, w)
+        if teacher_ce is not None:
+            t_ce[rows] = teacher_ce
+        if grad_s is not None:
+            # One write into the gradient buffer: the scaling goes straight to its destination.
+            torch.mul(grad_s, 1.0 / temperature if w is None else w.unsqueeze(1) / temperature, out=grad[rows])
+    return kd
+
+
 class _FastKD(torch.autograd.Function):
     """student [M, V] -> (kd_sum, ce_sum, teacher token CE, student token CE); grads made in forward."""
 
@@ -71,24 +94,10 @@ class _FastKD(torch.autograd.Function):
     def forward(ctx: Any, student: Tensor, teacher: Any, targets: Tensor | None, weight: Tensor | None,
                 run: Callable[..., Any], temperature: float, ce: bool, chunk: int, want_grad: bool
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        count = student.shape[0]
         grad = torch.empty_like(student) if want_grad else None
-        kd = torch.zeros((), dtype=torch.float32, device=student.device)
-        s_ce, t_ce, lse = _outputs(count, targets is not None, student.device)
-        for start in range(0, count, chunk):
-            rows = slice(start, start + chunk)
-            z, tgt = student[rows], (None if targets is None else targets[rows])
-            lq = log_probs(z, temperature)
-            if tgt is not None:
-                s_ce[rows], lse[rows] = student_stats(z, lq, tgt, temperature)
-            values, grad_s, teacher_ce = run(lq, _take(teacher, rows), tgt, want_grad)
-            w = None if weight is None else weight[rows].float()
-            kd += weighted_sum(values, w)
-            if teacher_ce is not None:
-                t_ce[rows] = teacher_ce
-            if grad_s is not None:
-                # One write into the [M, V] buffer: the scaling goes straight to its destination.
-                torch.mul(grad_s, 1.0 / temperature if w is None else w.unsqueeze(1) / temperature, out=grad[rows])
+        stats = _outputs(student.shape[0], targets is not None, student.device)
+        kd = _rows_pass(student, teacher, targets, weight, run, temperature, chunk, grad, stats)
+        s_ce, t_ce, lse = stats
         ctx.state = (grad, student if ce and want_grad else None, lse, targets, chunk)
         ctx.mark_non_differentiable(t_ce, s_ce)
         return kd, (s_ce.sum() if ce else kd.new_zeros(())), t_ce, s_ce
@@ -184,25 +193,27 @@ class _FusedKD(torch.autograd.Function):
         grads = {"kd": buffers(), "ce": buffers() if ce and want_grad else None}
         kd = torch.zeros((), dtype=torch.float32, device=rows.device)
         s_ce, t_ce, lse = _outputs(count, targets is not None, rows.device)
+        inner = chunk_rows(weight.shape[0], None)
+        grad_logits = None
         for start in range(0, count, chunk):
             span = slice(start, start + chunk)
             x, tgt = rows[span], (None if targets is None else targets[span])
-            z = _head(x, weight, bias)  # the only student head matmul of this chunk
-            lq = log_probs(z, temperature)
-            if tgt is not None:
-                s_ce[span], lse[span] = student_stats(z, lq, tgt, temperature)
+            z = _head(x, weight, bias)  # the only student head matmul of this chunk: KD and CE share it
             teacher = _head(teacher_rows[span], teacher_weight, teacher_bias)
-            values, grad_s, teacher_ce = run(lq, teacher, tgt, want_grad)
-            del teacher, lq
-            w = None if token_weight is None else token_weight[span].float()
-            kd += weighted_sum(values, w)
-            if teacher_ce is not None:
-                t_ce[span] = teacher_ce
-            if grad_s is not None:
-                grad_s.mul_(1.0 / temperature if w is None else w.unsqueeze(1) / temperature)
-                _chain(grads["kd"], grad_s, x, weight, span, acc)
+            if want_grad and (grad_logits is None or grad_logits.shape[0] != z.shape[0]):
+                grad_logits = torch.empty(z.shape, dtype=torch.float32, device=z.device)  # reused across chunks
+            stats = (s_ce[span], t_ce[span], None if lse is None else lse[span])
+            w = None if token_weight is None else token_weight[span]
+            # Cache-sized sub-chunks for the elementwise work; the matmuls see the whole chunk.
+            kd += _rows_pass(z, teacher, tgt, w, run, temperature, inner, grad_logits if want_grad else None, stats)
+            del teacher
+            if want_grad:
+                _chain(grads["kd"], grad_logits, x, weight, span, acc)
             if grads["ce"] is not None:
-                _chain(grads["ce"], ce_grad_chunk(z, lse[span], tgt), x, weight, span, acc)
+                for sub in range(0, z.shape[0], inner):
+                    part = slice(sub, sub + inner)
+                    grad_logits[part] = ce_grad_chunk(z[part], stats[2][part], tgt[part])
+                _chain(grads["ce"], grad_logits, x, weight, span, acc)
         ctx.state = (grads, (rows, weight, bias))
         ctx.mark_non_differentiable(t_ce, s_ce)
         return kd, (s_ce.sum() if ce else kd.new_zeros(())), t_ce, s_ce
