@@ -7,7 +7,8 @@ Tiny Llama teacher (hidden 256, 4 layers) and student (hidden 64, 2 layers) from
 load on a shared machine hits all arms alike. CPU time (`time.process_time`) of 1 torch thread,
 medians; peak RSS delta = peak RSS of the arm's process minus its RSS after building models/batch.
 
-  (a) fast:      student forward -> logits -> counted rows selected once (student and teacher)
+  (a) fast:      student forward -> logits -> counted rows selected once (student and teacher,
+                 one index_select of the flattened logits each)
                  -> `fast_kd_terms` (ce=False, token CE statistics on) -> backward -> AdamW step
   (b) chunked:   hidden states -> counted rows -> `fast_chunked_kd_terms` (lm_head fused,
                  --chunk-size rows per head matmul) -> backward -> AdamW step
@@ -20,7 +21,7 @@ medians; peak RSS delta = peak RSS of the arm's process minus its RSS after buil
 Then each divergence in isolation (forward + backward over [rows, V]): `fast_kd_terms` against the
 reference loss of kd_lightning.losses, and for forward KL the two-line log_softmax + kl_div.
 
-    python benchmarks/kd_step.py --quick     # small V, few rounds: < 30 s
+    python benchmarks/kd_step.py --quick     # V=1024, 2 rounds: < 30 s (mostly 5 process start-ups)
     python benchmarks/kd_step.py             # V=32000 (8x128) and V=128256 (4x256), 15 rounds
 """
 
@@ -77,6 +78,9 @@ def make_step(arm: str, teacher, student, inputs, chunk_size: int):
     mask = labels[:, 1:] != -100
     targets = labels[:, 1:][mask]
     count = int(mask.sum())
+    # Counted positions as flat row ids of the [B*L, V] logits (position t predicts label t+1): one
+    # index_select, whose backward is one index_add (logits[:, :-1][mask] adds a slice backward).
+    counted = torch.nn.functional.pad(mask, (0, 1)).reshape(-1).nonzero().squeeze(1)
 
     def teacher_out(hidden_only: bool = False):
         with torch.no_grad():
@@ -85,8 +89,12 @@ def make_step(arm: str, teacher, student, inputs, chunk_size: int):
             return teacher(input_ids=ids, attention_mask=attn).logits
 
     def loss_fast():
-        teacher_rows = teacher_out()[:, :-1][mask]
-        rows = student(input_ids=ids, attention_mask=attn).logits[:, :-1][mask]
+        teacher_logits = teacher_out()
+        teacher_rows = teacher_logits.view(-1, teacher_logits.shape[-1]).index_select(0, counted)
+        del teacher_logits
+        logits = student(input_ids=ids, attention_mask=attn).logits
+        rows = logits.view(-1, logits.shape[-1]).index_select(0, counted)
+        del logits
         terms = fast_kd_terms(forward_kl, rows, teacher_rows, targets, temperature=1.0)
         return terms.kd_sum / count
 
@@ -133,20 +141,34 @@ def make_step(arm: str, teacher, student, inputs, chunk_size: int):
     return step
 
 
+MARK = "KDSTEP "  # protocol lines; anything else a library prints on stdout is skipped
+
+
+def reply(message: dict) -> None:
+    print(MARK + json.dumps(message), flush=True)
+
+
+def read_reply(proc: subprocess.Popen, arm: str) -> dict:
+    for line in proc.stdout:
+        if line.startswith(MARK):
+            return json.loads(line[len(MARK):])
+    raise RuntimeError(f"arm {arm} died (exit code {proc.wait()})")
+
+
 def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     teacher, student, inputs = build(args.vocab, args.batch, args.seq)
     step = make_step(args.worker, teacher, student, inputs, args.chunk_size)
     baseline = rss_bytes()
-    print(json.dumps({"ready": True}), flush=True)
+    reply({"ready": True})
     for line in sys.stdin:
         if line.strip() != "step":
             break
         start = time.process_time()
         loss = step()
-        print(json.dumps({"cpu_s": time.process_time() - start, "loss": loss}), flush=True)
+        reply({"cpu_s": time.process_time() - start, "loss": loss})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_delta_mib": (peak - baseline) / 2**20}), flush=True)
+    reply({"peak_delta_mib": (peak - baseline) / 2**20})
 
 
 def trl_available() -> bool:
@@ -168,14 +190,10 @@ def run_config(vocab: int, batch: int, seq: int, arms: list[str], rounds: int, w
         proc = procs[arm]
         proc.stdin.write(message + "\n")
         proc.stdin.flush()
-        line = proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"arm {arm} died (exit code {proc.wait()})")
-        return json.loads(line)
+        return read_reply(proc, arm)
 
     for arm, proc in procs.items():
-        if not json.loads(proc.stdout.readline() or "{}").get("ready"):
-            raise RuntimeError(f"arm {arm} failed to start (exit code {proc.wait()})")
+        read_reply(proc, arm)  # "ready"
     times: dict[str, list[float]] = {arm: [] for arm in arms}
     losses: dict[str, float] = {}
     for r in range(warmup + rounds):
@@ -250,7 +268,7 @@ def isolation(vocab: int, rows: int, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="V=2048, batch 2x64, 3 rounds: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="V=1024, batch 2x32, 2 rounds: a smoke run")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--chunk-size", type=int, default=256, help="rows per head matmul of the chunked arm")
@@ -268,15 +286,15 @@ def main() -> None:
     if "trl" in arms and not trl_available():
         print("trl not installed: pip install -e '.[bench]'")
         arms.remove("trl")
-    configs = [(2048, 2, 64)] if args.quick else [(32000, 8, 128), (128256, 4, 256)]
-    rounds = args.rounds or (3 if args.quick else 15)
+    configs = [(1024, 2, 32)] if args.quick else [(32000, 8, 128), (128256, 4, 256)]
+    rounds = args.rounds or (2 if args.quick else 15)
     for vocab, batch, seq in configs:
         start = time.perf_counter()
         result = run_config(vocab, batch, seq, arms, rounds, args.warmup, args.chunk_size)
         print_config(vocab, batch, seq, result)
         print(f"({rounds} rounds + {args.warmup} warm-up, {time.perf_counter() - start:.0f} s wall)", flush=True)
     if not args.no_isolation:
-        isolation(2048 if args.quick else 32000, 64 if args.quick else 512, 2 if args.quick else 5)
+        isolation(1024 if args.quick else 32000, 32 if args.quick else 512, 1 if args.quick else 5)
 
 
 if __name__ == "__main__":
