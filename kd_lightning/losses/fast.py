@@ -87,6 +87,21 @@ def _rows_pass(z: Tensor, teacher: Any, targets: Tensor | None, weight: Tensor |
     return kd
 
 
+def _finish(ctx: Any, kd: Tensor, stats: tuple[Tensor, Tensor, Tensor | None], ce: bool) -> tuple[Tensor, ...]:
+    """The Functions' outputs: (kd_sum, ce_sum, teacher token CE, student token CE); CE stats detached."""
+    s_ce, t_ce, _ = stats
+    ctx.mark_non_differentiable(t_ce, s_ce)
+    return kd, (s_ce.sum() if ce else kd.new_zeros(())), t_ce, s_ce
+
+
+def _handover(ctx: Any) -> Any:
+    """The gradients stored by forward, taken once: they are rescaled in place by backward."""
+    state, ctx.state = ctx.state, None
+    if state is None:
+        raise RuntimeError("fast KD terms support one backward pass per forward; recompute them to backpropagate again")
+    return state
+
+
 class _FastKD(torch.autograd.Function):
     """student [M, V] -> (kd_sum, ce_sum, teacher token CE, student token CE); grads made in forward."""
 
@@ -97,17 +112,12 @@ class _FastKD(torch.autograd.Function):
         grad = torch.empty_like(student) if want_grad else None
         stats = _outputs(student.shape[0], targets is not None, student.device)
         kd = _rows_pass(student, teacher, targets, weight, run, temperature, chunk, grad, stats)
-        s_ce, t_ce, lse = stats
-        ctx.state = (grad, student if ce and want_grad else None, lse, targets, chunk)
-        ctx.mark_non_differentiable(t_ce, s_ce)
-        return kd, (s_ce.sum() if ce else kd.new_zeros(())), t_ce, s_ce
+        ctx.state = (grad, student if ce and want_grad else None, stats[2], targets, chunk)
+        return _finish(ctx, kd, stats, ce)
 
     @staticmethod
     def backward(ctx: Any, g_kd: Tensor, g_ce: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        state, ctx.state = ctx.state, None
-        if state is None:
-            raise RuntimeError("fast KD terms support one backward pass per forward; recompute them to backpropagate again")
-        grad, student, lse, targets, chunk = state
+        grad, student, lse, targets, chunk = _handover(ctx)
         if grad is None:
             return (None,) * 9
         grad.mul_(g_kd)  # ours alone: rescaled in place and handed over
@@ -215,15 +225,11 @@ class _FusedKD(torch.autograd.Function):
                     grad_logits[part] = ce_grad_chunk(z[part], stats[2][part], tgt[part])
                 _chain(grads["ce"], grad_logits, x, weight, span, acc)
         ctx.state = (grads, (rows, weight, bias))
-        ctx.mark_non_differentiable(t_ce, s_ce)
-        return kd, (s_ce.sum() if ce else kd.new_zeros(())), t_ce, s_ce
+        return _finish(ctx, kd, (s_ce, t_ce, lse), ce)
 
     @staticmethod
     def backward(ctx: Any, g_kd: Tensor, g_ce: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        state, ctx.state = ctx.state, None
-        if state is None:
-            raise RuntimeError("fast KD terms support one backward pass per forward; recompute them to backpropagate again")
-        grads, likes = state
+        grads, likes = _handover(ctx)
         out = []
         for i, like in enumerate(likes):
             kd = grads["kd"][i]

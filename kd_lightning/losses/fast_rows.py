@@ -41,6 +41,15 @@ def _kept(log_weight: Tensor, log_other: Tensor) -> Tensor:
     return (log_weight > -math.inf) & (log_weight.exp() > 0) & ~torch.isneginf(log_other)
 
 
+def _strict(values: Tensor, grad: Tensor | None, q: Tensor, log_other: Tensor) -> RowResult:
+    """``strict=True``: +inf where q has mass on a zero of the other side; such rows get zero gradient
+    (the reference's ``where`` passes none to them)."""
+    infinite = ((q > 0) & torch.isneginf(log_other)).any(-1)
+    if grad is not None:
+        grad[infinite] = 0.0
+    return torch.where(infinite, math.inf, values), grad
+
+
 def forward_kl_row(lq: Tensor, lp: Tensor, want_grad: bool, *, value_form: str = "kl") -> RowResult:
     """``KL(p‖q) = Σ p (log p − log q)``; ``a = −p``, so ``∂/∂s = q·Σp − p = q − p`` (Σp = 1)."""
     ce = wants_cross_entropy(value_form)
@@ -69,12 +78,7 @@ def reverse_kl_row(lq: Tensor, lp: Tensor, want_grad: bool, *, strict: bool = Fa
     diff = torch.where(keep, lq - lp, 0.0)
     values = _rowdot(q, diff)
     grad = through_log_softmax(torch.where(keep, q * (diff + 1), 0.0), lq) if want_grad else None
-    if strict:
-        infinite = ((q > 0) & torch.isneginf(lp)).any(-1)
-        values = torch.where(infinite, math.inf, values)
-        if grad is not None:
-            grad[infinite] = 0.0
-    return values, grad
+    return _strict(values, grad, q, lp) if strict else (values, grad)
 
 
 def skew_kl_row(lq: Tensor, lp: Tensor, want_grad: bool, *, alpha: float = 0.1, value_form: str = "kl") -> RowResult:
@@ -103,12 +107,7 @@ def skew_reverse_kl_row(lq: Tensor, lp: Tensor, want_grad: bool, *, alpha: float
     if want_grad:
         a = torch.where(keep, q * (diff + 1 - alpha * (lq - lm).exp()), 0.0)
         grad = through_log_softmax(a, lq)
-    if strict:
-        infinite = ((q > 0) & torch.isneginf(lm)).any(-1)
-        values = torch.where(infinite, math.inf, values)
-        if grad is not None:
-            grad[infinite] = 0.0
-    return values, grad
+    return _strict(values, grad, q, lm) if strict else (values, grad)
 
 
 def generalized_jsd_row(lq: Tensor, lp: Tensor, want_grad: bool, *, beta: float = 0.5) -> RowResult:
