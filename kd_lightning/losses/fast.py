@@ -24,6 +24,12 @@ API (rows are the counted positions, already selected by the caller; sums, not m
 ``kd_sum = Σ_rows w·D_T(row)`` (no T², no mean), ``ce_sum = Σ_rows CE_{T=1}`` (unweighted; rows with
 label < 0 count 0), token CEs detached float32 ``[M]``. At T = 1 the student CE comes from the very
 log-probabilities the divergence uses; at T ≠ 1 one extra logsumexp of the raw logits per chunk.
+Fast paths: forward_kl, reverse_kl, skew_kl, skew_reverse_kl, jensen_shannon, generalized_jsd
+(β endpoints = forward / reverse KL), total_variation, adaptive_kl, taid (all parameters, incl.
+value_form="ce" and strict) and sparse_kl (:func:`fast_sparse_kd_terms`). Without one:
+``online_sparse_kl`` (draws random sparse targets inside the loss: build them with
+``sample_targets``/``topk_targets`` and call :func:`fast_sparse_kd_terms`) and ``uld``
+(cross-vocabulary, sorted probabilities: no per-row closed form over a shared vocabulary).
 Each result supports one backward pass (gradients are computed in forward and handed over; backward
 only rescales them, plus the CE softmax when ``ce``). Under ``torch.no_grad()`` no gradient work is
 done. Half-precision inputs are computed in float32; gradients come back in the input dtype.
