@@ -28,11 +28,17 @@ from kd_lightning.losses.divergences import (
     skew_reverse_kl,
     total_variation,
 )
+from kd_lightning.losses.fast import KDTerms, fast_chunked_kd_terms, fast_kd_terms, fast_sparse_kd_terms, supports_fast
 from kd_lightning.losses.features import hint_mse, make_projection, rkd_angle, rkd_distance
 from kd_lightning.losses.sparse import SparseTargets, online_sparse_kl, sample_targets, sparse_kl, topk_targets
 
 __all__ = [
     "CrossTokenTargets",
+    "KDTerms",
+    "fast_chunked_kd_terms",
+    "fast_kd_terms",
+    "fast_sparse_kd_terms",
+    "supports_fast",
     "SparseTargets",
     "adaptive_kl",
     "chunked_distill_loss",

@@ -10,15 +10,21 @@ size of the student head, instead of several O(N · V) tensors.
 
 The chunk losses use the same loss functions with ``reduction="sum"``, and the total is divided by
 the number of counted tokens, so the value equals the plain token-mean path up to float
-reassociation.
+reassociation. Losses with a closed-form fast path (:func:`~kd_lightning.losses.fast.supports_fast`)
+go through :func:`~kd_lightning.losses.fast.fast_chunked_kd_terms` instead, which needs no autograd
+graph per chunk and computes each chunk's head matmul once.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import functools
+
 import torch
 from torch import Tensor
+
+from kd_lightning.losses.fast import fast_chunked_kd_terms, supports_fast
 
 LossFn = Callable[..., Tensor]
 
@@ -133,6 +139,11 @@ def chunked_distill_loss(
         # Nothing will call backward: detached inputs make the forward skip all gradient work.
         rows, weight = rows.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
+    fast_fn = functools.partial(loss_fn, **loss_params)
+    if supports_fast(fast_fn) and teacher_head_weight.shape[0] == student_head_weight.shape[0]:
+        terms = fast_chunked_kd_terms(fast_fn, rows, weight, bias, teacher_rows, teacher_head_weight,
+                                      teacher_head_bias, None, temperature=temperature, chunk_size=chunk_size)
+        return terms.kd_sum / max(rows.shape[0], 1)
     kwargs = {"temperature": temperature, **loss_params}
     teacher_weight = teacher_head_weight.detach()
     teacher_bias = None if teacher_head_bias is None else teacher_head_bias.detach()

@@ -1,0 +1,290 @@
+"""Fast KD terms at real vocabularies: closed-form gradients, token-chunked, one pass over ``[M, V]``.
+
+At V = 32k-128k the divergence over ``[tokens, V]`` dominates the KD step, and every freshly
+allocated full-vocabulary temporary costs its page faults. The functions here walk the counted rows
+in cache-sized chunks (reused by the allocator): per chunk they compute both log-softmaxes in
+float32, the divergence value and its gradient w.r.t. the student logits in closed form
+(:mod:`~kd_lightning.losses.fast_rows`), the student/teacher token CE statistics from the same
+log-probabilities, and write the gradient once into one ``[M, V]`` buffer that backward rescales in
+place. The autograd graph holds no intermediate, and nothing is built for CE when ``ce=False``.
+
+API (rows are the counted positions, already selected by the caller; sums, not means)::
+
+    supports_fast(loss_fn) -> bool
+    fast_kd_terms(loss_fn, student_logits [M, V], teacher_logits [M, V], targets [M] | None, *,
+                  temperature, token_weight [M] | None = None, ce=False, chunk_tokens=None) -> KDTerms
+    fast_chunked_kd_terms(loss_fn, student_rows [M, H], head_weight [V, H], head_bias | None,
+                          teacher_rows [M, H2], teacher_head_weight [V, H2], teacher_head_bias | None,
+                          targets [M] | None, *, temperature, token_weight=None, ce=False,
+                          chunk_size) -> KDTerms
+    fast_sparse_kd_terms(student_logits [M, V], targets: SparseTargets [M, k], labels [M] | None, *,
+                         temperature, token_weight=None, ce=False, value_form="kl",
+                         chunk_tokens=None) -> KDTerms
+
+``kd_sum = Σ_rows w·D_T(row)`` (no T², no mean), ``ce_sum = Σ_rows CE_{T=1}`` (unweighted; rows with
+label < 0 count 0), token CEs detached float32 ``[M]``. At T = 1 the student CE comes from the very
+log-probabilities the divergence uses; at T ≠ 1 one extra logsumexp of the raw logits per chunk.
+Fast paths: forward_kl, reverse_kl, skew_kl, skew_reverse_kl, jensen_shannon, generalized_jsd
+(β endpoints = forward / reverse KL), total_variation, adaptive_kl, taid (all parameters, incl.
+value_form="ce" and strict) and sparse_kl (:func:`fast_sparse_kd_terms`). Without one:
+``online_sparse_kl`` (draws random sparse targets inside the loss: build them with
+``sample_targets``/``topk_targets`` and call :func:`fast_sparse_kd_terms`) and ``uld``
+(cross-vocabulary, sorted probabilities: no per-row closed form over a shared vocabulary).
+Each result supports one backward pass (gradients are computed in forward and handed over; backward
+only rescales them, plus the CE softmax when ``ce``). Under ``torch.no_grad()`` no gradient work is
+done. Half-precision inputs are computed in float32; gradients come back in the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from kd_lightning.losses.common import log_probs
+from kd_lightning.losses.fast_common import (
+    KDTerms,
+    ce_grad_chunk,
+    check_rows,
+    chunk_rows,
+    dense_kernel,
+    resolve,
+    sparse_kernel,
+    student_stats,
+    supports_fast,
+    weighted_sum,
+)
+from kd_lightning.losses.sparse import SparseTargets
+
+__all__ = ["KDTerms", "fast_chunked_kd_terms", "fast_kd_terms", "fast_sparse_kd_terms", "supports_fast"]
+
+
+def _take(teacher: Any, rows: slice) -> Any:
+    return tuple(part[rows] for part in teacher) if isinstance(teacher, tuple) else teacher[rows]
+
+
+def _outputs(count: int, has_targets: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Token-CE buffers (student, teacher) and the student logsumexp at T=1, empty without targets."""
+    s_ce = torch.empty(count if has_targets else 0, dtype=torch.float32, device=device)
+    return s_ce, torch.empty_like(s_ce), (torch.empty_like(s_ce) if has_targets else None)
+
+
+def _rows_pass(z: Tensor, teacher: Any, targets: Tensor | None, weight: Tensor | None, run: Callable[..., Any],
+               temperature: float, chunk: int, grad: Tensor | None, stats: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
+    """Σ w·D over rows ``z [n, V]`` in chunks of ``chunk`` rows; writes ``w·∂D/∂z`` into ``grad [n, V]``
+    (when given) and the token statistics into ``stats = (student CE, teacher CE, student lse)``."""
+    s_ce, t_ce, lse = stats
+    kd = torch.zeros((), dtype=torch.float32, device=z.device)
+    for start in range(0, z.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        zc, tgt = z[rows], (None if targets is None else targets[rows])
+        lq = log_probs(zc, temperature)
+        if tgt is not None:
+            s_ce[rows], lse[rows] = student_stats(zc, lq, tgt, temperature)
+        values, grad_s, teacher_ce = run(lq, _take(teacher, rows), tgt, grad is not None)
+        w = None if weight is None else weight[rows].float()
+        kd += weighted_sum(values, w)
+        if teacher_ce is not None:
+            t_ce[rows] = teacher_ce
+        if grad_s is not None:
+            # One write into the gradient buffer: the scaling goes straight to its destination.
+            torch.mul(grad_s, 1.0 / temperature if w is None else w.unsqueeze(1) / temperature, out=grad[rows])
+    return kd
+
+
+def _finish(ctx: Any, kd: Tensor, stats: tuple[Tensor, Tensor, Tensor | None], ce: bool) -> tuple[Tensor, ...]:
+    """The Functions' outputs: (kd_sum, ce_sum, teacher token CE, student token CE); CE stats detached."""
+    s_ce, t_ce, _ = stats
+    ctx.mark_non_differentiable(t_ce, s_ce)
+    return kd, (s_ce.sum() if ce else kd.new_zeros(())), t_ce, s_ce
+
+
+def _handover(ctx: Any) -> Any:
+    """The gradients stored by forward, taken once: they are rescaled in place by backward."""
+    state, ctx.state = ctx.state, None
+    if state is None:
+        raise RuntimeError("fast KD terms support one backward pass per forward; recompute them to backpropagate again")
+    return state
+
+
+class _FastKD(torch.autograd.Function):
+    """student [M, V] -> (kd_sum, ce_sum, teacher token CE, student token CE); grads made in forward."""
+
+    @staticmethod
+    def forward(ctx: Any, student: Tensor, teacher: Any, targets: Tensor | None, weight: Tensor | None,
+                run: Callable[..., Any], temperature: float, ce: bool, chunk: int, want_grad: bool
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        grad = torch.empty_like(student) if want_grad else None
+        stats = _outputs(student.shape[0], targets is not None, student.device)
+        kd = _rows_pass(student, teacher, targets, weight, run, temperature, chunk, grad, stats)
+        ctx.state = (grad, student if ce and want_grad else None, stats[2], targets, chunk)
+        return _finish(ctx, kd, stats, ce)
+
+    @staticmethod
+    def backward(ctx: Any, g_kd: Tensor, g_ce: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        grad, student, lse, targets, chunk = _handover(ctx)
+        if grad is None:
+            return (None,) * 9
+        grad.mul_(g_kd)  # ours alone: rescaled in place and handed over
+        if student is not None:
+            for start in range(0, student.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                grad[rows] += ce_grad_chunk(student[rows], lse[rows], targets[rows]).mul_(g_ce).to(grad.dtype)
+        return (grad,) + (None,) * 8
+
+
+def _terms(student: Tensor, teacher: Any, targets: Tensor | None, run: Callable[..., Any], *, temperature: float,
+           token_weight: Tensor | None, ce: bool, chunk_tokens: int | None) -> KDTerms:
+    if student.dim() != 2:
+        raise ValueError(f"student_logits must be rows [M, V], got {tuple(student.shape)}")
+    check_rows(student.shape[0], temperature, ce, targets, token_weight)
+    want_grad = torch.is_grad_enabled() and student.requires_grad
+    weight = None if token_weight is None else token_weight.detach()
+    kd, ce_sum, t_ce, s_ce = _FastKD.apply(student, teacher, targets, weight, run, temperature, ce,
+                                           chunk_rows(student.shape[1], chunk_tokens), want_grad)
+    has = targets is not None
+    return KDTerms(kd, ce_sum if ce else None, t_ce if has else None, s_ce if has else None)
+
+
+def _resolved(loss_fn: Callable[..., Tensor], temperature: float) -> Callable[..., Any]:
+    resolved = resolve(loss_fn)
+    if resolved is None:
+        raise ValueError(f"no fast path for loss {loss_fn!r}; check supports_fast() and fall back to the reference loss")
+    return dense_kernel(*resolved, temperature)
+
+
+def fast_kd_terms(loss_fn: Callable[..., Tensor], student_logits: Tensor, teacher_logits: Tensor, targets: Tensor | None,
+                  *, temperature: float, token_weight: Tensor | None = None, ce: bool = False,
+                  chunk_tokens: int | None = None) -> KDTerms:
+    """KD (and optionally CE) sums over counted rows ``[M, V]`` with closed-form gradients.
+
+    ``loss_fn`` is a public divergence of :mod:`kd_lightning.losses` or a ``functools.partial``
+    binding its parameters; ``kd_sum`` equals ``Σ w · loss_fn(row, reduction="none")`` of the reference
+    to float32 rounding, value and gradient. ``chunk_tokens`` rows at a time (None: about 256 KiB of
+    float32 per temporary). Raises ``ValueError`` without a fast path (see :func:`supports_fast`).
+    """
+    run = _resolved(loss_fn, temperature)
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher rows {tuple(teacher_logits.shape)} do not match student rows {tuple(student_logits.shape)}")
+    return _terms(student_logits, teacher_logits.detach(), targets, run, temperature=temperature,
+                  token_weight=token_weight, ce=ce, chunk_tokens=chunk_tokens)
+
+
+def fast_sparse_kd_terms(student_logits: Tensor, targets: SparseTargets, labels: Tensor | None, *, temperature: float,
+                         token_weight: Tensor | None = None, ce: bool = False, value_form: str = "kl",
+                         chunk_tokens: int | None = None) -> KDTerms:
+    """:func:`~kd_lightning.losses.sparse_kl` summed (token-weighted) over rows ``[M, V]`` against sparse
+    targets ``[M, k]`` in closed form: ``∂/∂s = q·Σp̂ − p̂`` (p̂ scattered to its ids). The temperature
+    applies to the student only, as in the reference; ``teacher_token_ce`` is None (no dense teacher)."""
+    if value_form not in ("kl", "ce"):
+        raise ValueError(f"value_form must be 'kl' or 'ce', got {value_form!r}")
+    if targets.indices.shape[:-1] != student_logits.shape[:-1] or targets.probs.shape != targets.indices.shape:
+        raise ValueError(f"sparse targets {tuple(targets.indices.shape)} do not match rows {tuple(student_logits.shape)}")
+    terms = _terms(student_logits, (targets.indices, targets.probs.detach()), labels, sparse_kernel(value_form),
+                   temperature=temperature, token_weight=token_weight, ce=ce, chunk_tokens=chunk_tokens)
+    return terms._replace(teacher_token_ce=None)
+
+
+def _head(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
+
+
+class _FusedKD(torch.autograd.Function):
+    """(rows, head W, b) -> same outputs as :class:`_FastKD`; logits exist only chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, weight: Tensor, bias: Tensor | None, teacher_rows: Tensor, teacher_weight: Tensor,
+                teacher_bias: Tensor | None, targets: Tensor | None, token_weight: Tensor | None,
+                run: Callable[..., Any], temperature: float, ce: bool, chunk: int, needs: tuple[bool, bool, bool]
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        count, acc = rows.shape[0], torch.promote_types(weight.dtype, torch.float32)
+        want_grad = any(needs)
+
+        def buffers() -> list[Tensor | None]:
+            return [torch.empty_like(rows) if needs[0] else None,
+                    torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None,
+                    torch.zeros(bias.shape, dtype=acc, device=bias.device) if needs[2] else None]
+
+        grads = {"kd": buffers(), "ce": buffers() if ce and want_grad else None}
+        kd = torch.zeros((), dtype=torch.float32, device=rows.device)
+        s_ce, t_ce, lse = _outputs(count, targets is not None, rows.device)
+        inner = chunk_rows(weight.shape[0], None)
+        grad_logits = None
+        for start in range(0, count, chunk):
+            span = slice(start, start + chunk)
+            x, tgt = rows[span], (None if targets is None else targets[span])
+            z = _head(x, weight, bias)  # the only student head matmul of this chunk: KD and CE share it
+            teacher = _head(teacher_rows[span], teacher_weight, teacher_bias)
+            if want_grad and (grad_logits is None or grad_logits.shape[0] != z.shape[0]):
+                grad_logits = torch.empty(z.shape, dtype=torch.float32, device=z.device)  # reused across chunks
+            stats = (s_ce[span], t_ce[span], None if lse is None else lse[span])
+            w = None if token_weight is None else token_weight[span]
+            # Cache-sized sub-chunks for the elementwise work; the matmuls see the whole chunk.
+            kd += _rows_pass(z, teacher, tgt, w, run, temperature, inner, grad_logits if want_grad else None, stats)
+            del teacher
+            if want_grad:
+                _chain(grads["kd"], grad_logits, x, weight, span, acc)
+            if grads["ce"] is not None:
+                for sub in range(0, z.shape[0], inner):
+                    part = slice(sub, sub + inner)
+                    grad_logits[part] = ce_grad_chunk(z[part], stats[2][part], tgt[part])
+                _chain(grads["ce"], grad_logits, x, weight, span, acc)
+        ctx.state = (grads, (rows, weight, bias))
+        return _finish(ctx, kd, (s_ce, t_ce, lse), ce)
+
+    @staticmethod
+    def backward(ctx: Any, g_kd: Tensor, g_ce: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        grads, likes = _handover(ctx)
+        out = []
+        for i, like in enumerate(likes):
+            kd = grads["kd"][i]
+            if kd is None:
+                out.append(None)
+                continue
+            kd.mul_(g_kd.to(kd.dtype))
+            if grads["ce"] is not None:
+                kd.add_(grads["ce"][i].mul_(g_ce.to(kd.dtype)))
+            out.append(kd.to(like.dtype))
+        return (*out,) + (None,) * 10
+
+
+def _chain(buffers: list[Tensor | None], grad_logits: Tensor, x: Tensor, weight: Tensor, span: slice, acc: torch.dtype) -> None:
+    """The linear head's chain rule, accumulated in place: rows ← G·W, W += Gᵀ·x, b += Σ G."""
+    grad_rows, grad_weight, grad_bias = buffers
+    if grad_rows is not None:
+        grad_rows[span] = grad_logits.to(weight.dtype) @ weight
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.T.to(acc), x.to(acc))
+    if grad_bias is not None:
+        grad_bias += grad_logits.sum(0, dtype=acc)
+
+
+def fast_chunked_kd_terms(loss_fn: Callable[..., Tensor], student_rows: Tensor, head_weight: Tensor, head_bias: Tensor | None,
+                          teacher_rows: Tensor, teacher_head_weight: Tensor, teacher_head_bias: Tensor | None,
+                          targets: Tensor | None, *, temperature: float, token_weight: Tensor | None = None,
+                          ce: bool = False, chunk_size: int) -> KDTerms:
+    """:func:`fast_kd_terms` of ``student_rows @ W.T + b`` vs ``teacher_rows @ W_T.T + b_T``, fused.
+
+    Never holds ``[M, V]``: ``chunk_size`` rows' logits of both heads at a time, one head matmul per
+    chunk and model (KD and CE come from the same chunk logits), and the gradients w.r.t. the rows, W
+    and b are accumulated in closed form during forward (float32 for half heads). The teacher gets no
+    gradient. Peak extra memory is O(chunk_size·V) plus the head-sized gradients (two sets with ``ce``).
+    """
+    run = _resolved(loss_fn, temperature)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if student_rows.dim() != 2 or teacher_rows.shape[:1] != student_rows.shape[:1]:
+        raise ValueError(f"rows must be [M, H] and [M, H2], got {tuple(student_rows.shape)} and {tuple(teacher_rows.shape)}")
+    if teacher_head_weight.shape[0] != head_weight.shape[0]:
+        raise ValueError(f"vocab sizes differ: student head {tuple(head_weight.shape)}, teacher {tuple(teacher_head_weight.shape)}")
+    check_rows(student_rows.shape[0], temperature, ce, targets, token_weight)
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and student_rows.requires_grad, grad_on and head_weight.requires_grad,
+             grad_on and head_bias is not None and head_bias.requires_grad)
+    detach = (lambda x: None if x is None else x.detach())
+    kd, ce_sum, t_ce, s_ce = _FusedKD.apply(
+        student_rows, head_weight, head_bias, teacher_rows.detach(), teacher_head_weight.detach(),
+        detach(teacher_head_bias), targets, detach(token_weight), run, temperature, ce, chunk_size, needs)
+    has = targets is not None
+    return KDTerms(kd, ce_sum if ce else None, t_ce if has else None, s_ce if has else None)
