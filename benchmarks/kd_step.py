@@ -7,6 +7,9 @@ Tiny Llama teacher (hidden 256, 4 layers) and student (hidden 64, 2 layers) from
 load on a shared machine hits all arms alike. CPU time (`time.process_time`) of 1 torch thread,
 medians; peak RSS delta = peak RSS of the arm's process minus its RSS after building models/batch.
 
+  module:        kd-lightning's own step: `DistillationModule.training_step` (forward KL, kd_weight 1,
+                 ce_weight 0), which routes through the fast kernel below -> backward -> AdamW step
+  module_chunked: the same with `chunk_size` (the lm_head-fused path)
   (a) fast:      student forward -> logits -> counted rows selected once (student and teacher,
                  one index_select of the flattened logits each)
                  -> `fast_kd_terms` (ce=False, token CE statistics on) -> backward -> AdamW step
@@ -21,7 +24,7 @@ medians; peak RSS delta = peak RSS of the arm's process minus its RSS after buil
 Then each divergence in isolation (forward + backward over [rows, V]): `fast_kd_terms` against the
 reference loss of kd_lightning.losses, and for forward KL the two-line log_softmax + kl_div.
 
-    python benchmarks/kd_step.py --quick     # V=1024, 2 rounds: < 30 s (mostly 5 process start-ups)
+    python benchmarks/kd_step.py --quick     # V=1024, 2 rounds (mostly 7 process start-ups)
     python benchmarks/kd_step.py             # V=32000 (8x128) and V=128256 (4x256), 15 rounds
 """
 
@@ -43,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("fast", "chunked", "reference", "trl", "floor")
+ARMS = ("module", "module_chunked", "fast", "chunked", "reference", "trl", "floor")
 PROMPT = 16
 
 
@@ -128,8 +131,20 @@ def make_step(arm: str, teacher, student, inputs, chunk_size: int):
         logits = student(input_ids=ids, attention_mask=attn).logits[:, :-1]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
 
+    if arm.startswith("module"):  # kd-lightning's own step, as a run trains: DistillationModule.training_step
+        import warnings
+
+        from kd_lightning.module import DistillationModule
+
+        warnings.filterwarnings("ignore", message=r".*self.log\(\)")  # no Trainer attached here
+        module = DistillationModule(student, teacher, forward_kl, kd_weight=1.0, ce_weight=0.0,
+                                    chunk_size=chunk_size if arm == "module_chunked" else None)
+
+    def loss_module():
+        return module.training_step(inputs, 0)
+
     loss_fn = {"fast": loss_fast, "chunked": loss_chunked, "reference": loss_reference, "trl": loss_trl,
-               "floor": loss_floor}[arm]
+               "floor": loss_floor, "module": loss_module, "module_chunked": loss_module}[arm]
 
     def step() -> float:
         loss = loss_fn()

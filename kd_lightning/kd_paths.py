@@ -9,10 +9,18 @@
 Each path returns the step's `StepTerms`; `DistillationModule._step` combines them into
 ``kd_weight · T² · kd + ce_weight · CE``. A path never decides weights or temperature itself: it reads
 the module's current values (what the callbacks set).
+
+Where the loss has one (`kd_lightning.losses.supports_fast`, `sparse_kl`), the paths use the fast
+KD terms of `kd_lightning.losses.fast`: counted rows are selected once, the divergence's gradient is
+written in closed form in one pass over `[tokens, V]`, the student CE comes from the same
+log-probabilities (and builds no graph when `ce_weight = 0`), and the teacher CE statistics from what
+the kernel already computed. Other losses (`uld`, `online_sparse_kl`, cross-tokenizer losses) take
+the reference path: the loss function itself on the aligned logits.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -23,7 +31,8 @@ from torch import Tensor
 from kd_lightning.lean import chunked_token_ce, hidden_and_head
 from kd_lightning.losses.chunked import chunked_distill_loss
 from kd_lightning.losses.common import all_finite
-from kd_lightning.losses.sparse import sparse_kl
+from kd_lightning.losses.fast import KDTerms, fast_chunked_kd_terms, fast_kd_terms, fast_sparse_kd_terms, supports_fast
+from kd_lightning.losses.sparse import SparseTargets
 
 if TYPE_CHECKING:
     from kd_lightning.module import DistillationModule
@@ -32,26 +41,49 @@ if TYPE_CHECKING:
 class StepTerms(NamedTuple):
     """What a KD path computes for one batch (counted positions only)."""
 
-    student_token_ce: Tensor  # [M], with graph
+    ce_sum: Tensor | None  # summed student token CE with graph; None when ce_weight = 0 (no CE graph)
+    student_token_ce: Tensor  # [M] detached statistics
     kd: Tensor | None  # scalar token-mean divergence (no T²), with graph; None without teachers
     teacher_token_ce: Tensor | None  # [K, M] detached, None when the path has no teacher logits
     teacher_weights: Tensor | None  # [K] batch-mean weight of each teacher entry, detached
     teacher_names: list[str]  # names of the weighted entries, for logging
 
 
+def wants_ce(module: DistillationModule) -> bool:
+    """Whether the CE term is part of the loss (else it is a statistic only: no graph for it)."""
+    return module.ce_weight != 0
+
+
 def student_terms(module: DistillationModule, batch: dict[str, Tensor], labels: Tensor,
-                  mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Aligned student logits and the per-token CE of the counted positions."""
+                  mask: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Aligned student logits, the summed CE of the counted positions (graph only when it is in the
+    loss) and their per-token CE (detached)."""
     student, _ = module.adapter.align(module.student_logits(batch), batch["labels"])
-    return student, F.cross_entropy(student[mask].float(), labels[mask], reduction="none")
+    if not wants_ce(module):
+        with torch.no_grad():
+            return student, None, F.cross_entropy(student[mask].float(), labels[mask], reduction="none")
+    token_ce = F.cross_entropy(student[mask].float(), labels[mask], reduction="none")
+    return student, token_ce.sum(), token_ce.detach()
+
+
+def bound_loss(module: DistillationModule) -> Any:
+    """The module's loss with the parameters callbacks set this step (`loss_params`, e.g. TAID's t)."""
+    return functools.partial(module.loss_fn, **module.loss_params) if module.loss_params else module.loss_fn
+
+
+def fast_step_terms(terms: KDTerms, count: Tensor, weights: Tensor, names: list[str]) -> StepTerms:
+    """`StepTerms` from the fast kernel's sums (token means over `count` counted positions)."""
+    kd = terms.kd_sum / count.clamp_min(1)
+    teacher_ce = None if terms.teacher_token_ce is None else terms.teacher_token_ce.unsqueeze(0)
+    return StepTerms(terms.ce_sum, terms.student_token_ce, kd, teacher_ce, weights.detach(), names)
 
 
 class CEOnly:
     """No teacher: plain cross-entropy training (teacher pre-training, the no-KD baseline)."""
 
     def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> StepTerms:
-        _, token_ce = student_terms(module, batch, labels, mask)
-        return StepTerms(token_ce, None, None, None, [])
+        _, ce_sum, token_ce = student_terms(module, batch, labels, mask)
+        return StepTerms(ce_sum, token_ce, None, None, None, [])
 
 
 class DenseKD:
@@ -64,23 +96,51 @@ class DenseKD:
 
     def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor,
                  mask: Tensor) -> StepTerms | None:
-        student, token_ce = student_terms(module, batch, labels, mask)
-        teacher_logits = {n: module.adapter.align(t, batch["labels"])[0] for n, t in module.teacher_logits(batch).items()}
+        raw = module.teacher_logits(batch)
+        if self.fast(module, raw):
+            return self.fast_terms(module, batch, raw, labels, mask)
+        teacher_logits = {n: module.adapter.align(t, batch["labels"])[0] for n, t in raw.items()}
+        student, ce_sum, token_ce = student_terms(module, batch, labels, mask)
         counted = {n: t[mask] for n, t in teacher_logits.items()}
-        # One reduction in the common case; -inf (a token the teacher rules out) is legitimate.
-        bad = [n for n, t in counted.items() if not all_finite(t) and bool((torch.isnan(t) | torch.isposinf(t)).any())]
-        if bad:
-            message = f"step {module.global_step}: teacher(s) {bad} produced NaN/+inf logits"
-            if self.nonfinite == "error":
-                raise FloatingPointError(message + " (distill.nonfinite_teacher=skip skips such batches)")
-            warnings.warn(message + "; skipping this batch")
+        if not self.finite(module, counted):
             return None
         weights = self.weights(module, teacher_logits, student, labels, mask)  # [K] or [B, K]
         kd = self.divergence(module, student, teacher_logits, weights, mask)
         targets = labels[mask]
         teacher_token_ce = torch.stack([F.cross_entropy(t.float(), targets, reduction="none") for t in counted.values()])
         batch_weights = weights if weights.dim() == 1 else weights.mean(0)
-        return StepTerms(token_ce, kd, teacher_token_ce, batch_weights.detach(), list(teacher_logits))
+        return StepTerms(ce_sum, token_ce, kd, teacher_token_ce, batch_weights.detach(), list(teacher_logits))
+
+    def finite(self, module: DistillationModule, counted: dict[str, Tensor]) -> bool:
+        """False (after warning) when the batch is skipped for NaN/+inf teacher logits; raises under
+        `nonfinite="error"`. One reduction in the common case; -inf (a token the teacher rules out)
+        is legitimate."""
+        bad = [n for n, t in counted.items() if not all_finite(t) and bool((torch.isnan(t) | torch.isposinf(t)).any())]
+        if not bad:
+            return True
+        message = f"step {module.global_step}: teacher(s) {bad} produced NaN/+inf logits"
+        if self.nonfinite == "error":
+            raise FloatingPointError(message + " (distill.nonfinite_teacher=skip skips such batches)")
+        warnings.warn(message + "; skipping this batch")
+        return False
+
+    def fast(self, module: DistillationModule, teacher_logits: dict[str, Tensor]) -> bool:
+        """The fast kernel serves one teacher entry with static weights and a loss that has one."""
+        return (len(teacher_logits) == 1 and module.teacher_weight_fn is None and module.loss_fn is not None
+                and supports_fast(module.loss_fn))
+
+    def fast_terms(self, module: DistillationModule, batch: dict[str, Tensor], teacher_logits: dict[str, Tensor],
+                   labels: Tensor, mask: Tensor) -> StepTerms | None:
+        """Unaligned teacher logits in; counted rows of both models selected once, then one kernel."""
+        (name, teacher), = teacher_logits.items()
+        teacher_rows = module.adapter.rows(teacher, mask)
+        del teacher  # the full [B, L, V] teacher logits are not needed past this point
+        if not self.finite(module, {name: teacher_rows}):
+            return None
+        student_rows = module.adapter.rows(module.student_logits(batch), mask)
+        terms = fast_kd_terms(bound_loss(module), student_rows, teacher_rows, labels[mask],
+                              temperature=module.kd_temperature, ce=wants_ce(module))
+        return fast_step_terms(terms, mask.sum(), module.teacher_weights.to(student_rows.device), [name])
 
     @staticmethod
     def weights(module: DistillationModule, teacher_logits: dict[str, Tensor], student: Tensor, labels: Tensor,
@@ -133,18 +193,25 @@ class ChunkedKD:
     def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> StepTerms:
         self.check(module)
         hidden, head = hidden_and_head(module.student, batch)
-        rows, targets = hidden[:, :-1][mask], labels[mask]
-        token_ce = chunked_token_ce(rows, head, targets, self.chunk_size)
+        rows, targets = module.adapter.rows(hidden, mask), labels[mask]
         name, teacher = next(iter(module.teachers.items()))
         with torch.no_grad():
             t_hidden, t_head = hidden_and_head(teacher, batch)
-            t_rows = t_hidden[:, :-1][mask]
-            teacher_token_ce = chunked_token_ce(t_rows, t_head, targets, self.chunk_size).unsqueeze(0)
+            t_rows = module.adapter.rows(t_hidden, mask)
         assert module.loss_fn is not None
+        if supports_fast(module.loss_fn):  # one head matmul per chunk and model: KD, CE and statistics together
+            terms = fast_chunked_kd_terms(bound_loss(module), rows, head.weight, head.bias, t_rows, t_head.weight, t_head.bias,
+                                          targets, temperature=module.kd_temperature, ce=wants_ce(module),
+                                          chunk_size=self.chunk_size)
+            return fast_step_terms(terms, mask.sum(), module.teacher_weights.to(rows.device), [name])
+        token_ce = chunked_token_ce(rows, head, targets, self.chunk_size)
+        with torch.no_grad():
+            teacher_token_ce = chunked_token_ce(t_rows, t_head, targets, self.chunk_size).unsqueeze(0)
         kd = chunked_distill_loss(rows, head.weight, t_rows, t_head.weight, None, module.loss_fn,
                                   chunk_size=self.chunk_size, temperature=module.kd_temperature,
                                   student_head_bias=head.bias, teacher_head_bias=t_head.bias, **module.loss_params)
-        return StepTerms(token_ce, kd, teacher_token_ce, module.teacher_weights.to(kd.device), [name])
+        ce_sum = token_ce.sum() if wants_ce(module) else None
+        return StepTerms(ce_sum, token_ce.detach(), kd, teacher_token_ce, module.teacher_weights.to(kd.device), [name])
 
 
 class SparseKD:
@@ -152,10 +219,14 @@ class SparseKD:
     sample: the KD term is `sparse_kl` whatever `loss_fn` is; no teacher CE statistics."""
 
     def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> StepTerms:
-        student, token_ce = student_terms(module, batch, labels, mask)
+        student, _ = module.adapter.align(module.student_logits(batch), batch["labels"])
         name, teacher = next(iter(module.teachers.items()))
-        kd = sparse_kl(student, teacher.targets(batch), mask, temperature=module.kd_temperature)
-        return StepTerms(token_ce, kd, None, module.teacher_weights.to(kd.device), [name])
+        stored = teacher.targets(batch)  # aligned [B, L-1, k]
+        targets = SparseTargets(stored.indices[mask], stored.probs[mask])
+        terms = fast_sparse_kd_terms(student[mask], targets, labels[mask],
+                                     temperature=module.kd_temperature, ce=wants_ce(module))
+        return fast_step_terms(terms, mask.sum(), module.teacher_weights.to(student.device), [name])._replace(
+            teacher_token_ce=None)  # stored targets are sparse: no teacher CE statistics
 
 
 KDPath = Any  # CEOnly | DenseKD | ChunkedKD | SparseKD: callables (module, batch, labels, mask) -> StepTerms | None

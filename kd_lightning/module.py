@@ -184,7 +184,7 @@ class DistillationModule(LightningModule):
         terms = self.kd_path(self, batch, labels, mask)
         if terms is None:  # skipped (non-finite teacher logits, distill.nonfinite_teacher=skip)
             return None
-        ce = terms.student_token_ce.sum() / count.clamp_min(1)
+        ce = (terms.student_token_ce.sum() if terms.ce_sum is None else terms.ce_sum) / count.clamp_min(1)
         loss = self.ce_weight * ce
         if terms.kd is not None:
             loss = loss + self.kd_weight * self.kd_temperature**2 * terms.kd

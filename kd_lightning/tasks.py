@@ -8,6 +8,7 @@ branching on the task themselves:
   classifier outputs are already aligned;
 - `labels(batch)`: the aligned labels, with `IGNORE_INDEX` where a position does not count;
 - `mask(labels)`: bool mask of counted positions;
+- `rows(outputs, mask)`: the counted positions' rows of unaligned outputs, selected once;
 - `builder_kwargs(datamodule, seed)`: what every model builder gets from the data.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE_INDEX = -100
@@ -37,6 +39,14 @@ class CausalLM:
     @staticmethod
     def labels(batch: dict[str, Tensor]) -> Tensor:
         return batch["labels"][:, 1:]
+
+    @staticmethod
+    def rows(x: Tensor, mask: Tensor) -> Tensor:
+        """Rows ``[M, ...]`` of the counted positions of an *unaligned* output ``x [B, L, ...]``
+        (logits or hidden states), ``mask [B, L-1]`` from the aligned labels: one `index_select` of
+        the flattened tensor, no copy of the shifted ``x[:, :-1]`` (its backward is one index_add)."""
+        index = F.pad(mask, (0, 1)).reshape(-1).nonzero().squeeze(1)
+        return x.reshape(-1, *x.shape[2:]).index_select(0, index)
 
     @staticmethod
     def builder_kwargs(datamodule: Any, seed: int) -> dict[str, Any]:
@@ -63,6 +73,11 @@ class Classification:
     @staticmethod
     def labels(batch: dict[str, Tensor]) -> Tensor:
         return batch["labels"]
+
+    @staticmethod
+    def rows(x: Tensor, mask: Tensor) -> Tensor:
+        """Rows ``[M, ...]`` of the counted examples of ``x [B, ...]``."""
+        return x.index_select(0, mask.nonzero().squeeze(1))
 
     @staticmethod
     def builder_kwargs(datamodule: Any, seed: int) -> dict[str, Any]:

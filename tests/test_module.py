@@ -228,3 +228,50 @@ def test_sar_parameters_are_declared_and_kept_in_checkpoints() -> None:
     kept = [k for k in checkpoint["state_dict"] if k.startswith("teachers.")]
     assert kept == ["teachers.teacher.lm_head.weight"] and teacher.lm_head.weight.requires_grad
     assert not teacher.model.embed_tokens.weight.requires_grad
+
+
+def _grads(module: DistillationModule, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    module.student.zero_grad(set_to_none=True)
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in module.student.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("loss_name, params, chunk_size", [
+    ("forward_kl", {}, None), ("reverse_kl", {}, None), ("skew_kl", {"alpha": 0.2}, None),
+    ("taid", {}, None), ("jensen_shannon", {}, None), ("forward_kl", {}, 5), ("skew_reverse_kl", {"alpha": 0.3}, 5),
+])
+def test_fast_kd_path_equals_the_reference_loss_in_the_module(loss_name: str, params: dict, chunk_size) -> None:
+    """The module routes losses with a fast kernel through it; the same loss hidden behind a wrapper
+    (no fast kernel known) takes the reference path: same loss and student gradients."""
+    import kd_lightning.losses as losses
+
+    fn = partial(getattr(losses, loss_name), **params)
+
+    def opaque(*args, **kwargs):  # supports_fast does not know it: reference path
+        return fn(*args, **kwargs)
+
+    batch = lm_batch()
+    results = []
+    for loss_fn in (fn, opaque):
+        module = DistillationModule(tiny_lm(0), tiny_lm(1, hidden=48), loss_fn, kd_weight=0.7, ce_weight=0.3,
+                                    kd_temperature=2.0, chunk_size=chunk_size)
+        if loss_name == "taid":
+            module.loss_params = {"interpolation": 0.4}  # what the TAID callback sets every step
+        results.append(_grads(module, batch))
+    (fast_loss, fast_grads), (ref_loss, ref_grads) = results
+    assert torch.allclose(fast_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast_grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_ce_weight_zero_builds_no_ce_graph_and_keeps_the_statistics() -> None:
+    module = DistillationModule(tiny_lm(0), tiny_lm(1), forward_kl, kd_weight=1.0, ce_weight=0.0)
+    batch = lm_batch()
+    labels = module.adapter.labels(batch)
+    mask = module.adapter.mask(labels)
+    terms = module.kd_path(module, batch, labels, mask)
+    assert terms.ce_sum is None and not terms.student_token_ce.requires_grad
+    want = F.cross_entropy(module.student_logits(batch)[:, :-1][mask].float(), labels[mask], reduction="none")
+    assert torch.allclose(terms.student_token_ce, want.detach(), rtol=1e-5, atol=1e-6)
+    assert terms.teacher_token_ce.shape == (1, int(mask.sum()))
