@@ -44,9 +44,14 @@ def check_config(cfg: DictConfig, task: str) -> None:
     """Fail before any compute, naming the offending key and value."""
     teachers = teacher_configs(cfg)
     cached = [str(t.name) for t in teachers if t.get("cached")]
-    if cached and (cfg.stage == "cache_teacher" or len(teachers) > 1 or cfg.loss.name != "sparse_kl"):
-        raise ValueError(f"teacher={cached[0]} (offline sparse targets) is the only teacher of a stage=distill run with "
-                         f"loss=sparse_kl; got stage={cfg.stage}, loss={cfg.loss.name}, {len(teachers)} teacher(s)")
+    if cached and (cfg.stage == "cache_teacher" or len(teachers) > 1):
+        raise ValueError(f"teacher={cached[0]} (offline targets) is the only teacher of a stage=distill run; "
+                         f"got stage={cfg.stage}, {len(teachers)} teacher(s)")
+    if cached and (cfg.loss.get("cross_vocab") or cfg.loss.get("chunk_size")):
+        raise ValueError(f"teacher={cached[0]} (offline targets) gives teacher log-probabilities, not hidden states or "
+                         f"another vocabulary's tokens: loss={cfg.loss.name} with cross_vocab/chunk_size cannot read "
+                         "them; use a same-vocabulary loss without loss.chunk_size (sparse_kl reads sparse targets "
+                         "directly)")
     for key, model_cfg in [("student", cfg.student.model)] + [(f"teacher {t.name}", t.model) for t in teachers]:
         made_for = builder_task(model_cfg)
         if made_for is not None and made_for != task:

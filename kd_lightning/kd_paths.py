@@ -215,12 +215,16 @@ class ChunkedKD:
 
 
 class SparseKD:
-    """Offline sparse targets (`teacher=cached`), stored for the aligned positions of each training
-    sample: the KD term is `sparse_kl` whatever `loss_fn` is; no teacher CE statistics."""
+    """Offline targets (`teacher=cached`, a teacher store): with loss=sparse_kl the KD term is
+    `sparse_kl` against the stored sparse targets; any other loss reads them decoded to dense
+    log-probabilities (`kd_lightning.teachers.encodings.decode_dense`) on the dense path. Sparse targets
+    give no teacher CE statistics."""
 
     def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> StepTerms:
-        student, _ = module.adapter.align(module.student_logits(batch), batch["labels"])
         name, teacher = next(iter(module.teachers.items()))
+        if not getattr(teacher, "sparse", True):  # another loss: the teacher returns the decoded log-probabilities
+            return DenseKD("mixture", "error")(module, batch, labels, mask)
+        student, _ = module.adapter.align(module.student_logits(batch), batch["labels"])
         stored = teacher.targets(batch)  # aligned [B, L-1, k]
         targets = SparseTargets(stored.indices[mask], stored.probs[mask])
         terms = fast_sparse_kd_terms(student[mask], targets, labels[mask],

@@ -27,6 +27,7 @@ from kd_lightning.models import count_parameters, output_size, save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.stages import build_model, check_model_positions, make_trainer, obtain_baseline, obtain_teacher
 from kd_lightning.tasks import task_named
+from kd_lightning.teachers.encodings import encoding_from
 from kd_lightning.teachers.teacher_outputs import RunContext, TeacherOutputOptions, TeacherOutputsFlush, memoize_teachers
 
 log = logging.getLogger("kd_lightning")
@@ -52,10 +53,8 @@ def check_vocabularies(student: torch.nn.Module, teachers: dict[str, torch.nn.Mo
 def teacher_output_options(cfg: DictConfig) -> TeacherOutputOptions:
     opts = cfg.get("teacher_outputs") or {}
     root = opts.get("dir") or str(cache_root(cfg.paths.cache_dir) / "teacher_outputs")
-    return TeacherOutputOptions(reuse=bool(opts.get("reuse", False)), root=str(root),
-                                topk=None if opts.get("topk") is None else int(opts.topk),
-                                dtype=str(opts.get("dtype", "float32")), flush_rows=int(opts.get("flush_rows", 1024)),
-                                max_gb=float(opts.get("max_gb", 20)))
+    return TeacherOutputOptions(reuse=bool(opts.get("reuse", False)), root=str(root), encoding=encoding_from(opts),
+                                flush_rows=int(opts.get("flush_rows", 1024)), max_gb=float(opts.get("max_gb", 20)))
 
 
 def teacher_output_context(cfg: DictConfig, task: str) -> RunContext:

@@ -10,10 +10,19 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kd_lightning.losses import forward_kl, reverse_kl, skew_kl
-from kd_lightning.teachers.teacher_outputs import MemoizedTeacher, TeacherOutputStore, row_keys
+from kd_lightning.teachers.encodings import Encoding
+from kd_lightning.teachers.store import TeacherOutputStore, store_identity
+from kd_lightning.teachers.teacher_outputs import MemoizedTeacher, row_keys
 from kd_lightning.pipeline import run
 
 V = 37
+
+
+def make_store(directory: Path, vocab: int = V, name: str = "full", dtype: str = "float32", k: int = 32,
+               **kwargs) -> TeacherOutputStore:
+    identity = store_identity(weights="w", model_config=None, precision="32-true", accelerator="cpu",
+                              vocab_size=vocab, encoding=Encoding(name, dtype, k=k))
+    return TeacherOutputStore(directory, identity, **kwargs)
 
 
 def tiny_lm(seed: int = 0) -> LlamaForCausalLM:
@@ -41,7 +50,7 @@ def test_row_keys_depend_on_ids_mask_and_length():
 
 def test_float32_store_is_exact_and_survives_a_new_process_view(tmp_path: Path):
     teacher = tiny_lm()
-    memo = MemoizedTeacher(teacher, TeacherOutputStore(tmp_path, V, dtype="float32", flush_rows=4))
+    memo = MemoizedTeacher(teacher, make_store(tmp_path, flush_rows=4))
     b = batch(1)
     first = memo(**b).logits                      # computed
     again = memo(**b).logits                      # read from the in-memory buffer
@@ -52,7 +61,7 @@ def test_float32_store_is_exact_and_survives_a_new_process_view(tmp_path: Path):
     memo.store.flush()
     assert len(list(tmp_path.glob("part-*.safetensors"))) == 1 and not list(tmp_path.glob(".*tmp"))
     # a later run (a new store over the same directory) reads it from disk without the teacher
-    fresh = MemoizedTeacher(teacher, TeacherOutputStore(tmp_path, V, dtype="float32"))
+    fresh = MemoizedTeacher(teacher, make_store(tmp_path))
     calls = []
     fresh.model.register_forward_hook(lambda *_: calls.append(1))
     assert torch.equal(fresh(**b).logits, reference) and calls == []
@@ -68,7 +77,7 @@ def test_float32_store_is_exact_and_survives_a_new_process_view(tmp_path: Path):
 def test_float16_store_gives_the_same_losses_within_tolerance(tmp_path: Path):
     teacher = tiny_lm()
     b = batch(3, rows=4, length=12)
-    memo = MemoizedTeacher(teacher, TeacherOutputStore(tmp_path, V, dtype="float16"))
+    memo = MemoizedTeacher(teacher, make_store(tmp_path, dtype="float16"))
     memo(**b)
     stored = memo(**b).logits
     assert memo.store.stats["hit_rows"] == 4
@@ -85,32 +94,32 @@ def test_float16_store_gives_the_same_losses_within_tolerance(tmp_path: Path):
 def test_topk_store_spreads_the_rest_uniformly(tmp_path: Path):
     teacher = tiny_lm()
     b = batch(4)
-    memo = MemoizedTeacher(teacher, TeacherOutputStore(tmp_path, V, topk=5, dtype="float32"))
+    memo = MemoizedTeacher(teacher, make_store(tmp_path, name="topk", k=5))
     memo(**b)
     stored = memo(**b).logits
     exact = torch.log_softmax(teacher(**b).logits, -1)
     assert torch.allclose(stored.exp().sum(-1), torch.ones(3, 9), atol=1e-5)  # a distribution
     top, ids = exact.topk(5, dim=-1)
-    assert torch.allclose(stored.gather(-1, ids), top, atol=1e-6)
+    assert torch.allclose(stored.gather(-1, ids), top, atol=1e-3)  # tail mass kept in float16
     rest = (1 - top.exp().sum(-1, keepdim=True)) / (V - 5)
     others = torch.ones_like(exact, dtype=torch.bool).scatter_(-1, ids, False)
-    assert torch.allclose(stored[others].exp(), rest.expand_as(exact)[others], rtol=1e-4)
+    assert torch.allclose(stored[others].exp(), rest.expand_as(exact)[others], rtol=2e-3)
 
 
 def test_bad_options_and_mismatched_directory_fail_clearly(tmp_path: Path):
-    with pytest.raises(ValueError, match="teacher_outputs.dtype"):
-        TeacherOutputStore(tmp_path, V, dtype="int8")
-    with pytest.raises(ValueError, match="teacher_outputs.topk"):
-        TeacherOutputStore(tmp_path, V, topk=V)
-    store = TeacherOutputStore(tmp_path, V, dtype="float32")
+    with pytest.raises(ValueError, match="dtype='int8' for encoding=full"):
+        make_store(tmp_path, dtype="int8")
+    with pytest.raises(ValueError, match="k=0: must be >= 1"):
+        make_store(tmp_path, name="topk", k=0)
+    store = make_store(tmp_path)
     MemoizedTeacher(tiny_lm(), store)(**batch(0))
     store.flush()
-    with pytest.raises(ValueError, match="written for vocab_size=37"):
-        TeacherOutputStore(tmp_path, V + 1)
+    with pytest.raises(ValueError, match=r"other settings \(vocab_size: stored 37, this run 38\)"):
+        make_store(tmp_path, V + 1)
 
 
 def test_max_gb_stops_storing_but_keeps_reading(tmp_path: Path, caplog):
-    store = TeacherOutputStore(tmp_path, V, dtype="float32", max_gb=1e-9)
+    store = make_store(tmp_path, max_gb=1e-9)
     memo = MemoizedTeacher(tiny_lm(), store)
     memo(**batch(0))
     with caplog.at_level("WARNING", logger="kd_lightning"):
@@ -193,34 +202,40 @@ def test_report_shows_the_teacher_time_saved(tmp_path: Path):
 
 
 def test_store_directory_separates_teachers_precisions_and_formats(make_cfg):
-    from kd_lightning.teachers.teacher_outputs import store_directory
+    from kd_lightning.teachers.store import store_directory, weights_hash
     from kd_lightning.train import teacher_model_configs, teacher_output_context, teacher_output_options
 
     def directory(cfg, teacher):
-        return store_directory(teacher_output_options(cfg), str(cfg.teacher.name), teacher_model_configs(cfg)["moe"],
-                               teacher, teacher_output_context(cfg, "causal_lm"))
+        opts, context = teacher_output_options(cfg), teacher_output_context(cfg, "causal_lm")
+        identity = store_identity(weights=weights_hash(teacher), model_config=teacher_model_configs(cfg)["moe"],
+                                  precision=context.precision, accelerator=context.accelerator, vocab_size=V,
+                                  encoding=opts.encoding)
+        return store_directory(opts.root, str(cfg.teacher.name), identity)
 
     cfg = make_cfg("teacher_outputs.reuse=true")
     teacher = tiny_lm()
     base = directory(cfg, teacher)
     assert base == directory(cfg, tiny_lm())  # same weights, same store
     assert base != directory(cfg, tiny_lm(seed=1))  # other weights
-    for override in ("strategy=bf16", "teacher_outputs.dtype=float16", "teacher_outputs.topk=8"):
+    for override in ("strategy=bf16", "teacher_outputs.dtype=float16", "teacher_outputs.encoding=topk",
+                     "teacher_outputs.encoding=sample"):
         other = make_cfg("teacher_outputs.reuse=true", override)
         assert directory(other, teacher) != base, override
 
 
 def test_topk_and_flush_rows_reach_the_store_from_the_config(make_cfg, tmp_path: Path):
-    """`teacher_outputs.topk` and `.flush_rows` from the command line shape what is written, and a
+    """`teacher_outputs.encoding=topk`, `.k` and `.flush_rows` from the command line shape what is written, and a
     second run reads the top-k store without running the teacher."""
     from safetensors import safe_open
 
-    opts = ("teacher_outputs.reuse=true", "teacher_outputs.topk=8", "teacher_outputs.flush_rows=16", "baseline=false",
+    opts = ("teacher_outputs.reuse=true", "teacher_outputs.encoding=topk", "teacher_outputs.k=8",
+            "teacher_outputs.dtype=uint8", "teacher_outputs.flush_rows=16", "baseline=false",
             f"teacher_outputs.dir={tmp_path / 'store'}")
     first = run(make_cfg(*opts, output_dir=tmp_path / "a"))["teacher_outputs"]
     parts = sorted((tmp_path / "store").rglob("part-*.safetensors"))
     assert len(parts) >= 2  # 6 steps x 8 rows + evaluation rows, flushed every 16
     with safe_open(str(parts[0]), framework="pt") as f:
-        assert set(f.keys()) == {"keys", "values", "ids"} and f.get_tensor("values").shape[-1] == 8
+        assert set(f.keys()) == {"keys", "head", "steps", "ids", "tail"} and f.get_tensor("steps").shape[-1] == 8
+        assert f.get_tensor("ids").dtype == torch.uint16 and f.get_tensor("steps").dtype == torch.uint8
     second = run(make_cfg(*opts, "loss=js", output_dir=tmp_path / "b"))["teacher_outputs"]
     assert second["computed_rows"] == 0 and second["hit_rows"] >= first["stored_rows"] > 0

@@ -1,239 +1,215 @@
-"""Offline sparse teacher targets: computed once (`stage=cache_teacher`), read back (`teacher=cached`).
+"""Offline teacher targets: the teacher store (`kd_lightning.teachers.store`) filled for the whole
+training split by `stage=cache_teacher`, read by `teacher=cached` (no teacher model at training time).
 
 Anshumann et al. 2025, "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs": the
-teacher's distribution is stored sparsely for every training position, either as Random-Sampling KD
-targets (``num_draws`` draws, ``p̂_v = count_v / num_draws``, unbiased) or as its top-k (biased), so
-distillation no longer runs the teacher at all.
+teacher's distribution is stored sparsely, as Random-Sampling KD counts (``teacher_cache.method=
+sample``, unbiased) or as its top-k plus the tail's mass (``topk``), or in full (``full``); see
+`kd_lightning.teachers.encodings`. Rows are keyed by their tokens, like the online store, so
+`teacher=cached` reads a batch whatever order the loader gives.
 
-Layout of a cache directory::
-
-    manifest.json                 what the targets were built from (checked before training)
-    shard-00000.safetensors       indices int32 [positions, k], probs float32|float16 [positions, k]
-    shard-00001.safetensors       ... each for a contiguous range of training samples
-    kd_manifest.json              completeness marker (kd_lightning.model_cache.write_atomically)
-
-Positions are the ALIGNED ones: a window of ``seq_len`` tokens has ``seq_len - 1`` stored rows, row
-``t`` being the teacher's prediction of token ``t + 1`` (what `DistillationModule.align` gives the
-student), so no shift happens at read time. Sample ``i`` of the training split owns rows
-``[i * (seq_len - 1), (i + 1) * (seq_len - 1))`` of the concatenated shards.
+Several writers share the work: the training split is cut into chunks of ``teacher_cache.shard_size``
+samples; a process claims a chunk (an exclusive ``.claim-<chunk>`` file) before computing it, DDP
+ranks (``RANK``/``WORLD_SIZE``) start at different chunks, and a process that finds no chunk left to
+claim waits for the others, taking over a chunk whose claimer died. When every row is stored, a
+``covers-<data fingerprint>.json`` record says the split is complete; `teacher=cached` needs it.
+Each chunk's draws are seeded by (seed, chunk), so who computes a chunk does not change it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from transformers.modeling_outputs import CausalLMOutput
 
-from kd_lightning.model_cache import cache_root, config_key, is_complete, write_atomically
+from kd_lightning.atomic import _pid_alive, atomic_write_json, clean_stale_temporaries
 from kd_lightning.data.tokenizer import tokenizer_identity
-from kd_lightning.losses.sparse import SparseTargets, sample_targets, topk_targets
+from kd_lightning.losses.sparse import SparseTargets
+from kd_lightning.model_cache import cache_root, config_key
+from kd_lightning.models import output_size
 from kd_lightning.tasks import CausalLM
+from kd_lightning.teachers.encodings import Encoding, encoding_from
+from kd_lightning.teachers.store import TeacherOutputStore, row_keys, store_directory, store_identity, weights_hash
 
 log = logging.getLogger("kd_lightning")
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-# Fields a reader compares with the current run: a mismatch means the targets belong to other data.
-CHECKED_FIELDS = {"data_fingerprint": "data fingerprint", "tokenizer": "tokenizer", "vocab_size": "vocabulary size",
-                  "seq_len": "seq_len", "k": "k", "format_version": "format version"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
+BUILD = ("python train.py stage=cache_teacher teacher=<the teacher> teacher_cache.dir={dir} "
+         "(same dataset.* and teacher_cache.* settings)")
 
 
-# ---------------------------------------------------------------------------------------- identity
-def weights_hash(model: nn.Module) -> str:
-    """sha256[:16] of the teacher's parameters and buffers (names, shapes, dtypes, bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}\0".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()[:16]
+def coverage(datamodule: Any, num_samples: int) -> dict[str, Any]:
+    """What a complete offline store covers (`covers-<data fingerprint>.json`)."""
+    return {"data_fingerprint": datamodule.fingerprint(), "tokenizer": tokenizer_identity(datamodule.tokenizer)[:16],
+            "seq_len": int(datamodule.seq_len), "num_samples": int(num_samples)}
 
 
-def expected_fields(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
-    """What a cache must have been built for to serve this run (compared with the manifest)."""
-    # Specific fields first: the data fingerprint also covers the tokenizer and seq_len.
-    return {"format_version": FORMAT_VERSION, "k": int(cfg.teacher_cache.k), "seq_len": int(datamodule.seq_len),
-            "vocab_size": int(datamodule.vocab_size), "tokenizer": tokenizer_identity(datamodule.tokenizer)[:16],
-            "data_fingerprint": datamodule.fingerprint()}
+def covers_path(directory: Path, fingerprint: str) -> Path:
+    return directory / f"covers-{fingerprint}.json"
 
 
-def method_params(cfg: DictConfig) -> dict[str, Any]:
-    c = cfg.teacher_cache
-    if c.method not in ("sample", "topk"):
-        raise ValueError(f"teacher_cache.method={c.method!r}: must be 'sample' or 'topk'")
-    if c.probs_dtype not in DTYPES:
-        raise ValueError(f"teacher_cache.probs_dtype={c.probs_dtype!r}: must be one of {sorted(DTYPES)}")
-    return {"method": str(c.method), "k": int(c.k), "num_draws": int(c.num_draws) if c.method == "sample" else None,
-            "temperature": float(c.temperature), "probs_dtype": str(c.probs_dtype)}
-
-
-def default_dir(cfg: DictConfig, name: str, teacher_identity: dict[str, Any], data_fingerprint: str) -> Path:
-    key = config_key({"teacher": teacher_identity, "data": data_fingerprint, "method": method_params(cfg), "seed": int(cfg.seed)})
-    return cache_root(cfg.paths.cache_dir) / "teacher_targets" / f"{name}-{key}"
-
-
-# ---------------------------------------------------------------------------------------- writer
-def batch_targets(teacher: nn.Module, batch: dict[str, Tensor], params: dict[str, Any],
-                  generator: torch.Generator | None, counts: dict[str, int] | None = None) -> SparseTargets:
-    """Aligned sparse targets [B, L-1, k] of one batch. Rows that no label counts (padding, prompt)
-    get the uniform distribution's targets, as in `online_sparse_kl`: they are never read.
-    `counts["truncated"]` (if given) adds the counted rows that drew more than k unique ids."""
-    logits, labels = CausalLM.align(CausalLM.logits(teacher, batch).float(), batch["labels"])
-    counted = CausalLM.mask(labels)
-    logits = logits.masked_fill(~counted.unsqueeze(-1), 0.0)
-    k, T = params["k"], params["temperature"]
-    if params["method"] == "topk":
-        return topk_targets(logits, k, temperature=T)
-    targets = sample_targets(logits, params["num_draws"], temperature=T, generator=generator)
-    if counts is not None and targets.indices.shape[-1] > k:
-        counts["truncated"] += int(((targets.probs > 0).sum(-1) > k)[counted].sum())
-    return fit_width(targets, k)
-
-
-def fit_width(targets: SparseTargets, k: int) -> SparseTargets:
-    """Pad with probability-0 entries, or keep the k most drawn ids renormalised when more than k
-    unique ids were drawn (biased; never happens when k >= num_draws)."""
-    width = targets.indices.shape[-1]
-    if width < k:
-        pad = (0, k - width)
-        return SparseTargets(torch.nn.functional.pad(targets.indices, pad), torch.nn.functional.pad(targets.probs, pad))
-    if width > k:
-        probs, order = targets.probs.topk(k, dim=-1)
-        return SparseTargets(targets.indices.gather(-1, order), probs / probs.sum(-1, keepdim=True))
-    return targets
+def _claim(directory: Path, chunk: int, *, steal: bool = False) -> bool:
+    """Take chunk `chunk` for this process; `steal`: also when its claimer (this host) has died."""
+    path = directory / f".claim-{chunk}"
+    me = f"{os.getpid()} {socket.gethostname()}"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        if not steal:
+            return False
+        try:
+            pid, host = path.read_text().split()
+        except (OSError, ValueError):
+            return False  # being written right now
+        if host != socket.gethostname() or _pid_alive(int(pid)):
+            return False
+        path.write_text(me)
+        return True
+    with os.fdopen(fd, "w") as handle:
+        handle.write(me)
+    return True
 
 
 @torch.no_grad()
 def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictConfig, teacher: nn.Module) -> Path:
-    """`stage=cache_teacher`: the teacher's sparse targets for every training position, sharded."""
+    """`stage=cache_teacher`: store the teacher's outputs for every training sample; returns the store."""
     if datamodule.task != "causal_lm":
         raise ValueError("stage=cache_teacher needs a causal-LM dataset")
-    params = method_params(cfg)
-    identity = {"name": str(teacher_cfg.name), "config": config_key(OmegaConf.to_container(teacher_cfg, resolve=True)),
-                "weights": weights_hash(teacher)}
+    c = cfg.teacher_cache
+    encoding = encoding_from(c)
+    identity = store_identity(weights=weights_hash(teacher), precision=str(cfg.trainer.get("precision")),
+                              model_config=config_key(OmegaConf.to_container(teacher_cfg, resolve=True)),
+                              accelerator=str(cfg.trainer.get("accelerator")), vocab_size=output_size(teacher),
+                              encoding=encoding)
+    root = cache_root(cfg.paths.cache_dir) / "teacher_targets"
+    directory = Path(str(c.dir)).expanduser() if c.dir else store_directory(root, str(teacher_cfg.name), identity)
+    clean_stale_temporaries(directory.parent, prefix=directory.name)  # an earlier layout's staging folders
+    shard = int(c.shard_size)
+    store = TeacherOutputStore(directory, identity, flush_rows=shard + 1, what="stage=cache_teacher")
     datamodule.setup("fit")
     dataset = datamodule.datasets["train"]
-    target = Path(str(cfg.teacher_cache.dir)) if cfg.teacher_cache.dir else default_dir(cfg, identity["name"], identity, datamodule.fingerprint())
-    manifest = {**expected_fields(cfg, datamodule), **params, "teacher": identity, "seed": int(cfg.seed),
-                "num_samples": len(dataset), "positions_per_sample": int(datamodule.seq_len) - 1,
-                "aligned": "row t of a sample = teacher prediction of token t+1"}
-    if is_complete(target):
-        found = json.loads((target / MANIFEST).read_text())
-        if {k: found.get(k) for k in manifest} == json.loads(json.dumps(manifest)):
-            log.info("Teacher targets already cached at %s", target)
-            return target
-        raise FileExistsError(f"teacher_cache.dir={target} holds targets built from another teacher/data/method; "
-                              "remove it or choose another teacher_cache.dir")
+    covers = coverage(datamodule, len(dataset))
+    if covers_path(directory, covers["data_fingerprint"]).is_file():
+        log.info("Teacher targets already stored at %s", directory)
+        return directory
     device = torch.device("cuda" if torch.cuda.is_available() and str(cfg.trainer.get("accelerator")) != "cpu" else "cpu")
     teacher = teacher.to(device).eval()
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    shard_size = int(cfg.teacher_cache.shard_size)
-    loader = DataLoader(dataset, batch_size=datamodule.eval_batch_size, shuffle=False)
-    dtype = DTYPES[params["probs_dtype"]]
+    chunks = [list(range(s, min(s + shard, len(dataset)))) for s in range(0, len(dataset), shard)]
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    order = list(range(rank, len(chunks), world)) + [i for i in range(len(chunks)) if i % world != rank]
+    batch_size = int(datamodule.eval_batch_size)
 
-    def write(directory: Path) -> None:
-        shards: list[dict[str, Any]] = []
-        pending: list[SparseTargets] = []
-        pending_samples = 0
-        counts = {"truncated": 0}
+    def chunk_keys(chunk: int) -> list[bytes]:
+        items = [dataset[i] for i in chunks[chunk]]
+        return row_keys(torch.stack([x["input_ids"] for x in items]), torch.stack([x["attention_mask"] for x in items]))
 
-        def flush() -> None:
-            nonlocal pending, pending_samples
-            indices = torch.cat([t.indices for t in pending]).flatten(0, 1).to(torch.int32)
-            probs = torch.cat([t.probs for t in pending]).flatten(0, 1).to(dtype)
-            name = f"shard-{len(shards):05d}.safetensors"
-            first = sum(s["num_samples"] for s in shards)
-            save_file({"indices": indices.contiguous(), "probs": probs.contiguous()}, str(directory / name),
-                      metadata={"first_sample": str(first), "num_samples": str(pending_samples)})
-            shards.append({"file": name, "first_sample": first, "num_samples": pending_samples})
-            pending, pending_samples = [], 0
+    def compute(chunk: int) -> None:
+        store.generator.manual_seed(int(cfg.seed) * 1_000_003 + chunk)
+        for start in range(0, len(chunks[chunk]), batch_size):
+            items = [dataset[i] for i in chunks[chunk][start:start + batch_size]]
+            batch = {k: torch.stack([x[k] for x in items]).to(device) for k in ("input_ids", "attention_mask")}
+            keys = row_keys(batch["input_ids"], batch["attention_mask"])
+            if store.missing(keys):
+                store.put(keys, CausalLM.logits(teacher, batch).float(), 0.0)
+        store.flush()
 
-        for batch in tqdm(loader, desc=f"caching teacher targets ({params['method']}, k={params['k']})", unit="batch"):
-            batch = {key: value.to(device) for key, value in batch.items()}
-            targets = batch_targets(teacher, batch, params, generator, counts)
-            indices, probs, start = targets.indices.cpu(), targets.probs.cpu(), 0
-            while start < len(indices):  # a batch may straddle a shard border
-                take = min(shard_size - pending_samples, len(indices) - start)
-                pending.append(SparseTargets(indices[start:start + take], probs[start:start + take]))
-                pending_samples, start = pending_samples + take, start + take
-                if pending_samples == shard_size:
-                    flush()
-        if pending_samples:
-            flush()
-        if counts["truncated"]:
-            log.warning("teacher_cache: %d counted positions drew more than k=%d unique ids from %d draws; their k most "
-                        "drawn ids were kept, renormalised (biased). k >= num_draws never truncates",
-                        counts["truncated"], params["k"], params["num_draws"])
-        (directory / MANIFEST).write_text(json.dumps({**manifest, "shards": shards, "truncated_positions": counts["truncated"]},
-                                                     indent=2, sort_keys=True))
+    def done(chunk: int) -> bool:
+        return not [k for k in chunk_keys(chunk) if k not in store._index]
 
-    log.info("Caching teacher '%s' targets for %d training samples at %s", identity["name"], len(dataset), target)
-    return write_atomically(target, write, {"kind": "teacher_targets", "manifest": MANIFEST})
+    log.info("Storing teacher '%s' outputs (%s) for %d training samples at %s", teacher_cfg.name,
+             encoding.identity(), len(dataset), directory)
+    for chunk in order:
+        if _claim(directory, chunk):
+            if not done(chunk):
+                compute(chunk)
+    pending = [chunk for chunk in order if not done(chunk)]
+    while pending:  # chunks others claimed: wait for them, or take over those whose writer died
+        for chunk in pending:
+            if _claim(directory, chunk, steal=True):
+                compute(chunk)
+        time.sleep(0.5)
+        store.scan()
+        pending = [chunk for chunk in pending if not done(chunk)]
+    if store.stats["truncated_rows"]:
+        log.warning("teacher_cache: %d rows drew more than k=%d unique ids from %d draws; their k most drawn ids were "
+                    "kept, renormalised (biased). k >= num_draws never truncates", store.stats["truncated_rows"],
+                    encoding.k, encoding.num_draws)
+    atomic_write_json(covers_path(directory, covers["data_fingerprint"]), covers)
+    for chunk in range(len(chunks)):
+        (directory / f".claim-{chunk}").unlink(missing_ok=True)
+    return directory
 
 
-# ---------------------------------------------------------------------------------------- reader
 class CachedTeacher(nn.Module):
-    """A teacher that is a table of sparse targets: `targets(batch)` looks the batch's samples up by
-    their `index`. It has no parameters (nothing in checkpoints) and no logits."""
+    """A teacher that is an offline store: `targets(batch)` gives sparse targets for `sparse_kl`,
+    calling it gives dense log-probabilities for any other loss. No parameters (nothing in
+    checkpoints); only the training split is stored."""
 
     sparse_targets = True
 
-    def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, store: TeacherOutputStore, sparse: bool) -> None:
         super().__init__()
-        self.directory, self.manifest = directory, manifest
-        rows, k = int(manifest["positions_per_sample"]), int(manifest["k"])
-        parts = [load_file(str(directory / shard["file"])) for shard in manifest["shards"]]
-        # Plain attributes, not buffers: the table stays out of checkpoints and on the CPU.
-        self.indices = torch.cat([p["indices"] for p in parts]).view(-1, rows, k)
-        self.probs = torch.cat([p["probs"] for p in parts]).view(-1, rows, k)
-        self.vocab_size = int(manifest["vocab_size"])
+        self.store, self.sparse = store, sparse
+        self.vocab_size = store.vocab_size
+
+    def _missing(self, count: int) -> KeyError:
+        return KeyError(f"teacher=cached: {count} row(s) of this batch are not in {self.store.directory}: the store "
+                        f"covers the training split it was built for; rebuild it with: "
+                        f"{BUILD.format(dir=self.store.directory)}")
 
     def targets(self, batch: dict[str, Tensor]) -> SparseTargets:
-        """Aligned targets [B, seq_len - 1, k] of the batch's training samples."""
-        if "index" not in batch:
-            raise KeyError("teacher=cached needs the sample `index` in every training batch (LMDataset provides it)")
-        index = batch["index"].cpu()
+        """Aligned sparse targets [B, seq_len - 1, k] of the batch's rows."""
+        keys, length = row_keys(batch["input_ids"], batch.get("attention_mask")), batch["input_ids"].shape[1]
+        found = self.store.targets(keys, length)
+        if found is None:
+            raise self._missing(len(self.store.missing(keys)))
         device = batch["input_ids"].device
-        return SparseTargets(self.indices[index].to(device, torch.long, non_blocking=True),
-                             self.probs[index].to(device, torch.float32, non_blocking=True))
+        return SparseTargets(found.indices[:, :-1].to(device, non_blocking=True),
+                             found.probs[:, :-1].to(device, torch.float32, non_blocking=True))
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("teacher=cached has no logits, only sparse targets for the training split: it works with "
-                           "the KD term of loss=sparse_kl, not with losses, callbacks or evaluations that need logits")
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
+        logprobs = self.store.get(row_keys(input_ids, attention_mask), input_ids.shape[1])
+        if logprobs is None:
+            raise self._missing(len(self.store.missing(row_keys(input_ids, attention_mask))))
+        return CausalLMOutput(logits=logprobs.to(input_ids.device, non_blocking=True))
 
 
 def load_cached_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) -> CachedTeacher:
-    """The `teacher=cached` reader; fails before training when the cache does not fit this run."""
-    build = "python train.py stage=cache_teacher teacher=<the teacher> teacher_cache.dir=<dir> (same dataset.* and teacher_cache.* settings)"
+    """The `teacher=cached` reader; fails before training when the store does not fit this run."""
     if not teacher_cfg.get("dir"):
-        raise ValueError(f"teacher=cached: no cache directory given; pass teacher_cache.dir=<dir> (or teacher.dir=) "
-                         f"as printed by stage=cache_teacher; build one with: {build}")
+        raise ValueError(f"teacher=cached: no store directory given; pass teacher_cache.dir=<dir> (or teacher.dir=) "
+                         f"as printed by stage=cache_teacher; build one with: {BUILD.format(dir='<dir>')}")
     directory = Path(str(teacher_cfg.dir)).expanduser()
-    path = directory / MANIFEST
-    if not path.is_file() or not is_complete(directory):
-        raise FileNotFoundError(f"teacher=cached: no teacher-target cache at {directory} (no {MANIFEST}); build it with: "
-                                f"{build.replace('<dir>', str(directory))}")
-    manifest = json.loads(path.read_text())
-    for key, value in expected_fields(cfg, datamodule).items():
-        if manifest.get(key) != value:
-            raise ValueError(f"teacher=cached: cache {path} was built for {CHECKED_FIELDS[key]} {manifest.get(key)!r} "
-                             f"but this run has {value!r}; rebuild it with stage=cache_teacher")
     datamodule.setup("fit")
-    if manifest["num_samples"] != len(datamodule.datasets["train"]):
-        raise ValueError(f"teacher=cached: cache {path} holds {manifest['num_samples']} training samples but this "
-                         f"dataset has {len(datamodule.datasets['train'])}; rebuild it with stage=cache_teacher")
-    log.info("Reading cached teacher targets (%s, k=%d) from %s", manifest["method"], manifest["k"], directory)
-    return CachedTeacher(directory, manifest)
+    covers = coverage(datamodule, len(datamodule.datasets["train"]))
+    records = sorted(directory.glob("covers-*.json"))
+    if not records:
+        raise FileNotFoundError(f"teacher=cached: no teacher-target cache at {directory} (no complete store); build "
+                                f"it with: {BUILD.format(dir=directory)}")
+    if not covers_path(directory, covers["data_fingerprint"]).is_file():
+        found = json.loads(records[0].read_text())
+        differ = [k for k in covers if found.get(k) != covers[k]]
+        raise ValueError(f"teacher=cached: cache {directory} was built for " + ", ".join(
+            f"{k.replace('_', ' ')} {found.get(k)!r} but this run has {covers[k]!r}" for k in differ)
+            + "; rebuild it with stage=cache_teacher")
+    store = TeacherOutputStore(directory, None, damaged="error", what="teacher=cached")
+    wanted = encoding_from(cfg.teacher_cache).identity()
+    if store.encoding.identity() != wanted:
+        differ = [k for k in wanted if store.encoding.identity()[k] != wanted[k]]
+        raise ValueError(f"teacher=cached: cache {directory} was built with " + ", ".join(
+            f"teacher_cache.{'method' if k == 'name' else k}={store.encoding.identity()[k]!r}" for k in differ)
+            + " but this run has " + ", ".join(f"{wanted[k]!r}" for k in differ)
+            + "; pass the same teacher_cache.* settings or rebuild it with stage=cache_teacher")
+    sparse = "sparse_kl" == str(cfg.loss.name)
+    log.info("Reading teacher targets (%s) from %s", store.encoding.identity(), directory)
+    return CachedTeacher(store, sparse)
 
 
-__all__ = ["CachedTeacher", "cache_teacher_targets", "load_cached_teacher", "weights_hash"]
+__all__ = ["CachedTeacher", "Encoding", "cache_teacher_targets", "coverage", "load_cached_teacher"]
