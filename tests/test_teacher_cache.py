@@ -1,4 +1,4 @@
-"""Offline sparse teacher targets: `stage=cache_teacher` writes them, `teacher=cached` trains on them."""
+"""Offline teacher targets: `stage=cache_teacher` fills the teacher store, `teacher=cached` trains on it."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 
-from kd_lightning.losses.sparse import SparseTargets, sample_targets, topk_targets
+from kd_lightning.losses.sparse import SparseTargets
 from kd_lightning.stages import obtain_teacher
+from kd_lightning.teachers.store import bytes_per_token, row_keys
 from kd_lightning.pipeline import run
 from tests.conftest import column, compose_config, metrics_csv, tiny_overrides
 
@@ -41,22 +41,27 @@ def dense(targets: SparseTargets, vocab: int) -> torch.Tensor:
     return torch.zeros(*targets.indices.shape[:-1], vocab).scatter_add_(-1, targets.indices.long(), targets.probs.float())
 
 
-def test_cache_files_cover_every_training_sample_then_train(built, make_cfg, tmp_path: Path) -> None:
+def dense(targets: SparseTargets, vocab: int) -> torch.Tensor:
+    return torch.zeros(*targets.indices.shape[:-1], vocab).scatter_add_(-1, targets.indices.long(), targets.probs.float())
+
+
+def parts(directory: Path) -> list[dict[str, torch.Tensor]]:
+    return [load_file(str(p)) for p in sorted(directory.glob("part-*.safetensors"))]
+
+
+def test_store_covers_every_training_sample_then_train(built, make_cfg, tmp_path: Path) -> None:
     directory = built["sample"]
     manifest = json.loads((directory / "manifest.json").read_text())
-    assert manifest["k"] == 12 and manifest["method"] == "sample" and manifest["num_draws"] == 12
-    assert manifest["seq_len"] == 64 and manifest["positions_per_sample"] == 63 and manifest["format_version"] == 1
-    assert {"data_fingerprint", "tokenizer", "vocab_size", "temperature", "teacher", "num_samples"} <= set(manifest)
-    assert manifest["teacher"]["name"] == "moe" and len(manifest["teacher"]["weights"]) == 16
-    shards, first = manifest["shards"], 0
-    assert len(shards) > 1 and shards[0]["file"] == "shard-00000.safetensors"
-    for shard in shards:  # contiguous, complete, the documented dtypes and shapes
-        assert shard["first_sample"] == first
-        tensors = load_file(str(directory / shard["file"]))
-        assert tensors["indices"].dtype == torch.int32 and tensors["probs"].dtype == torch.float32
-        assert tensors["indices"].shape == tensors["probs"].shape == (shard["num_samples"] * 63, 12)
-        first += shard["num_samples"]
-    assert first == manifest["num_samples"]
+    assert manifest["encoding"] == {"name": "sample", "dtype": "uint8", "k": 12, "num_draws": 12, "temperature": 1.0}
+    assert manifest["format_version"] == 2 and len(manifest["weights"]) == 16 and manifest["precision"]
+    covers = [json.loads(p.read_text()) for p in directory.glob("covers-*.json")]
+    assert len(covers) == 1 and covers[0]["seq_len"] == 64
+    stored = parts(directory)
+    assert len(stored) > 1 and not list(directory.glob(".claim-*"))  # shard_size=64 samples a part
+    assert sum(len(p["keys"]) for p in stored) == covers[0]["num_samples"]
+    for p in stored:  # ids in the smallest type that holds V, counts in a byte
+        assert p["ids"].dtype == torch.uint16 and p["counts"].dtype == torch.uint8 and p["ids"].shape[1:] == (64, 12)
+    assert bytes_per_token(directory) == 12 * 3
 
     cfg = make_cfg(*DATA, *CACHE, "teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={directory}", "baseline=false")
     summary = run(cfg)
@@ -67,33 +72,52 @@ def test_cache_files_cover_every_training_sample_then_train(built, make_cfg, tmp
     assert not any(k.startswith("teachers.") for k in ckpt["state_dict"])
 
 
+@pytest.mark.parametrize("loss", ["kl", "reverse_kl", "js"])
+def test_any_dense_loss_trains_from_topk_targets(built, make_cfg, tmp_path: Path, loss: str) -> None:
+    """A loss other than sparse_kl reads the store decoded to dense log-probabilities (top-k + tail)."""
+    cfg = make_cfg(*DATA, *CACHE, "teacher_cache.method=topk", "teacher=cached", f"loss={loss}",
+                   f"teacher_cache.dir={built['topk']}", "baseline=false")
+    run(cfg)
+    losses = column(metrics_csv(Path(cfg.paths.output_dir)), "train/kd_loss")
+    assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses))), losses
+
+
+def test_cross_vocab_or_chunked_loss_refuses_cached_targets(built, make_cfg, tmp_path: Path) -> None:
+    for override in ("loss=uld", "loss.chunk_size=16"):
+        with pytest.raises(ValueError, match="offline targets.*cannot read"):
+            run(make_cfg(*DATA, "teacher=cached", override, f"teacher_cache.dir={built['topk']}",
+                         output_dir=tmp_path / override.replace("=", "_")))
+
+
 @pytest.mark.parametrize("method", ["topk", "sample"])
-def test_cached_targets_equal_the_live_teachers(built, tmp_path: Path, cache_dir: Path, method: str) -> None:
+def test_stored_targets_are_the_live_teachers(built, tmp_path: Path, cache_dir: Path, method: str) -> None:
     import hydra
+
+    from kd_lightning.teachers.encodings import QUANT_STEPS_PER_NAT
 
     cfg = cache_cfg(tmp_path, cache_dir, f"teacher_cache.method={method}")
     datamodule = hydra.utils.instantiate(cfg.dataset)
     teacher = obtain_teacher(cfg, cfg.teacher, datamodule).eval()  # the session-cached tiny teacher
     datamodule.setup("fit")
-    assert int(datamodule.datasets["train"][3]["index"]) == 3  # what the reader looks targets up by
-    manifest = json.loads((built[method] / "manifest.json").read_text())
-    parts = [load_file(str(built[method] / s["file"])) for s in manifest["shards"]]
-    stored = SparseTargets(*(torch.cat([p[key] for p in parts]).view(-1, 63, 12) for key in ("indices", "probs")))
-    generator = torch.Generator().manual_seed(int(cfg.seed))  # the writer's: seeded by `seed`, batches in order
-    vocab, start = datamodule.vocab_size, 0
-    for batch in DataLoader(datamodule.datasets["train"], batch_size=datamodule.eval_batch_size):
-        with torch.no_grad():
-            logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        counted = batch["labels"][:, 1:] != -100
-        logits = logits.masked_fill(~counted.unsqueeze(-1), 0.0)
-        live = topk_targets(logits, 12) if method == "topk" else sample_targets(logits, 12, generator=generator)
-        rows = slice(start, start + len(logits))
-        mine = SparseTargets(stored.indices[rows], stored.probs[rows])
-        assert torch.allclose(dense(mine, vocab)[counted], dense(live, vocab)[counted], atol=1e-6)
-        start += len(logits)
-    assert start == manifest["num_samples"]
-    sums = stored.probs.sum(-1)
-    assert torch.allclose(sums, torch.ones_like(sums), atol=1e-5) and int(stored.indices.max()) < vocab
+    from kd_lightning.teachers.teacher_cache import load_cached_teacher
+
+    cfg.teacher_cache.dir = str(built[method])
+    reader = load_cached_teacher(cfg, cfg.teacher_cache, datamodule)
+    items = [datamodule.datasets["train"][i] for i in range(10)]
+    batch = {k: torch.stack([x[k] for x in items]) for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        live = torch.softmax(teacher(**batch).logits[:, :-1].float(), -1)
+    targets = reader.targets(batch)
+    probs = dense(targets, datamodule.vocab_size)
+    assert torch.allclose(probs.sum(-1), torch.ones(10, 63), atol=1e-5)
+    if method == "topk":  # the k largest, within the quantisation step (then renormalised over the head)
+        top, ids = live.topk(12, dim=-1)
+        assert torch.equal(targets.indices.sort(-1).values, ids.sort(-1).values)
+        ratio = targets.probs / (top / top.sum(-1, keepdim=True))
+        assert float((ratio.log().abs()).max()) <= 2 / QUANT_STEPS_PER_NAT
+    else:  # drawn ids only where the teacher has mass, counts in units of 1/num_draws
+        assert bool((live.gather(-1, targets.indices) > 0).all()) and torch.allclose(targets.probs * 12, (targets.probs * 12).round())
+    assert row_keys(batch["input_ids"], batch["attention_mask"]) == row_keys(batch["input_ids"], batch["attention_mask"])
 
 
 def test_mismatching_or_missing_cache_fails_before_training(built, make_cfg, tmp_path: Path) -> None:
@@ -101,25 +125,63 @@ def test_mismatching_or_missing_cache_fails_before_training(built, make_cfg, tmp
     base = ("teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={directory}", "baseline=false")
     with pytest.raises(ValueError, match=r"built for data fingerprint '[0-9a-f]{16}' but this run has '[0-9a-f]{16}'.*stage=cache_teacher"):
         run(make_cfg(*DATA, *CACHE, *base, "dataset.max_train_tokens=10000"))
-    with pytest.raises(ValueError, match=r"data fingerprint"):
-        run(make_cfg(*DATA, *CACHE, *base, "seed=1", output_dir=tmp_path / "seed"))
-    with pytest.raises(ValueError, match=r"built for k 12 but this run has 8"):
+    with pytest.raises(ValueError, match=r"built with teacher_cache.k=12 but this run has 8"):
         run(make_cfg(*DATA, *CACHE, *base, "teacher_cache.k=8", output_dir=tmp_path / "k"))
-    with pytest.raises(ValueError, match=r"built for seq_len 64 but this run has 32"):
+    with pytest.raises(ValueError, match=r"seq len 64 but this run has 32"):
         run(make_cfg(*DATA, *CACHE, *base, "dataset.seq_len=32", output_dir=tmp_path / "len"))
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=rf"no teacher-target cache at {missing}.*stage=cache_teacher"):
         run(make_cfg(*DATA, *CACHE, "teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={missing}", output_dir=tmp_path / "m"))
-    with pytest.raises(ValueError, match=r"loss=sparse_kl"):
-        run(make_cfg(*DATA, "teacher=cached", "loss=kl", f"teacher_cache.dir={directory}", output_dir=tmp_path / "l"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_fit_width_pads_or_keeps_the_most_drawn_ids() -> None:
-    from kd_lightning.teachers.teacher_cache import fit_width
+def test_targets_of_another_temperature_or_method_are_refused(built, make_cfg, tmp_path: Path) -> None:
+    """#16: the store's manifest covers every setting that changes the targets."""
+    base = (*DATA, *CACHE, "teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={built['sample']}", "baseline=false")
+    with pytest.raises(ValueError, match=r"built with teacher_cache.temperature=1.0 but this run has 2.0"):
+        run(make_cfg(*base, "teacher_cache.temperature=2.0", output_dir=tmp_path / "t"))
+    with pytest.raises(ValueError, match=r"teacher_cache.method='sample'.*but this run has 'topk'"):
+        run(make_cfg(*base, "teacher_cache.method=topk", output_dir=tmp_path / "m"))
+    with pytest.raises(ValueError, match=r"teacher_cache.num_draws=12.* but this run has 24"):
+        run(make_cfg(*base, "teacher_cache.num_draws=24", output_dir=tmp_path / "n"))
 
-    targets = SparseTargets(torch.tensor([[5, 2, 9]]), torch.tensor([[0.5, 0.3, 0.2]]))
-    padded = fit_width(targets, 5)
-    assert padded.indices.tolist() == [[5, 2, 9, 0, 0]] and torch.equal(padded.probs, torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0]]))
-    kept = fit_width(targets, 2)
-    assert kept.indices.tolist() == [[5, 2]] and torch.allclose(kept.probs, torch.tensor([[0.625, 0.375]]))
+
+def test_cache_into_an_existing_empty_directory_writes_its_targets(tmp_path: Path, cache_dir: Path) -> None:
+    """#16: stage=cache_teacher into an existing (empty) directory used to report success and keep nothing."""
+    target = tmp_path / "targets"
+    target.mkdir()
+    run(cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", f"teacher_cache.dir={target}"))
+    assert list(target.glob("part-*.safetensors")) and list(target.glob("covers-*.json"))
+    with pytest.raises(ValueError, match=r"holds teacher outputs built with other settings \(encoding"):
+        run(cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", "teacher_cache.method=topk", f"teacher_cache.dir={target}"))
+
+
+def test_damaged_part_is_named_then_recomputed(built, make_cfg, tmp_path: Path, cache_dir: Path) -> None:
+    """#16: a truncated part: teacher=cached names the file and the fix; stage=cache_teacher recomputes it."""
+    import shutil
+
+    directory = tmp_path / "copy"
+    shutil.copytree(built["topk"], directory)
+    part = sorted(directory.glob("part-*.safetensors"))[0]
+    part.write_bytes(part.read_bytes()[:100])
+    with pytest.raises(RuntimeError, match=rf"{part.name} is not a readable safetensors file .*re-run stage=cache_teacher"):
+        run(make_cfg(*DATA, *CACHE, "teacher=cached", "loss=sparse_kl", "teacher_cache.method=topk",
+                     f"teacher_cache.dir={directory}", output_dir=tmp_path / "r"))
+    rows = sum(len(p["keys"]) for p in parts(built["topk"]))
+    run(cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", "teacher_cache.method=topk", f"teacher_cache.dir={directory}"))
+    assert not part.exists() and sum(len(p["keys"]) for p in parts(directory)) == rows
+
+
+def test_stale_temporaries_of_an_interrupted_run_are_cleaned(tmp_path: Path, cache_dir: Path) -> None:
+    """#16: hidden temporaries of a killed writer (dead pid, old) are removed by the next run."""
+    import os
+
+    target = tmp_path / "targets"
+    target.mkdir()
+    stale = [target / ".part-abc.safetensors.tmp-999999999-x", tmp_path / ".targets.tmp-999999999-y"]
+    stale[0].write_bytes(b"half")
+    stale[1].mkdir()
+    for path in stale:
+        os.utime(path, (0, 0))
+    run(cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", f"teacher_cache.dir={target}"))
+    assert not any(p.exists() for p in stale) and list(target.glob("covers-*.json"))

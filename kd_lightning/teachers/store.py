@@ -114,13 +114,13 @@ class TeacherOutputStore:
         max_gb: stop storing new rows (reading goes on) once the directory holds this much.
         max_open_parts: parts memory-mapped at once (least recently used are closed).
         damaged: a damaged part is `"recompute"`d (removed with a warning: the store is a cache) or an
-            `"error"` naming the file and the fix (offline targets).
+            `"error"` naming the file and `damaged_fix` (offline targets).
         seed: seeds the `sample` encoding's draws.
     """
 
     def __init__(self, directory: str | os.PathLike[str], identity: dict[str, Any] | None, *, flush_rows: int = 1024,
                  max_gb: float = 20.0, max_open_parts: int = 2, damaged: str = "recompute", seed: int = 0,
-                 what: str = "teacher store") -> None:
+                 what: str = "teacher store", damaged_fix: str = "delete it; it is recomputed on the next run") -> None:
         if int(flush_rows) < 1:
             raise ValueError(f"teacher_outputs.flush_rows={flush_rows!r}: must be >= 1")
         self.directory, self.what = Path(directory).expanduser(), what
@@ -139,7 +139,7 @@ class TeacherOutputStore:
         self.encoding = Encoding(**identity["encoding"])
         self.vocab_size = int(identity["vocab_size"])
         self.flush_rows, self.max_bytes, self.max_open = int(flush_rows), float(max_gb) * 2**30, max(int(max_open_parts), 1)
-        self.damaged = damaged
+        self.damaged, self.damaged_fix = damaged, damaged_fix
         self.generator = torch.Generator().manual_seed(int(seed))
         self._parts: list[tuple[Path, float]] = []  # (file, teacher seconds per row)
         self._open: OrderedDict[int, Any] = OrderedDict()  # part -> safe_open handle (LRU)
@@ -148,7 +148,7 @@ class TeacherOutputStore:
         self._buffer: dict[bytes, tuple[dict[str, Tensor], float]] = {}  # key -> (encoded row, seconds)
         self._bytes, self._full, self._last_scan = 0, False, 0.0
         self.stats = {"hit_rows": 0, "computed_rows": 0, "stored_rows": 0, "computed_seconds": 0.0,
-                      "saved_seconds": 0.0, "lookup_seconds": 0.0, "truncated_rows": 0}
+                      "saved_seconds": 0.0, "lookup_seconds": 0.0, "truncated_rows": 0, "damaged_parts": 0}
         clean_stale_temporaries(self.directory, prefix="part-")
         self.scan()
 
@@ -159,14 +159,16 @@ class TeacherOutputStore:
         for path in sorted(self.directory.glob("part-*.safetensors")):
             if path.name in self._seen:
                 continue
+            fix = (self.damaged_fix if self.damaged == "error" else "it is removed and its rows are recomputed")
             try:
-                with safe_open_checked(path, fix="delete it and run again; its rows are recomputed") as handle:
+                with safe_open_checked(path, fix=fix) as handle:
                     meta, keys = handle.metadata() or {}, handle.get_tensor("keys").numpy()
             except DamagedFileError as error:
                 if self.damaged == "error":
                     raise DamagedFileError(f"{self.what}: {error}") from error
-                log.warning("%s: %s; removing it, its rows are recomputed", self.what, error)
+                log.warning("%s: %s", self.what, error)
                 path.unlink(missing_ok=True)
+                self.stats["damaged_parts"] += 1
                 continue
             if meta.get("encoding") != json.dumps(self.encoding.identity(), sort_keys=True):
                 raise ValueError(f"{self.what}: {path} was written with encoding {meta.get('encoding')}, the store's "

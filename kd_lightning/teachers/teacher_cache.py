@@ -97,8 +97,10 @@ def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictCon
     dataset = datamodule.datasets["train"]
     covers = coverage(datamodule, len(dataset))
     if covers_path(directory, covers["data_fingerprint"]).is_file():
-        log.info("Teacher targets already stored at %s", directory)
-        return directory
+        if not store.stats["damaged_parts"]:
+            log.info("Teacher targets already stored at %s", directory)
+            return directory
+        covers_path(directory, covers["data_fingerprint"]).unlink()  # recompute what the damaged parts held
     device = torch.device("cuda" if torch.cuda.is_available() and str(cfg.trainer.get("accelerator")) != "cpu" else "cpu")
     teacher = teacher.to(device).eval()
     chunks = [list(range(s, min(s + shard, len(dataset)))) for s in range(0, len(dataset), shard)]
@@ -199,7 +201,8 @@ def load_cached_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: An
         raise ValueError(f"teacher=cached: cache {directory} was built for " + ", ".join(
             f"{k.replace('_', ' ')} {found.get(k)!r} but this run has {covers[k]!r}" for k in differ)
             + "; rebuild it with stage=cache_teacher")
-    store = TeacherOutputStore(directory, None, damaged="error", what="teacher=cached")
+    fix = f"re-run stage=cache_teacher with the same settings and teacher_cache.dir={directory}: it replaces the part"
+    store = TeacherOutputStore(directory, None, damaged="error", what="teacher=cached", damaged_fix=fix)
     wanted = encoding_from(cfg.teacher_cache).identity()
     if store.encoding.identity() != wanted:
         differ = [k for k in wanted if store.encoding.identity()[k] != wanted[k]]
