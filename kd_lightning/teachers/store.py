@@ -210,21 +210,27 @@ class TeacherOutputStore:
         try:
             if self.missing(keys):
                 return None
-            rows, saved = [], 0.0
-            for key in keys:
-                if key in self._buffer:
+            blocks, saved = [], 0.0  # each: {name: [n, L, ...]}, n consecutive rows of one part read at once
+            run: list[int] | None = None  # [part, first row, end row] of the rows being gathered
+            for key in [*keys, None]:
+                at = self._index.get(key) if key is not None and key not in self._buffer else None
+                if run is not None and (at is None or at != (run[0], run[2])):
+                    handle = self._handle(run[0])
+                    blocks.append({name: handle.get_slice(name)[run[1]:run[2]] for name in handle.keys() if name != "keys"})
+                    saved += (run[2] - run[1]) * self._parts[run[0]][1]
+                    run = None
+                if at is not None:
+                    run = [at[0], at[1], at[1] + 1] if run is None else [run[0], run[1], run[2] + 1]
+                elif key is not None:
                     row, seconds = self._buffer[key]
-                else:
-                    part, index = self._index[key]
-                    handle, seconds = self._handle(part), self._parts[part][1]
-                    row = {name: handle.get_slice(name)[index:index + 1][0] for name in handle.keys() if name != "keys"}
-                if next(iter(row.values())).shape[0] != seq_len:
-                    return None
-                rows.append(row)
-                saved += 0.0 if seconds != seconds else seconds  # NaN: not measured
+                    blocks.append({name: t.unsqueeze(0) for name, t in row.items()})
+                    saved += seconds
+            out = {name: torch.cat([b[name] for b in blocks]) for name in blocks[0]}
+            if next(iter(out.values())).shape[1] != seq_len:
+                return None
             self.stats["hit_rows"] += len(keys)
-            self.stats["saved_seconds"] += saved
-            return {name: torch.stack([r[name] for r in rows]) for name in rows[0]}
+            self.stats["saved_seconds"] += 0.0 if saved != saved else saved  # NaN: not measured
+            return out
         finally:
             self.stats["lookup_seconds"] += time.perf_counter() - start
 
