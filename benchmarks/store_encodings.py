@@ -187,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             step_times[name].append(train(student, student_data, steps, batch, seed, fn))
             runs[name].append(nats_per_token(student, val_data) / bytes_per_tok)
             print(f"seed {seed} {name:<12} {runs[name][-1]:.4f} nats/byte", flush=True)
+        partial = {"seeds_done": seed + 1, "nats_per_byte": runs, "step_seconds": step_times, "ce_step_seconds": ce_times}
+        (out / "partial.json").write_text(json.dumps({**results, **partial}, indent=2))  # a long run can be read early
     ce_step = statistics.mean(ce_times)
     ref = statistics.mean(runs["online"])
     print(f"\nvocab={V} text bytes/token={bytes_per_tok:.2f} teacher {results['teacher_nats_per_byte']:.3f} nats/byte, "
