@@ -185,3 +185,31 @@ def test_stale_temporaries_of_an_interrupted_run_are_cleaned(tmp_path: Path, cac
         os.utime(path, (0, 0))
     run(cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", f"teacher_cache.dir={target}"))
     assert not any(p.exists() for p in stale) and list(target.glob("covers-*.json"))
+
+
+def _cache_as_rank(tmp: str, cache_dir: str, target: str, rank: int) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    run(cache_cfg(Path(tmp) / f"rank{rank}", Path(cache_dir), "stage=cache_teacher", "teacher_cache.method=topk",
+                  f"teacher_cache.dir={target}"))
+
+
+@pytest.mark.slow  # two spawned processes each import the stack: about 45 s on 2 busy cores
+def test_two_processes_fill_one_store_each_chunk_once(built, tmp_path: Path, cache_dir: Path) -> None:
+    """Two writers (as DDP ranks 0 and 1) share stage=cache_teacher: every chunk is computed by one
+    of them (no row stored twice), both finish with the split complete."""
+    import multiprocessing
+
+    target = tmp_path / "shared"
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_cache_as_rank, args=(str(tmp_path), str(cache_dir), str(target), r)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    stored = [bytes(k.tolist()) for p in parts(target) for k in p["keys"]]
+    expected = sum(len(p["keys"]) for p in parts(built["topk"]))
+    assert len(stored) == len(set(stored)) == expected and list(target.glob("covers-*.json"))
+    assert not list(target.glob(".claim-*")) and not list(target.glob(".*tmp*"))
