@@ -213,3 +213,19 @@ def test_two_processes_fill_one_store_each_chunk_once(built, tmp_path: Path, cac
     expected = sum(len(p["keys"]) for p in parts(built["topk"]))
     assert len(stored) == len(set(stored)) == expected and list(target.glob("covers-*.json"))
     assert not list(target.glob(".claim-*")) and not list(target.glob(".*tmp*"))
+
+
+def test_a_sweep_with_the_same_encoding_reads_the_offline_store(make_cfg, tmp_path: Path, cache_dir: Path) -> None:
+    """One store, two ways in: rows stage=cache_teacher stored are read by teacher_outputs.reuse."""
+    root = tmp_path / "store"
+    common = (*DATA, "teacher_cache.method=topk", "teacher_cache.k=12", f"teacher_outputs.dir={root}")
+    offline = Path(run(cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", *common[2:]))["teacher_targets"])
+    assert offline.parent == root
+    summary = run(make_cfg(*common, "teacher_outputs.reuse=true", "teacher_outputs.encoding=topk", "teacher_outputs.k=12",
+                           "teacher_outputs.dtype=uint8", "baseline=false"))["teacher_outputs"]
+    assert summary["directories"] == [str(offline)]
+    alone = run(make_cfg(*DATA, "teacher_outputs.reuse=true", "teacher_outputs.encoding=topk", "teacher_outputs.k=12",
+                         "teacher_outputs.dtype=uint8", f"teacher_outputs.dir={tmp_path / 'empty'}", "baseline=false",
+                         output_dir=tmp_path / "alone"))["teacher_outputs"]
+    # every training row (6 steps x 8) was read from the offline store; only evaluation rows were computed
+    assert alone["computed_rows"] - summary["computed_rows"] == 6 * 8

@@ -33,7 +33,7 @@ from transformers.modeling_outputs import CausalLMOutput
 from kd_lightning.atomic import _pid_alive, atomic_write_json, clean_stale_temporaries
 from kd_lightning.data.tokenizer import tokenizer_identity
 from kd_lightning.losses.sparse import SparseTargets
-from kd_lightning.model_cache import cache_root, config_key
+from kd_lightning.model_cache import cache_root
 from kd_lightning.models import output_size
 from kd_lightning.tasks import CausalLM
 from kd_lightning.teachers.encodings import Encoding, encoding_from
@@ -84,11 +84,13 @@ def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictCon
         raise ValueError("stage=cache_teacher needs a causal-LM dataset")
     c = cfg.teacher_cache
     encoding = encoding_from(c)
+    # The identity and root of `teacher_outputs.reuse` (kd_lightning.train): with the same encoding a
+    # sweep reads what this stage stored, and this stage skips rows a sweep stored.
+    model_config = OmegaConf.to_container(teacher_cfg.model, resolve=True) if teacher_cfg.get("model") is not None else None
     identity = store_identity(weights=weights_hash(teacher), precision=str(cfg.trainer.get("precision")),
-                              model_config=config_key(OmegaConf.to_container(teacher_cfg, resolve=True)),
-                              accelerator=str(cfg.trainer.get("accelerator")), vocab_size=output_size(teacher),
-                              encoding=encoding)
-    root = cache_root(cfg.paths.cache_dir) / "teacher_targets"
+                              model_config=model_config, accelerator=str(cfg.trainer.get("accelerator")),
+                              vocab_size=output_size(teacher), encoding=encoding)
+    root = (cfg.get("teacher_outputs") or {}).get("dir") or cache_root(cfg.paths.cache_dir) / "teacher_outputs"
     directory = Path(str(c.dir)).expanduser() if c.dir else store_directory(root, str(teacher_cfg.name), identity)
     clean_stale_temporaries(directory.parent, prefix=directory.name)  # an earlier layout's staging folders
     shard = int(c.shard_size)
