@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="student steps")
     parser.add_argument("--teacher-steps", type=int, default=None)
+    parser.add_argument("--encodings", default=None, help=f"comma-separated subset of {','.join(ENCODINGS)}")
     parser.add_argument("--student-tokens", type=int, default=32768,
                         help="training tokens the students (and stores) use; the teacher trains on more")
     parser.add_argument("--out", default=None, help="work directory (tokenizer, teacher, stores, results.json)")
@@ -117,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     seeds = range(args.seeds or (1 if quick else 3))
     steps, teacher_steps = args.steps or (8 if quick else 150), args.teacher_steps or (10 if quick else 400)
     batch, seq_len = 8, 128
-    names = QUICK if quick else tuple(ENCODINGS)
+    names = tuple(args.encodings.split(",")) if args.encodings else QUICK if quick else tuple(ENCODINGS)
     out = Path(args.out or tempfile.mkdtemp(prefix="store_bench_"))
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
