@@ -7,8 +7,8 @@ derives, per item:
 - ``attention_mask`` LongTensor [L]  1 on the first ``length`` positions, 0 on padding
 - ``labels``         LongTensor [L]  unshifted: ``input_ids`` where counted, -100 on prompt and padding
 - ``prompt_lengths`` LongTensor []   so that on-policy generation can recover the prompt
-- ``index``          LongTensor []   the sample's row in its split (offline teacher targets are
-  looked up by it: `kd_lightning.teachers.teacher_cache`)
+- ``index``          LongTensor []   the sample's row in its split (the teacher store keys rows by
+  their tokens instead: `kd_lightning.teachers.store.row_keys`)
 The training module does the causal shift.
 """
 
