@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from kd_lightning.data.step_tokens import STEP_TOKENS_KEY, token_share
 from kd_lightning.interface import TeacherWeightFn
 from kd_lightning.kd_paths import StepTerms, choose_path
 from kd_lightning.tasks import task_of_model
@@ -174,8 +175,11 @@ class DistillationModule(LightningModule):
         return self.adapter.align(logits, labels)
 
     # ------------------------------------------------------------------ the step
-    def _step(self, batch: dict[str, Tensor]) -> Tensor | None:
-        """loss = kd_weight · T² · KD + ce_weight · CE over the batch's counted positions."""
+    def _step(self, batch: dict[str, Tensor], step_tokens: Tensor | None = None) -> Tensor | None:
+        """loss = kd_weight · T² · KD + ce_weight · CE over the batch's counted positions.
+
+        Logged as the batch's token mean; returned as its share of the optimizer step's token sum
+        when the batch carries the step's counted tokens (`kd_lightning.data.step_tokens`)."""
         labels = self.adapter.labels(batch)
         mask = self.adapter.mask(labels)
         count = mask.sum()
@@ -190,7 +194,10 @@ class DistillationModule(LightningModule):
             loss = loss + self.kd_weight * self.kd_temperature**2 * terms.kd
         self.record(terms, ce, count)
         self.log("train/loss", loss)
-        return loss
+        if step_tokens is None:
+            return loss
+        self.log("train/step_tokens", step_tokens.float(), reduce_fx="max")
+        return loss * token_share(count, step_tokens, self.trainer.world_size, self.trainer.accumulate_grad_batches)
 
     def record(self, terms: StepTerms, ce: Tensor, count: Tensor) -> None:
         """Detached statistics for the callbacks (`last_step`, see `kd_lightning.interface`) and logs."""
@@ -211,7 +218,7 @@ class DistillationModule(LightningModule):
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        return self._step(batch)
+        return self._step(batch, batch.pop(STEP_TOKENS_KEY, None))
 
     # ------------------------------------------------------------------ evaluation
     @override
