@@ -26,6 +26,7 @@ from typing_extensions import override
 from kd_lightning.data.step_tokens import STEP_TOKENS_KEY, token_share
 from kd_lightning.interface import TeacherWeightFn
 from kd_lightning.kd_paths import StepTerms, choose_path
+from kd_lightning.sharding import ShardedDataParallel, reshard_frozen, shard_distillation
 from kd_lightning.tasks import task_of_model
 
 LossFn = Callable[..., Tensor]
@@ -159,6 +160,7 @@ class DistillationModule(LightningModule):
             draws = int(getattr(teacher, "num_samples", 1))
             for r in range(draws):
                 out[name if draws == 1 else f"{name}/sample{r}"] = self.adapter.logits(teacher, batch)
+            reshard_frozen(teacher)
         return out
 
     def expand_teacher_weights(self, weights: Tensor) -> Tensor:
@@ -248,6 +250,13 @@ class DistillationModule(LightningModule):
             self.log("val/teacher_loss", self.val_teacher_loss.compute())
         self.val_agreement.reset()
         self.val_teacher_loss.reset()
+
+    @override
+    def configure_model(self) -> None:
+        # strategy=fsdp: shard teachers and student per transformer block (no-op otherwise)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ShardedDataParallel):
+            shard_distillation(self, strategy.data_parallel_mesh, strategy.mp_policy)
 
     # ------------------------------------------------------------------ optimisation & checkpoints
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -112,6 +112,10 @@ def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, acc
 if __name__ == "__main__":
     out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
     torch.set_num_threads(1)
+    if strategy == "fsdp":
+        from kd_lightning.sharding import ShardedDataParallel
+
+        strategy = ShardedDataParallel()
     result = run_steps(strategy, int(devices), int(batch_size), int(accumulate))
     if result["rank"] == 0:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -80,3 +80,13 @@ def test_ddp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: 
         close(single["grads"][step], ddp["grads"][step], 1e-5)
         assert abs(single["losses"][step] - ddp["losses"][step]) < 1e-5
     close(list(single["params"].values()), list(ddp["params"].values()), 1e-5)
+
+
+def test_fsdp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: Path) -> None:
+    single = run_steps(batch_size=4)
+    fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2)
+    assert fsdp["step_tokens"] == single["step_tokens"]
+    for step in range(3):
+        close(single["grads"][step], fsdp["grads"][step], 1e-5)
+        assert abs(single["losses"][step] - fsdp["losses"][step]) < 1e-5
+    close(list(single["params"].values()), list(fsdp["params"].values()), 1e-5)
