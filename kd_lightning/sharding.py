@@ -6,6 +6,7 @@ heads) goes through these helpers, so the unsharded case stays a plain read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,15 +27,26 @@ def full_tensor(tensor: Tensor | None) -> Tensor | None:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def full_state_dict(module: nn.Module) -> dict[str, Any]:
-    """A full, unsharded CPU state dict of `module` (a collective when sharded; then only rank 0 gets
-    the tensors, the other ranks an empty dict)."""
+def full_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[str, Any]:
+    """A full, unsharded CPU state dict of `module`. Sharded, it is a collective: every rank must
+    call it; only rank 0 gets the tensors (the others an empty dict) unless `all_ranks`."""
     if not is_sharded(module):
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                 broadcast_from_rank0=False))
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks))
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def unsharded(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """`model` itself when it is not sharded, else a fresh `build()` holding its gathered weights on
+    every rank (a collective): what saving, caching and the held-out summary read."""
+    if not is_sharded(model):
+        return model
+    state = full_state_dict(model, all_ranks=True)
+    fresh = build()
+    fresh.load_state_dict(state)
+    return fresh
 
 
 def bf16_supported() -> bool:

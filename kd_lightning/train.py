@@ -25,6 +25,7 @@ from kd_lightning.model_cache import cache_root
 from kd_lightning.signals import exit_on_sigterm
 from kd_lightning.models import count_parameters, output_size, save_model
 from kd_lightning.module import DistillationModule
+from kd_lightning.sharding import unsharded
 from kd_lightning.stages import build_model, check_model_positions, make_trainer, obtain_baseline, obtain_teacher
 from kd_lightning.tasks import task_named
 from kd_lightning.teachers.teacher_outputs import RunContext, TeacherOutputOptions, TeacherOutputsFlush, memoize_teachers
@@ -106,6 +107,9 @@ def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] 
         # weights_only: a checkpoint is loaded without unpickling arbitrary objects.
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
+    # strategy=fsdp: whole models again (a collective) for saving and the summary
+    student = unsharded(student, lambda: build_model(cfg.student.model, datamodule, int(cfg.seed)))
+    teachers = {n: unsharded(t, lambda c=c: obtain_teacher(cfg, c, datamodule)) for (n, t), c in zip(teachers.items(), teacher_cfgs)}
     baseline = obtain_baseline(cfg, datamodule)[0] if cfg.baseline else None
     if not trainer.is_global_zero:
         return {}

@@ -102,10 +102,13 @@ def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, acc
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=TinyLMData(batch_size, rows))
-    from kd_lightning.sharding import full_state_dict
+    from kd_lightning.sharding import full_state_dict, is_sharded
 
+    teacher = module.teachers["teacher"]
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in teacher.parameters())
+    teacher_fraction = local / sum(p.numel() for p in teacher.parameters())
     params = full_state_dict(module.student)
-    return {"grads": record.grads, "losses": record.losses, "step_tokens": record.step_tokens,
+    return {"sharded": is_sharded(module.student), "teacher_fraction": teacher_fraction,"grads": record.grads, "losses": record.losses, "step_tokens": record.step_tokens,
             "params": params, "rank": trainer.global_rank}
 
 

@@ -85,6 +85,9 @@ def test_ddp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: 
 def test_fsdp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: Path) -> None:
     single = run_steps(batch_size=4)
     fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2)
+    # really sharded: DTensor student; the frozen teacher holds half its weights per process after steps
+    assert fsdp["sharded"] and not single["sharded"]
+    assert 0.45 < fsdp["teacher_fraction"] < 0.55 and single["teacher_fraction"] == 1.0
     assert fsdp["step_tokens"] == single["step_tokens"]
     for step in range(3):
         close(single["grads"][step], fsdp["grads"][step], 1e-5)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from kd_lightning.callbacks.common import total_steps
 from kd_lightning.distributed import rank_seed
 from kd_lightning.interface import require_distillation_module
+from kd_lightning.sharding import refuse_under_sharding
 from kd_lightning.tasks import IGNORE_INDEX
 
 
@@ -127,6 +128,7 @@ class _StudentSampler(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         module = require_distillation_module(pl_module, self)
+        refuse_under_sharding(trainer, f"{type(self).__name__} (generation from the student)")
         if module.task != "causal_lm" or not hasattr(module.student, "generate"):
             raise ValueError(f"{type(self).__name__} needs a causal LM student with `generate` (task causal_lm), "
                              f"got task {module.task!r}")
