@@ -93,3 +93,23 @@ def test_fsdp_two_processes_give_the_single_process_loss_and_gradients(tmp_path:
         close(single["grads"][step], fsdp["grads"][step], 1e-5)
         assert abs(single["losses"][step] - fsdp["losses"][step]) < 1e-5
     close(list(single["params"].values()), list(fsdp["params"].values()), 1e-5)
+
+
+def test_rank_shares_make_up_the_single_process_order_and_resume_skips_per_rank() -> None:
+    from kd_lightning.data.base import DictDataset
+    from kd_lightning.data.resumable import EpochSeededSampler
+
+    data = DictDataset(x=torch.arange(10))
+    single = EpochSeededSampler(data, seed=3)
+    single.set_epoch(2)
+    order = list(single)
+    shares = []
+    for rank in range(2):
+        sampler = EpochSeededSampler(data, seed=3, num_replicas=2, rank=rank)
+        sampler.set_epoch(2)
+        shares.append(list(sampler))
+    assert [i for pair in zip(*shares) for i in pair] == order  # batch b of both ranks = batch b of 1 process
+    resumed = EpochSeededSampler(data, seed=3, num_replicas=2, rank=1)
+    resumed.set_epoch(2)
+    resumed.skip = 2
+    assert list(resumed) == shares[1][2:] and list(resumed) == shares[1]  # the skip applies once

@@ -20,6 +20,7 @@ from typing_extensions import override
 from torch import Tensor, nn
 
 from kd_lightning.callbacks.common import total_steps
+from kd_lightning.data.step_tokens import STEP_TOKENS_KEY
 from kd_lightning.distributed import rank_seed
 from kd_lightning.interface import require_distillation_module
 from kd_lightning.sharding import refuse_under_sharding
@@ -102,6 +103,9 @@ def replace_batch(batch: dict[str, Tensor], new: dict[str, Tensor]) -> None:
     """Swap the sequence entries of `batch` in place (the Trainer keeps using the same dict)."""
     for key in ("input_ids", "attention_mask", "labels", "prompt_lengths"):
         batch[key] = new[key].to(batch["input_ids"].device)
+    # Generated labels count other tokens than the loader stamped for the step: such a batch keeps
+    # its own token mean (kd_lightning.data.step_tokens).
+    batch.pop(STEP_TOKENS_KEY, None)
 
 
 class _StudentSampler(Callback):
