@@ -295,7 +295,9 @@ class DistillationModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen teacher weights are rebuilt from config, not stored: fill them in so that strict
         # loading still catches a student whose weights do not match.
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")
+        if state is None:  # a sharded checkpoint (strategy=fsdp): the strategy loaded the weights itself
+            return
         for key, value in self.state_dict().items():
             if key.startswith("teachers.") and key not in state:
                 state[key] = value

@@ -150,6 +150,29 @@ class ShardedDataParallel(_model_parallel_strategy()):  # type: ignore[misc]
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's sharded load expects every module key in the checkpoint; frozen teacher weights
+        are left out of ours (rebuilt from config), so the model loads what is stored and keeps the rest."""
+        from pathlib import Path
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():  # a single-file (full) checkpoint
+            return super().load_checkpoint(path, weights_only=weights_only)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+
+        state = {"state_dict": get_model_state_dict(self.model)}
+        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        self.model.load_state_dict(state["state_dict"])
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(optimizer_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optimizer_state[key],
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / "meta.pt", weights_only=weights_only)
+
     @property
     def mp_policy(self) -> Any:
         return mixed_precision_policy(self.mixed_precision)

@@ -24,6 +24,7 @@ from kd_lightning.module import DistillationModule
 from kd_lightning.tasks import IGNORE_INDEX
 
 SEQ, SAMPLES, STEPS = 12, 24, 3
+RESUME_STEPS = 4  # an epoch here is 6 steps of 2 x 2 rows: resume in the middle of it
 
 
 def varied_tokens(n: int = SAMPLES, seq: int = SEQ, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -86,6 +87,17 @@ class RecordSteps(L.Callback):
         self.flush(trainer)
 
 
+class SaveAtStep(L.Callback):
+    """A checkpoint in the middle of the run, as an interruption (SIGTERM, periodic) leaves one."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step and not os.path.exists(self.path):
+            trainer.save_checkpoint(self.path)
+
+
 def make_module() -> DistillationModule:
     from tests.helpers import tiny_lm
 
@@ -94,14 +106,16 @@ def make_module() -> DistillationModule:
 
 
 def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, accumulate: int = 1,
-              steps: int = STEPS, rows: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+              steps: int = STEPS, rows: dict[str, torch.Tensor] | None = None, resume_from: str | None = None,
+              save_to: str | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     module, record = make_module(), RecordSteps()
+    callbacks: list[L.Callback] = [record] if save_to is None else [record, SaveAtStep(2, save_to)]
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
-                        accumulate_grad_batches=accumulate, callbacks=[record], logger=False,
+                        accumulate_grad_batches=accumulate, callbacks=callbacks, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=TinyLMData(batch_size, rows))
+    trainer.fit(module, datamodule=TinyLMData(batch_size, rows), ckpt_path=resume_from, weights_only=True)
     from kd_lightning.sharding import full_state_dict, is_sharded
 
     teacher = module.teachers["teacher"]
@@ -115,11 +129,20 @@ def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, acc
 if __name__ == "__main__":
     out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
     torch.set_num_threads(1)
-    if strategy == "fsdp":
+    resume = len(sys.argv) > 6 and sys.argv[6] == "resume"
+
+    def make_strategy() -> Any:
         from kd_lightning.sharding import ShardedDataParallel
 
-        strategy = ShardedDataParallel()
-    result = run_steps(strategy, int(devices), int(batch_size), int(accumulate))
+        return ShardedDataParallel() if strategy == "fsdp" else strategy
+
+    checkpoint = os.path.join(out, "step2.ckpt") if resume else None
+    result = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate),
+                       steps=RESUME_STEPS if resume else STEPS, save_to=checkpoint)
+    if resume:  # the same run resumed from its checkpoint after 2 steps (mid-epoch)
+        resumed = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate), steps=RESUME_STEPS,
+                            resume_from=checkpoint)
+        result["resumed_params"] = resumed["params"]
     if result["rank"] == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save(result, os.path.join(out, "steps.pt"))

@@ -63,10 +63,11 @@ def test_accumulation_over_three_steps_matches_bigger_batches() -> None:
     close(list(merged["params"].values()), list(split["params"].values()), 1e-6)
 
 
-def run_processes(tmp_path: Path, strategy: str, devices: int, batch_size: int, accumulate: int = 1) -> dict:
+def run_processes(tmp_path: Path, strategy: str, devices: int, batch_size: int, accumulate: int = 1,
+                  extra: tuple[str, ...] = ()) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(REPO / "tests" / "dist_check.py"), str(tmp_path), strategy,
-                             str(devices), str(batch_size), str(accumulate)], cwd=tmp_path, env=env,
+                             str(devices), str(batch_size), str(accumulate), *extra], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(tmp_path / "steps.pt", weights_only=False)
@@ -82,6 +83,7 @@ def test_ddp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: 
     close(list(single["params"].values()), list(ddp["params"].values()), 1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: Path) -> None:
     single = run_steps(batch_size=4)
     fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2)
