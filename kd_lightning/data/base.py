@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from kd_lightning.data.resumable import ResumableDataLoader
+from kd_lightning.data.resumable import RankShareSampler, ResumableDataLoader
 from kd_lightning.data.tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_identity
 from kd_lightning.tasks import task_named
 
@@ -186,7 +186,13 @@ class BaseDataModule(L.LightningDataModule):
 
     @override
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, None)
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return self._loader("test", self.eval_batch_size, None)
+        # each rank scores its own part of the held-out split (kd_lightning.evaluate reduces the sums)
+        dataset = self._dataset("test")
+        return DataLoader(dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                          sampler=RankShareSampler(dataset, trainer.world_size, trainer.global_rank))
 
 
 class LMDataModule(BaseDataModule):

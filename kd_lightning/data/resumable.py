@@ -39,6 +39,18 @@ class EpochSeededSampler(DistributedSampler):
         return iter(mine.tolist())
 
 
+class RankShareSampler(DistributedSampler):
+    """Every `num_replicas`-th sample from `rank` on, in order, without padding: held-out scoring where
+    each rank scores its part of the split once and the summed counts are reduced."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
+
+
 class ResumableDataLoader(DataLoader):
     """`DataLoader` over an `EpochSeededSampler` whose state is (epoch, batches trained on).
 

@@ -19,21 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from kd_lightning.distributed import all_reduce_sums
+
 STEP_TOKENS_KEY = "step_token_count"
 """Batch key of the optimizer step's counted tokens (all micro-batches, all ranks), a 0-d int64 tensor."""
-
-
-def all_reduce_sum(value: int) -> int:
-    """``value`` summed over the default process group (itself when not distributed). NCCL only
-    reduces CUDA tensors, gloo CPU ones."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return int(value)
-    if torch.distributed.get_world_size() == 1:
-        return int(value)
-    on_cuda = torch.distributed.get_backend() == "nccl"
-    total = torch.tensor(int(value), dtype=torch.int64, device="cuda" if on_cuda else "cpu")
-    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
-    return int(total.item())
 
 
 def stamp_step_tokens(batches: Iterator[dict[str, Any]], accumulate: int, count: Callable[[dict[str, Any]], int],
@@ -57,7 +46,7 @@ def stamp_step_tokens(batches: Iterator[dict[str, Any]], accumulate: int, count:
                 break
         if not window:
             return
-        total = torch.tensor(all_reduce_sum(sum(count(batch) for batch in window)), dtype=torch.int64)
+        total = torch.tensor(int(all_reduce_sums([sum(count(batch) for batch in window)])[0]), dtype=torch.int64)
         for batch in window:
             batch[STEP_TOKENS_KEY] = total
             yield batch
@@ -74,4 +63,4 @@ def token_share(count: Tensor, step_tokens: Tensor | None, world_size: int, accu
     return count.to(torch.float32) / step * float(world_size * accumulate)
 
 
-__all__ = ["STEP_TOKENS_KEY", "all_reduce_sum", "stamp_step_tokens", "token_share"]
+__all__ = ["STEP_TOKENS_KEY", "stamp_step_tokens", "token_share"]
