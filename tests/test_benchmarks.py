@@ -67,3 +67,14 @@ def test_kd_step_quick_prints_every_arm_and_the_divergences():
     assert max(kd_losses.values()) - min(kd_losses.values()) < 1e-4, kd_losses
     assert "trl" in rows or "trl not installed" in out
     assert "| taid |" in out and "two-line" in out
+
+
+@pytest.mark.slow
+def test_fsdp_bench_tiny_shards_model_state(tmp_path: Path):
+    out = bench("fsdp.py", "--teacher-hidden", "128", "--teacher-layers", "2", "--student-hidden", "64",
+                "--student-layers", "2", "--steps", "3", "--warmup", "1", "--out", str(tmp_path), timeout=600)
+    assert "| fsdp x2 |" in out and "| ddp x2 |" in out
+    single, ddp, fsdp = json.loads((tmp_path / "fsdp.json").read_text())
+    assert single["model_state_mib"] == pytest.approx(ddp["model_state_mib"])  # DDP replicates everything
+    assert 0.4 < fsdp["model_state_mib"] / ddp["model_state_mib"] < 0.6  # FSDP holds about half per process
+    assert all(r["tokens_per_second"] > 0 for r in (single, ddp, fsdp))
