@@ -68,7 +68,7 @@ def check_strategy(strategy: str, accelerator: str) -> None:
 
     if (strategy.startswith("fsdp") or strategy.startswith("deepspeed") or accelerator == "gpu") and not torch.cuda.is_available():
         raise RuntimeError(f"strategy={strategy} (accelerator={accelerator}) needs a CUDA GPU and none is visible; "
-                           "use strategy=cpu, ddp or bf16 on this machine")
+                           "use strategy=cpu, ddp, fsdp or bf16 on this machine")
     if strategy.startswith("deepspeed"):
         try:
             import deepspeed  # noqa: F401

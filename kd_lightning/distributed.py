@@ -40,4 +40,21 @@ def rank_seeded_generator(seed: int, device: torch.device | str = "cpu", rank: i
     return generator
 
 
-__all__ = ["global_rank", "is_global_zero", "rank_seed", "rank_seeded_generator"]
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def all_reduce_sums(values: list[float]) -> list[float]:
+    """`values` summed elementwise over the default process group (themselves when not distributed),
+    in float64 (exact for counts below 2**53). NCCL only reduces CUDA tensors, gloo CPU ones."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+    return total.tolist()
+
+
+__all__ = ["all_reduce_sums", "global_rank", "is_distributed", "is_global_zero", "rank_seed", "rank_seeded_generator"]

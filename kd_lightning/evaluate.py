@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassCalibrationError
 
+from kd_lightning.distributed import all_reduce_sums, is_distributed
 from kd_lightning.tasks import Task, task_named
 
 ECE_BINS = 15
@@ -25,13 +26,19 @@ def evaluate(
 ) -> dict[str, float]:
     """Token-mean CE (nats), perplexity, top-1 accuracy and expected calibration error (top-1,
     15 equal-width confidence bins, L1: Guo et al. 2017, "On Calibration of Modern Neural Networks")
-    of `model` on `batches`; with a `reference` model (the teacher) also the top-1 agreement."""
+    of `model` on `batches`; with a `reference` model (the teacher) also the top-1 agreement.
+
+    Inside a process group every rank passes its own share of the split (`batches` is streamed, never
+    held): the summed counts and the calibration states are reduced over the ranks, so every rank
+    returns the figures of the whole split."""
     task = task_named(task) if isinstance(task, str) else task
+    distributed = is_distributed()
     was_training = model.training
     model.eval().to(device)
     if reference is not None:
         reference.eval().to(device)
-    total_loss, total_correct, total_agree, count = 0.0, 0, 0, 0
+    # Summed over batches (and ranks): a further count (e.g. bytes) is one more entry here.
+    sums = {"loss": 0.0, "correct": 0.0, "agree": 0.0, "count": 0.0}
     calibration: MulticlassCalibrationError | None = None
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -40,27 +47,37 @@ def evaluate(
         if not mask.any():
             continue
         logits, labels = logits[mask].float(), labels[mask]
-        total_loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        total_correct += (logits.argmax(-1) == labels).sum().item()
+        sums["loss"] += F.cross_entropy(logits, labels, reduction="sum").item()
+        sums["correct"] += (logits.argmax(-1) == labels).sum().item()
         if calibration is None:
-            # sync_on_compute=False: under DDP only rank 0 evaluates, a cross-rank sync would hang.
-            calibration = MulticlassCalibrationError(logits.shape[-1], n_bins=ECE_BINS, validate_args=False,
-                                                     sync_on_compute=False).to(device)
+            calibration = _calibration(logits.shape[-1], distributed, device)
         calibration.update(logits.softmax(-1), labels)
         if reference is not None:
             ref_logits, _ = _aligned_logits(reference, batch, task)
-            total_agree += (ref_logits[mask].argmax(-1) == logits.argmax(-1)).sum().item()
-        count += int(mask.sum())
+            sums["agree"] += (ref_logits[mask].argmax(-1) == logits.argmax(-1)).sum().item()
+        sums["count"] += int(mask.sum())
     model.train(was_training)
+    if distributed:
+        sums = dict(zip(sums, all_reduce_sums(list(sums.values()))))
+        # every rank syncs the calibration states, also one whose share had nothing to score
+        classes, scored = all_reduce_sums([calibration.num_classes, 1] if calibration is not None else [0, 0])
+        calibration = calibration or _calibration(int(classes // max(scored, 1)), distributed, device)
+    count = int(sums["count"])
     if count == 0:
         raise ValueError("evaluation split has no counted tokens/examples")
-    loss = total_loss / count
+    loss = sums["loss"] / count
     assert calibration is not None  # count > 0: at least one batch was scored
-    result = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": total_correct / count, "count": count,
+    result = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "accuracy": sums["correct"] / count, "count": count,
               "ece": float(calibration.compute())}
     if reference is not None:
-        result["teacher_agreement"] = total_agree / count
+        result["teacher_agreement"] = sums["agree"] / count
     return result
+
+
+def _calibration(num_classes: int, distributed: bool, device: str | torch.device) -> MulticlassCalibrationError:
+    # sync_on_compute only inside a process group: then every rank computes (see `evaluate`).
+    return MulticlassCalibrationError(num_classes, n_bins=ECE_BINS, validate_args=False,
+                                      sync_on_compute=distributed).to(device)
 
 
 def with_progress(batches: Sequence[dict[str, torch.Tensor]], label: str,

@@ -23,8 +23,10 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 from typing_extensions import override
 
+from kd_lightning.data.step_tokens import STEP_TOKENS_KEY, token_share
 from kd_lightning.interface import TeacherWeightFn
 from kd_lightning.kd_paths import StepTerms, choose_path
+from kd_lightning.sharding import ShardedDataParallel, reshard_frozen, shard_distillation
 from kd_lightning.tasks import task_of_model
 
 LossFn = Callable[..., Tensor]
@@ -158,6 +160,7 @@ class DistillationModule(LightningModule):
             draws = int(getattr(teacher, "num_samples", 1))
             for r in range(draws):
                 out[name if draws == 1 else f"{name}/sample{r}"] = self.adapter.logits(teacher, batch)
+            reshard_frozen(teacher)
         return out
 
     def expand_teacher_weights(self, weights: Tensor) -> Tensor:
@@ -174,8 +177,11 @@ class DistillationModule(LightningModule):
         return self.adapter.align(logits, labels)
 
     # ------------------------------------------------------------------ the step
-    def _step(self, batch: dict[str, Tensor]) -> Tensor | None:
-        """loss = kd_weight · T² · KD + ce_weight · CE over the batch's counted positions."""
+    def _step(self, batch: dict[str, Tensor], step_tokens: Tensor | None = None) -> Tensor | None:
+        """loss = kd_weight · T² · KD + ce_weight · CE over the batch's counted positions.
+
+        Logged as the batch's token mean; returned as its share of the optimizer step's token sum
+        when the batch carries the step's counted tokens (`kd_lightning.data.step_tokens`)."""
         labels = self.adapter.labels(batch)
         mask = self.adapter.mask(labels)
         count = mask.sum()
@@ -190,7 +196,10 @@ class DistillationModule(LightningModule):
             loss = loss + self.kd_weight * self.kd_temperature**2 * terms.kd
         self.record(terms, ce, count)
         self.log("train/loss", loss)
-        return loss
+        if step_tokens is None:
+            return loss
+        self.log("train/step_tokens", step_tokens.float(), reduce_fx="max")
+        return loss * token_share(count, step_tokens, self.trainer.world_size, self.trainer.accumulate_grad_batches)
 
     def record(self, terms: StepTerms, ce: Tensor, count: Tensor) -> None:
         """Detached statistics for the callbacks (`last_step`, see `kd_lightning.interface`) and logs."""
@@ -211,7 +220,7 @@ class DistillationModule(LightningModule):
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        return self._step(batch)
+        return self._step(batch, batch.pop(STEP_TOKENS_KEY, None))
 
     # ------------------------------------------------------------------ evaluation
     @override
@@ -241,6 +250,13 @@ class DistillationModule(LightningModule):
             self.log("val/teacher_loss", self.val_teacher_loss.compute())
         self.val_agreement.reset()
         self.val_teacher_loss.reset()
+
+    @override
+    def configure_model(self) -> None:
+        # strategy=fsdp: shard teachers and student per transformer block (no-op otherwise)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ShardedDataParallel):
+            shard_distillation(self, strategy.data_parallel_mesh, strategy.mp_policy)
 
     # ------------------------------------------------------------------ optimisation & checkpoints
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -279,7 +295,9 @@ class DistillationModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Frozen teacher weights are rebuilt from config, not stored: fill them in so that strict
         # loading still catches a student whose weights do not match.
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict")
+        if state is None:  # a sharded checkpoint (strategy=fsdp): the strategy loaded the weights itself
+            return
         for key, value in self.state_dict().items():
             if key.startswith("teachers.") and key not in state:
                 state[key] = value

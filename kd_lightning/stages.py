@@ -23,6 +23,7 @@ from kd_lightning.models import load_model, save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.rundir import CHECKPOINT_DIR, resume_requested
 from kd_lightning.safeload import checkpoint_problem
+from kd_lightning.sharding import unsharded
 from kd_lightning.signals import exit_on_sigterm
 from kd_lightning.tasks import task_named
 from kd_lightning.teachers.teacher_cache import cache_teacher_targets, load_cached_teacher
@@ -130,6 +131,7 @@ def obtain_ce_model(
     trainer = make_trainer(cfg, name=f"{kind}_{name}", max_steps=max_steps, validate=False, callbacks=[on_sigterm])
     with exit_on_sigterm(CE_STAGE_NAMES.get(kind, f"{kind} training"), saved=lambda: on_sigterm.saved):
         trainer.fit(module, datamodule=datamodule, ckpt_path=partial_resume(cfg, partial_ckpt, kind), weights_only=True)
+        model = unsharded(model, lambda: build_model(model_cfg, datamodule, int(cfg.seed)))  # strategy=fsdp
         if trainer.is_global_zero:
             write_atomically(entry, lambda d: save_model(model, d, getattr(datamodule, "tokenizer", None)), payload)
     trainer.strategy.barrier()

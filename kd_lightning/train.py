@@ -25,6 +25,7 @@ from kd_lightning.model_cache import cache_root
 from kd_lightning.signals import exit_on_sigterm
 from kd_lightning.models import count_parameters, output_size, save_model
 from kd_lightning.module import DistillationModule
+from kd_lightning.sharding import unsharded
 from kd_lightning.stages import build_model, check_model_positions, make_trainer, obtain_baseline, obtain_teacher
 from kd_lightning.tasks import task_named
 from kd_lightning.teachers.encodings import encoding_from
@@ -105,17 +106,23 @@ def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] 
         # weights_only: a checkpoint is loaded without unpickling arbitrary objects.
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
+    # strategy=fsdp: whole models again (a collective) for saving and the summary
+    student = unsharded(student, lambda: build_model(cfg.student.model, datamodule, int(cfg.seed)))
+    teachers = {n: unsharded(t, lambda c=c: obtain_teacher(cfg, c, datamodule)) for (n, t), c in zip(teachers.items(), teacher_cfgs)}
     baseline = obtain_baseline(cfg, datamodule)[0] if cfg.baseline else None
-    if not trainer.is_global_zero:
-        return {}
+    student_dir = output_dir / "student"
     # the fit is over and its last.ckpt written: a resume=auto only redoes what follows
     finished = getattr(trainer.checkpoint_callback, "last_model_path", None) or None
     with exit_on_sigterm("the held-out evaluation and saving", saved=finished):
-        with atomic_directory(output_dir / "student") as staging:
-            save_model(student, staging, getattr(datamodule, "tokenizer", None))
-        student_dir = output_dir / "student"
+        if trainer.is_global_zero:
+            with atomic_directory(student_dir) as staging:
+                save_model(student, staging, getattr(datamodule, "tokenizer", None))
+        # every rank scores its part of the test split on its device; the counts are reduced over ranks
         summary = summarize(datamodule, teachers, student, baseline, loss=str(cfg.loss.name), seed=int(cfg.seed),
-                            progress=bool(cfg.trainer.get("enable_progress_bar", True)))
+                            progress=bool(cfg.trainer.get("enable_progress_bar", True)) and trainer.is_global_zero,
+                            device=trainer.strategy.root_device)
+        if not trainer.is_global_zero:
+            return {}
         summary["student_dir"] = str(student_dir)
         summary["timing"] = timer.summary(trainer.world_size)
         reuse = stores.summary()
@@ -132,24 +139,27 @@ def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] 
 
 
 def summarize(datamodule: Any, teachers: dict[str, torch.nn.Module], student: torch.nn.Module,
-              baseline: torch.nn.Module | None, *, loss: str, seed: int, progress: bool = False) -> dict[str, Any]:
+              baseline: torch.nn.Module | None, *, loss: str, seed: int, progress: bool = False,
+              device: str | torch.device = "cpu") -> dict[str, Any]:
     """Held-out (test split) loss/perplexity of every teacher, the distilled student and the baseline,
-    each under a progress bar when `progress`."""
+    on `device`, each under a progress bar when `progress`. Inside a process group every rank calls it
+    and scores its share of the split."""
     task = task_named(datamodule.task)
     datamodule.setup("test")
-    batches = list(datamodule.test_dataloader())
+    batches = datamodule.test_dataloader()  # streamed once per model, never held as a list
     # A cached teacher is a table of training-split targets: nothing to evaluate on the test split.
     cached = [n for n, t in teachers.items() if getattr(t, "sparse_targets", False)]
     teachers = {n: t for n, t in teachers.items() if n not in cached}
     first_teacher = next(iter(teachers.values()), None)
     rows: dict[str, dict[str, float]] = {}
     for name, teacher in teachers.items():
-        rows[f"teacher:{name}"] = evaluate(teacher, with_progress(batches, f"held-out: teacher:{name}", progress), task)
+        rows[f"teacher:{name}"] = evaluate(teacher, with_progress(batches, f"held-out: teacher:{name}", progress), task,
+                                           device=device)
     rows["student (KD)"] = evaluate(student, with_progress(batches, "held-out: student (KD)", progress), task,
-                                    reference=first_teacher)
+                                    reference=first_teacher, device=device)
     if baseline is not None:
         rows["student (CE only)"] = evaluate(baseline, with_progress(batches, "held-out: student (CE only)", progress),
-                                             task, reference=first_teacher)
+                                             task, reference=first_teacher, device=device)
     for name, model in [*((f"teacher:{n}", t) for n, t in teachers.items()), ("student (KD)", student),
                         ("student (CE only)", baseline)]:
         if model is not None:

@@ -20,8 +20,10 @@ from typing_extensions import override
 from torch import Tensor, nn
 
 from kd_lightning.callbacks.common import total_steps
+from kd_lightning.data.step_tokens import STEP_TOKENS_KEY
 from kd_lightning.distributed import rank_seed
 from kd_lightning.interface import require_distillation_module
+from kd_lightning.sharding import refuse_under_sharding
 from kd_lightning.tasks import IGNORE_INDEX
 
 
@@ -101,6 +103,9 @@ def replace_batch(batch: dict[str, Tensor], new: dict[str, Tensor]) -> None:
     """Swap the sequence entries of `batch` in place (the Trainer keeps using the same dict)."""
     for key in ("input_ids", "attention_mask", "labels", "prompt_lengths"):
         batch[key] = new[key].to(batch["input_ids"].device)
+    # Generated labels count other tokens than the loader stamped for the step: such a batch keeps
+    # its own token mean (kd_lightning.data.step_tokens).
+    batch.pop(STEP_TOKENS_KEY, None)
 
 
 class _StudentSampler(Callback):
@@ -127,6 +132,7 @@ class _StudentSampler(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         module = require_distillation_module(pl_module, self)
+        refuse_under_sharding(trainer, f"{type(self).__name__} (generation from the student)")
         if module.task != "causal_lm" or not hasattr(module.student, "generate"):
             raise ValueError(f"{type(self).__name__} needs a causal LM student with `generate` (task causal_lm), "
                              f"got task {module.task!r}")

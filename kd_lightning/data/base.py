@@ -21,8 +21,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
-from kd_lightning.data.resumable import ResumableDataLoader
+from kd_lightning.data.resumable import RankShareSampler, ResumableDataLoader
 from kd_lightning.data.tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_identity
+from kd_lightning.tasks import task_named
 
 SPLITS = ("train", "val", "test")
 
@@ -165,14 +166,18 @@ class BaseDataModule(L.LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
-        if trainer is None or trainer.world_size > 1:
-            # Outside a Trainer, or under DDP (Lightning shards with a DistributedSampler).
+        if trainer is None:  # outside a Trainer
             return self._loader("train", self.batch_size, torch.Generator().manual_seed(self.seed))
 
         def progress() -> tuple[int, int]:
             return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
+        task = task_named(self.task)
+        # The data-parallel share of this rank (under DDP/FSDP Lightning keeps this sampler).
         return ResumableDataLoader(self._dataset("train"), self.batch_size, self.seed, progress,
+                                   count=lambda batch: int(task.mask(task.labels(batch)).sum()),
+                                   accumulate=lambda: int(trainer.accumulate_grad_batches),
+                                   num_replicas=trainer.world_size, rank=trainer.global_rank,
                                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     @override
@@ -181,7 +186,13 @@ class BaseDataModule(L.LightningDataModule):
 
     @override
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, None)
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return self._loader("test", self.eval_batch_size, None)
+        # each rank scores its own part of the held-out split (kd_lightning.evaluate reduces the sums)
+        dataset = self._dataset("test")
+        return DataLoader(dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                          sampler=RankShareSampler(dataset, trainer.world_size, trainer.global_rank))
 
 
 class LMDataModule(BaseDataModule):

@@ -13,7 +13,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
-from kd_lightning.losses import adaptive, divergences
+import kd_lightning.losses.adaptive as adaptive
+import kd_lightning.losses.divergences as divergences
 from kd_lightning.losses.common import log_probs
 from kd_lightning.losses.fast_rows import ROW_KERNELS
 

@@ -1,0 +1,182 @@
+"""Weights that may be sharded (FSDP2 `fully_shard`, parameters as `DTensor`): read them whole.
+
+Everything that reads parameters directly (saving the student, comparing runs, the chunked loss's
+heads) goes through these helpers, so the unsharded case stays a plain read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when any parameter of `module` is a `DTensor` (FSDP2 / tensor parallel)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def full_tensor(tensor: Tensor | None) -> Tensor | None:
+    """The whole tensor of a `DTensor` (a collective: every rank must call it), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[str, Any]:
+    """A full, unsharded CPU state dict of `module`. Sharded, it is a collective: every rank must
+    call it; only rank 0 gets the tensors (the others an empty dict) unless `all_ranks`."""
+    if not is_sharded(module):
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks))
+    return {k: v.detach().cpu() for k, v in state.items()}
+
+
+def unsharded(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
+    """`model` itself when it is not sharded, else a fresh `build()` holding its gathered weights on
+    every rank (a collective): what saving, caching and the held-out summary read."""
+    if not is_sharded(model):
+        return model
+    state = full_state_dict(model, all_ranks=True)
+    fresh = build()
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def bf16_supported() -> bool:
+    """bf16 parameters pay off where the accelerator computes in bf16 natively (CUDA with bf16)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def mixed_precision_policy(mode: str) -> Any:
+    """FSDP2 `MixedPrecisionPolicy`: "bf16" (bf16 parameters and compute, fp32 gradient reduction),
+    "fp32" (none), "auto" (bf16 where `bf16_supported()`, else fp32: CPU runs stay exact)."""
+    if mode not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"mixed_precision must be 'auto', 'bf16' or 'fp32', got {mode!r}")
+    if mode == "fp32" or (mode == "auto" and not bf16_supported()):
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
+def block_classes(model: nn.Module) -> set[str]:
+    """Class names of a model's transformer blocks: transformers' `_no_split_modules` (the layers
+    it never splits across devices), e.g. {"LlamaDecoderLayer"}; empty for other models."""
+    return set(getattr(model, "_no_split_modules", None) or [])
+
+
+def shard_model(model: nn.Module, mesh: Any, mp_policy: Any = None) -> nn.Module:
+    """FSDP2: `fully_shard` each transformer block, then the model (its root: embeddings, head, norm)."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    blocks = block_classes(model)
+    for sub in list(model.modules()):
+        if sub is not model and type(sub).__name__ in blocks:
+            fully_shard(sub, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def reshard_frozen(model: nn.Module) -> None:
+    """After a frozen model's no-grad forward FSDP2 keeps its root parameters gathered (it expects
+    a backward); free them so a teacher holds ~1/N of its weights per process between steps."""
+    reshard = getattr(model, "reshard", None)
+    if callable(reshard):
+        reshard()
+
+
+def refuse_under_sharding(trainer: Any, what: str) -> None:
+    """A clear error for a feature that reads or changes weights directly, under a sharding strategy."""
+    if isinstance(getattr(trainer, "strategy", None), ShardedDataParallel):
+        raise NotImplementedError(f"{what} is not supported with strategy=fsdp (sharded weights); "
+                                  "use strategy=ddp or cpu")
+
+
+def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None) -> None:
+    """Shard a `DistillationModule` in place: every frozen teacher and the student, per block.
+
+    Refuses what reads weights directly (the chunked loss reads `lm_head.weight`), trains part of a
+    teacher (SAR) or wraps a teacher (KA sampling, teacher-output reuse): their code assumes whole
+    tensors. A teacher of offline sparse targets holds no weights and stays as it is."""
+    from transformers import PreTrainedModel
+
+    if is_sharded(module.student):
+        return  # configure_model runs again for a later fit/validate on the same module
+    if type(module.kd_path).__name__ == "ChunkedKD":
+        raise NotImplementedError("loss.chunk_size (the chunked path reads lm_head.weight) is not supported with "
+                                  "strategy=fsdp yet; drop loss.chunk_size or use strategy=ddp")
+    if module.trainable_teacher_keys:
+        raise NotImplementedError("callbacks=sar trains teacher routers; not supported with strategy=fsdp")
+    for name, teacher in module.teachers.items():
+        if getattr(teacher, "sparse_targets", False):
+            continue
+        if not isinstance(teacher, PreTrainedModel) and module.task == "causal_lm":
+            raise NotImplementedError(f"teacher '{name}' is a {type(teacher).__name__} wrapper (KA sampling or "
+                                      "teacher_outputs.reuse); strategy=fsdp shards plain transformers teachers only")
+        shard_model(teacher, mesh, mp_policy)
+    shard_model(module.student, mesh, mp_policy)
+
+
+def _model_parallel_strategy() -> type:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy
+
+
+class ShardedDataParallel(_model_parallel_strategy()):  # type: ignore[misc]
+    """`strategy=fsdp`: Lightning's `ModelParallelStrategy` with every process data-parallel (no tensor
+    parallelism) and FSDP2 sharding from `DistillationModule.configure_model`. gloo on CPU, NCCL on
+    GPUs (Lightning picks the backend from the accelerator).
+
+    Args:
+        mixed_precision: see `mixed_precision_policy` ("auto": bf16 parameters with fp32 gradient
+            reduction where the accelerator supports bf16, else fp32).
+    """
+
+    def __init__(self, mixed_precision: str = "auto", **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+        self.mixed_precision = mixed_precision
+        mixed_precision_policy(mixed_precision)  # validate early
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's sharded load expects every module key in the checkpoint; frozen teacher weights
+        are left out of ours (rebuilt from config), so the model loads what is stored and keeps the rest."""
+        from pathlib import Path
+
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_dir():  # a single-file (full) checkpoint
+            return super().load_checkpoint(path, weights_only=weights_only)
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+
+        state = {"state_dict": get_model_state_dict(self.model)}
+        dcp.load(state, checkpoint_id=path, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+        self.model.load_state_dict(state["state_dict"])
+        for index, optimizer in enumerate(self.optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(optimizer_state, checkpoint_id=path)
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=optimizer_state[key],
+                                     options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / "meta.pt", weights_only=weights_only)
+
+    @property
+    def mp_policy(self) -> Any:
+        return mixed_precision_policy(self.mixed_precision)
+
+    @property
+    def data_parallel_mesh(self) -> Any:
+        return self.device_mesh["data_parallel"]

@@ -1,0 +1,148 @@
+"""A few optimizer steps of a tiny KD run, recording each step's gradients and loss: the same global
+batches on 1 process (optionally with accumulation) or on N processes (DDP, FSDP).
+
+Run in-process with `run_steps(...)`, or as a script (Lightning re-launches it once per rank):
+    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE
+Rank 0 writes OUT/steps.pt: {"grads": [[tensor per student param] per step], "losses": [...],
+"step_tokens": [...], "params": [final student params]}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from kd_lightning.data.base import BaseDataModule, DictDataset
+from kd_lightning.losses import forward_kl
+from kd_lightning.module import DistillationModule
+from kd_lightning.tasks import IGNORE_INDEX
+
+SEQ, SAMPLES, STEPS = 12, 24, 3
+RESUME_STEPS = 4  # an epoch here is 6 steps of 2 x 2 rows: resume in the middle of it
+
+
+def varied_tokens(n: int = SAMPLES, seq: int = SEQ, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Rows whose counted tokens range from 1 to seq-1 (long prompts masked with -100)."""
+    from tests.helpers import V
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (n, seq), generator=g)
+    labels = ids.clone()
+    for row in range(n):
+        prompt = int(torch.randint(0, seq - 1, (1,), generator=g))
+        labels[row, : prompt + 1] = IGNORE_INDEX
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+class TinyLMData(BaseDataModule):
+    task = "causal_lm"
+
+    def __init__(self, batch_size: int, rows: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__(batch_size, None, 0, seed=7)
+        self.rows = rows if rows is not None else varied_tokens()
+
+    def _load(self) -> dict[str, DictDataset]:
+        return {split: DictDataset(**self.rows) for split in ("train", "val", "test")}
+
+
+class RecordSteps(L.Callback):
+    """Each optimizer step's student gradients (after DDP's all-reduce) and summed returned loss."""
+
+    def __init__(self) -> None:
+        self.grads: list[list[torch.Tensor]] = []
+        self.losses: list[float] = []
+        self.step_tokens: list[int] = []
+        self.pending = 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # outputs["loss"] is the returned loss divided by accumulate_grad_batches (Lightning's closure)
+        self.pending += float(outputs["loss"])
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
+        from kd_lightning.sharding import full_tensor
+
+        self.grads.append([full_tensor(p.grad).clone() for p in pl_module.student.parameters()])
+        self.step_tokens.append(int(pl_module.trainer.callback_metrics.get("train/step_tokens", torch.tensor(-1))))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0 and batch_idx:
+            self.flush(trainer)
+
+    def flush(self, trainer: L.Trainer) -> None:
+        total = torch.tensor(self.pending)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)
+        # returned losses are step-token shares times world_size * accumulate: after Lightning's
+        # division by accumulate, their sum over micro-batches and ranks is world_size * step mean
+        self.losses.append(float(total) / trainer.world_size)
+        self.pending = 0.0
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.flush(trainer)
+
+
+class SaveAtStep(L.Callback):
+    """A checkpoint in the middle of the run, as an interruption (SIGTERM, periodic) leaves one."""
+
+    def __init__(self, step: int, path: str) -> None:
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step and not os.path.exists(self.path):
+            trainer.save_checkpoint(self.path)
+
+
+def make_module() -> DistillationModule:
+    from tests.helpers import tiny_lm
+
+    return DistillationModule(tiny_lm(0), tiny_lm(1, hidden=48), forward_kl, kd_weight=0.5, ce_weight=0.5,
+                              optimizer=partial(torch.optim.SGD, lr=0.5))
+
+
+def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, accumulate: int = 1,
+              steps: int = STEPS, rows: dict[str, torch.Tensor] | None = None, resume_from: str | None = None,
+              save_to: str | None = None) -> dict[str, Any]:
+    torch.manual_seed(0)
+    module, record = make_module(), RecordSteps()
+    callbacks: list[L.Callback] = [record] if save_to is None else [record, SaveAtStep(2, save_to)]
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
+                        accumulate_grad_batches=accumulate, callbacks=callbacks, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=TinyLMData(batch_size, rows), ckpt_path=resume_from, weights_only=True)
+    from kd_lightning.sharding import full_state_dict, is_sharded
+
+    teacher = module.teachers["teacher"]
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in teacher.parameters())
+    teacher_fraction = local / sum(p.numel() for p in teacher.parameters())
+    params = full_state_dict(module.student)
+    return {"sharded": is_sharded(module.student), "teacher_fraction": teacher_fraction,"grads": record.grads, "losses": record.losses, "step_tokens": record.step_tokens,
+            "params": params, "rank": trainer.global_rank}
+
+
+if __name__ == "__main__":
+    out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
+    torch.set_num_threads(1)
+    resume = len(sys.argv) > 6 and sys.argv[6] == "resume"
+
+    def make_strategy() -> Any:
+        from kd_lightning.sharding import ShardedDataParallel
+
+        return ShardedDataParallel() if strategy == "fsdp" else strategy
+
+    checkpoint = os.path.join(out, "step2.ckpt") if resume else None
+    result = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate),
+                       steps=RESUME_STEPS if resume else STEPS, save_to=checkpoint)
+    if resume:  # the same run resumed from its checkpoint after 2 steps (mid-epoch)
+        resumed = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate), steps=RESUME_STEPS,
+                            resume_from=checkpoint)
+        result["resumed_params"] = resumed["params"]
+    if result["rank"] == 0:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save(result, os.path.join(out, "steps.pt"))
