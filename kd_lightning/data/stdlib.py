@@ -17,7 +17,7 @@ from kd_lightning.data.base import LMDataModule, check_fractions, check_positive
 from kd_lightning.data.bpe import read_texts
 from kd_lightning.data.dual import DualTextDataset
 from kd_lightning.data.packing import pack_documents
-from kd_lightning.data.tokenizer import encode_bytes, encode_texts, is_byte_tokenizer, load_tokenizer
+from kd_lightning.data.tokenizer import encode_bytes, encode_texts, is_byte_tokenizer
 
 # Test suites are huge, repetitive and full of generated data; third-party code is not "stdlib".
 EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages", "lib-dynload"})
@@ -43,10 +43,9 @@ def stdlib_tokenizer(spec: Any, key: str, cache_dir: str, root: str | None, seed
                      test_fraction: float) -> Any:
     """The embedded data's tokenizer: ``None``/``"byte"`` bytes, ``"bpe:<size>"`` a byte-level BPE of
     that size trained once on this corpus's training files (same seed and fractions) and cached
-    under ``<cache_dir>/tokenizers``, anything else a tokenizer name/path (or a tokenizer object)."""
-    if spec is not None and not isinstance(spec, str):
-        return spec
-    if spec is not None and spec.startswith("bpe:"):
+    under ``<cache_dir>/tokenizers``; anything else (a name/path) is returned as is, for
+    ``LMDataModule`` to load."""
+    if isinstance(spec, str) and spec.startswith("bpe:"):
         from kd_lightning.data.bpe import stdlib_bpe_tokenizer
         from kd_lightning.model_cache import cache_root
 
@@ -55,7 +54,7 @@ def stdlib_tokenizer(spec: Any, key: str, cache_dir: str, root: str | None, seed
             raise ValueError(f"{key}={spec!r}: expected bpe:<vocabulary size>, e.g. bpe:4096")
         return stdlib_bpe_tokenizer(cache_root(cache_dir) / "tokenizers", int(size), seed=seed, root=root,
                                     val_fraction=val_fraction, test_fraction=test_fraction)
-    return load_tokenizer(spec, key=key)
+    return spec
 
 
 class StdlibDataModule(LMDataModule):
@@ -96,7 +95,7 @@ class StdlibDataModule(LMDataModule):
         tokenizers = [stdlib_tokenizer(spec, key, cache_dir, root, seed, val_fraction, test_fraction)
                       for spec, key in ((tokenizer, "dataset.tokenizer"), (teacher_tokenizer, "dataset.teacher_tokenizer"))]
         super().__init__(tokenizers[0], seq_len, batch_size, eval_batch_size, num_workers, seed,
-                         teacher_tokenizer=tokenizers[1] if teacher_tokenizer is not None else None)
+                         teacher_tokenizer=tokenizers[1])
         self.save_hyperparameters()
         check_positive("max_train_tokens", max_train_tokens)
         check_positive("max_eval_tokens", max_eval_tokens)
