@@ -63,7 +63,7 @@ def byte_lengths_of(datamodule: Any) -> tuple[Tensor | None, Tensor | None]:
     classification), for held-out loss in nats per byte."""
     if getattr(datamodule, "task", None) != "causal_lm":
         return None, None
-    from kd_lightning.data.tokenizer import token_byte_lengths
+    from kd_lightning.losses.align import token_byte_lengths
 
     student = token_byte_lengths(datamodule.tokenizer)
     return student, token_byte_lengths(datamodule.teacher_tokenizer) if datamodule.dual else student

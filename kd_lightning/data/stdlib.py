@@ -14,7 +14,7 @@ from typing import Any
 
 from kd_lightning.checks import check_training_text, learnable_token_counts
 from kd_lightning.data.base import LMDataModule, check_fractions, check_positive, hash_files, split_indices
-from kd_lightning.data.bpe import read_texts
+from kd_lightning.data.bpe import cached_bpe_tokenizer, read_texts
 from kd_lightning.data.dual import DualTextDataset
 from kd_lightning.data.packing import pack_documents
 from kd_lightning.data.tokenizer import encode_bytes, encode_texts, is_byte_tokenizer
@@ -46,7 +46,6 @@ def stdlib_tokenizer(spec: Any, key: str, cache_dir: str, root: str | None, seed
     under ``<cache_dir>/tokenizers``; anything else (a name/path) is returned as is, for
     ``LMDataModule`` to load."""
     if isinstance(spec, str) and spec.startswith("bpe:"):
-        from kd_lightning.data.bpe import stdlib_bpe_tokenizer
         from kd_lightning.model_cache import cache_root
 
         size = spec.removeprefix("bpe:")
@@ -174,3 +173,20 @@ def _read_documents(files: list[str], counts: list[int], tokenizer: Any) -> Iter
         ids = encode_bytes(data) if is_byte_tokenizer(tokenizer) else encode_texts(tokenizer, [text])[0]
         counts.extend(learnable_token_counts([text], [ids]))
         yield ids
+
+
+def stdlib_bpe_tokenizer(
+    cache_dir: str | os.PathLike[str], vocab_size: int, *, seed: int = 0, val_fraction: float = 0.05,
+    test_fraction: float = 0.05, root: str | None = None,
+) -> Any:
+    """A cached BPE trained on the embedded corpus's **training** files only (the split of
+    ``StdlibDataModule`` with the same ``seed`` and fractions), so validation text never shapes it.
+
+    Measured on this corpus (657 training files, 10.9 M characters, one CPU thread): 4k trains in
+    about 3 s, 32k in 8-13 s; with ``min_frequency=2`` the split supports at most about 40.7k
+    entries, and of a 32k vocabulary only about 11.6k tokens occur 10 times or more in it
+    (see docs/cross_tokenizer.md). ``root`` is ``StdlibDataModule``'s other corpus directory.
+    """
+    module = StdlibDataModule(root=root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    files = module._split_files()["train"]
+    return cached_bpe_tokenizer(cache_dir, f"stdlib-train:{hash_files(files)}", lambda: read_texts(files), vocab_size)

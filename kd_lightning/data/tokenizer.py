@@ -137,25 +137,3 @@ def same_tokenization(first: Any, second: Any) -> bool:
     """
     return first is second or (len(first) == len(second) and first.get_vocab() == second.get_vocab())
 
-
-def token_byte_lengths(tokenizer: Any) -> Any:
-    """``[V]`` LongTensor: UTF-8 bytes of text each id stands for; EOS counts 1 (the document
-    separator), other special tokens 0.
-
-    Used for held-out loss in nats per byte (token NLL summed / bytes covered), comparable across
-    tokenizers; with the byte tokenizer every counted token is one byte, so nats/byte == nats/token.
-    Byte-level BPE tokens that hold part of a character carry their own bytes, so the lengths of a
-    text's tokens sum to its UTF-8 length.
-    """
-    import torch
-
-    from kd_lightning.losses.align import token_bytes
-
-    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
-    for token_id, value in token_bytes(tokenizer).items():
-        if token_id < len(lengths):
-            lengths[token_id] = len(value)
-    for token_id, count in ((tokenizer.bos_token_id, 0), (tokenizer.eos_token_id, 1)):
-        if token_id is not None:
-            lengths[int(token_id)] = count
-    return lengths
