@@ -130,10 +130,13 @@ def tokenizer_identity(tokenizer: Any) -> str:
 
 
 def same_tokenization(first: Any, second: Any) -> bool:
-    """True when both tokenizers map text to the same ids: the same vocabulary, token for token.
+    """True when both tokenizers map ordinary text to the same ids: the same base vocabulary, token
+    for token. Added tokens (chat or tool markers that one release of a family adds) do not count,
+    so e.g. two Qwen releases that split text identically share one tokenization; identical
+    vocabularies with different merge rules do not occur in practice."""
 
-    Identical vocabularies with different merge rules do not occur in practice, so the vocabulary
-    decides; special-token bookkeeping (``special_tokens_map``, the class) does not.
-    """
-    return first is second or (len(first) == len(second) and first.get_vocab() == second.get_vocab())
+    def base_vocabulary(tokenizer: Any) -> dict[str, int]:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        return backend.get_vocab(with_added_tokens=False) if backend is not None else tokenizer.get_vocab()
 
+    return first is second or base_vocabulary(first) == base_vocabulary(second)
