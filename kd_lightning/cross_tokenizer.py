@@ -40,11 +40,14 @@ def refuse_foreign_tokens(teacher_tokenizers: Mapping[str, Any], datamodule: Any
                 "default interpolates teacher.tokenizer; dataset=stdlib|text_files|hf) with loss=uld or loss=span_kl")
 
 
-def teacher_tokenization_args(datamodule: Any, cache_dir: str) -> dict[str, Any]:
+def teacher_tokenization_args(datamodule: Any, cache_dir: str, reuse_teacher_outputs: bool = False) -> dict[str, Any]:
     """The `DistillationModule` arguments a dual data module decides: the teacher reads its own
     tokens, and the pair's shared vocabulary (cached on disk under `<cache_dir>/vocab_maps`)."""
     if not getattr(datamodule, "dual", False):
         return {}
+    if reuse_teacher_outputs:
+        raise ValueError("teacher_outputs.reuse=true is not supported across tokenizers (the store is keyed by one "
+                         "tokenization); set teacher_outputs.reuse=false")
     from kd_lightning.losses.align import shared_vocab_map
     from kd_lightning.model_cache import cache_root
 

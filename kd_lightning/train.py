@@ -114,7 +114,8 @@ def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] 
     # teacher_outputs.reuse: frozen teachers read their outputs from a store shared by the runs of a sweep
     teachers = memoize_teachers(teacher_output_options(cfg), teachers, teacher_model_configs(cfg),
                                 teacher_output_context(cfg, datamodule.task), extra_callbacks)
-    module = build_module(cfg, student, teachers, **teacher_tokenization_args(datamodule, cfg.paths.cache_dir))
+    data_args = teacher_tokenization_args(datamodule, cfg.paths.cache_dir, teacher_output_options(cfg).reuse)
+    module = build_module(cfg, student, teachers, **data_args)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     timer, stores = FitTimer(), TeacherOutputsFlush(teachers)
     on_sigterm = CheckpointOnSigterm()
