@@ -141,7 +141,8 @@ class DistillationModule(LightningModule):
         self.last_step: dict[str, Tensor] = {}
         self.save_hyperparameters(
             {"kd_weight": kd_weight, "ce_weight": ce_weight, "kd_temperature": kd_temperature,
-             "teacher_names": list(self.teachers), "teacher_combine": teacher_combine, "chunk_size": chunk_size}
+             "teacher_names": list(self.teachers), "teacher_combine": teacher_combine, "chunk_size": chunk_size,
+             "teacher_tokenization": teacher_tokenization}
         )
         self.val_loss = MeanMetric()
         self.val_agreement = MeanMetric()

@@ -5,7 +5,9 @@ Contract with the training module (kd_lightning/module.py relies on it):
   for LM ``vocab_size``, ``tokenizer``, ``seq_len``; for classification ``num_features``,
   ``num_classes`` and ``tokenizer = None``;
 - ``setup()`` loads and splits once (idempotent, seeded by ``seed``);
-- ``fingerprint()`` is a short hash of the data identity, used as a teacher-cache key.
+- ``fingerprint()`` is a short hash of the data identity, used as a teacher-cache key;
+- for LM, ``dual`` / ``teacher_tokenizer`` / ``teacher_data()``: whether batches also carry the
+  teacher's own tokenization (``kd_lightning.data.dual``), and the same data in that tokenization.
 """
 
 from __future__ import annotations
