@@ -119,22 +119,22 @@ def main() -> None:
     print(f"\n{seeds} seed(s), {steps} student steps; held-out nats/byte (test split)\n")
     print("| arm | teacher | KD student | CE-only student | gain (CE - KD) | seeds KD < CE | s/step |")
     print("|---|---|---|---|---|---|---|")
-    gains, step_cost = {}, {}
+    gains, wall_step = {}, {}
     for arm, runs in results.items():
         kd = [per_byte(r, "student (KD)") for r in runs]
         ce = [per_byte(r, "student (CE only)") for r in runs]
         teacher = [per_byte(r, next(k for k in r["models"] if k.startswith("teacher:"))) for r in runs]
         gains[arm] = [c - k for k, c in zip(kd, ce)]
-        step_cost[arm] = runs[0]["timing"]["fit_seconds"] / steps
+        wall_step[arm] = runs[0]["timing"]["fit_seconds"] / steps
         print(f"| {arm} | {mean(teacher):.4f} | {mean(kd):.4f} | {mean(ce):.4f} | {mean(gains[arm]):+.4f} | "
-              f"{sum(g > 0 for g in gains[arm])}/{len(runs)} | {step_cost[arm]:.3f} |")
+              f"{sum(g > 0 for g in gains[arm])}/{len(runs)} | {wall_step[arm]:.3f} |")
     cpu = {arm: step_cost(arm, cache) for arm in ARMS}
     print("\nCPU seconds per training step (1 thread, 20 steps after 3 warm-up): "
           + ", ".join(f"{arm} {seconds:.3f}" for arm, seconds in cpu.items()))
     for arm in ("uld", "span_kl"):
         kept = mean(gains[arm]) / mean(gains["kl"]) if mean(gains["kl"]) else float("nan")
         print(f"{arm}: keeps {kept:.2f} of same-tokenizer kl's gain; step cost {cpu[arm] / cpu['kl']:.2f}x kl's "
-              f"(CPU time), {step_cost[arm] / step_cost['kl']:.2f}x (seed-0 fit wall time)")
+              f"(CPU time), {wall_step[arm] / wall_step['kl']:.2f}x (seed-0 fit wall time)")
 
 
 if __name__ == "__main__":
