@@ -170,3 +170,10 @@ def test_own_tokenization_needs_a_cross_tokenizer_loss() -> None:
         DistillationModule(student, teacher, partial(uld), teacher_tokenization="own", chunk_size=8)
     assert type(DistillationModule(student, teacher, partial(uld), teacher_tokenization="own").kd_path).__name__ \
         == "CrossTokenizerKD"
+
+
+def test_embedded_tokenizer_spec_is_checked(tmp_path: Path) -> None:
+    from kd_lightning.data.stdlib import StdlibDataModule
+
+    with pytest.raises(ValueError, match=r"dataset.teacher_tokenizer='bpe:4k': expected bpe:<vocabulary size>"):
+        StdlibDataModule(teacher_tokenizer="bpe:4k", cache_dir=str(tmp_path))
