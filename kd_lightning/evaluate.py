@@ -23,10 +23,14 @@ def evaluate(
     task: Task | str,
     reference: nn.Module | None = None,
     device: str | torch.device = "cpu",
+    byte_lengths: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Token-mean CE (nats), perplexity, top-1 accuracy and expected calibration error (top-1,
     15 equal-width confidence bins, L1: Guo et al. 2017, "On Calibration of Modern Neural Networks")
-    of `model` on `batches`; with a `reference` model (the teacher) also the top-1 agreement.
+    of `model` on `batches`; with a `reference` model (the teacher) also the top-1 agreement. With
+    `byte_lengths` (`[V]` UTF-8 bytes per token id, `data.tokenizer.token_byte_lengths`) also
+    `loss_per_byte`: summed token NLL / bytes of text the counted tokens cover, comparable across
+    tokenizers (equal to `loss` for the byte tokenizer).
 
     Inside a process group every rank passes its own share of the split (`batches` is streamed, never
     held): the summed counts and the calibration states are reduced over the ranks, so every rank
@@ -37,8 +41,8 @@ def evaluate(
     model.eval().to(device)
     if reference is not None:
         reference.eval().to(device)
-    # Summed over batches (and ranks): a further count (e.g. bytes) is one more entry here.
-    sums = {"loss": 0.0, "correct": 0.0, "agree": 0.0, "count": 0.0}
+    # Summed over batches (and ranks).
+    sums = {"loss": 0.0, "correct": 0.0, "agree": 0.0, "count": 0.0, "bytes": 0.0}
     calibration: MulticlassCalibrationError | None = None
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -56,6 +60,8 @@ def evaluate(
             ref_logits, _ = _aligned_logits(reference, batch, task)
             sums["agree"] += (ref_logits[mask].argmax(-1) == logits.argmax(-1)).sum().item()
         sums["count"] += int(mask.sum())
+        if byte_lengths is not None:
+            sums["bytes"] += int(byte_lengths[labels.cpu()].sum())
     model.train(was_training)
     if distributed:
         sums = dict(zip(sums, all_reduce_sums(list(sums.values()))))
@@ -71,6 +77,8 @@ def evaluate(
               "ece": float(calibration.compute())}
     if reference is not None:
         result["teacher_agreement"] = sums["agree"] / count
+    if byte_lengths is not None:
+        result["loss_per_byte"] = sums["loss"] / max(sums["bytes"], 1)
     return result
 
 
@@ -98,11 +106,15 @@ def print_summary(rows: dict[str, dict[str, float]], task: str, student_dir: str
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("model", "params", "held-out loss", "perplexity", "accuracy", "agreement w/ teacher"):
+    per_byte = any("loss_per_byte" in r for r in rows.values())
+    for col in ("model", "params", "held-out loss", *(("nats/byte",) if per_byte else ()), "perplexity", "accuracy",
+                "agreement w/ teacher"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, r in rows.items():
         agree = f"{r['teacher_agreement']:.3f}" if "teacher_agreement" in r else "-"
-        table.add_row(name, f"{int(r.get('params', 0)):,}", f"{r['loss']:.4f}", f"{r['ppl']:.3f}", f"{r['accuracy']:.3f}", agree)
+        byte = (f"{r['loss_per_byte']:.4f}" if "loss_per_byte" in r else "-",) if per_byte else ()
+        table.add_row(name, f"{int(r.get('params', 0)):,}", f"{r['loss']:.4f}", *byte, f"{r['ppl']:.3f}",
+                      f"{r['accuracy']:.3f}", agree)
     console = Console()
     console.print(table)
     console.print(f"Student saved to [bold]{student_dir}[/bold] (load with AutoModelForCausalLM.from_pretrained)"

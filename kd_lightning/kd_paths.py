@@ -4,7 +4,9 @@
   callbacks, stochastic teachers);
 - `ChunkedKD`: the memory-lean path (`loss.chunk_size`): student and teacher heads applied chunk by
   chunk to the final hidden states, so `[tokens, V]` logits never exist;
-- `SparseKD`: offline sparse targets (`teacher=cached`), read by sample index.
+- `SparseKD`: offline sparse targets (`teacher=cached`), read by sample index;
+- `CrossTokenizerKD`: the teacher reads its own tokenization of the same text (dual batches,
+  `kd_lightning.data.dual`) and a cross-vocabulary loss (`uld`, `span_kl`) compares the two.
 
 Each path returns the step's `StepTerms`; `DistillationModule._step` combines them into
 ``kd_weight · T² · kd + ce_weight · CE``. A path never decides weights or temperature itself: it reads
@@ -21,6 +23,7 @@ the reference path: the loss function itself on the aligned logits.
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -29,8 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd_lightning.lean import chunked_token_ce, hidden_and_head
+from kd_lightning.losses.align import VocabMap
 from kd_lightning.losses.chunked import chunked_distill_loss
 from kd_lightning.losses.common import all_finite
+from kd_lightning.losses.cross_vocab import cross_token_targets
 from kd_lightning.losses.fast import KDTerms, fast_chunked_kd_terms, fast_kd_terms, fast_sparse_kd_terms, supports_fast
 from kd_lightning.losses.sparse import SparseTargets
 
@@ -233,14 +238,62 @@ class SparseKD:
             teacher_token_ce=None)  # stored targets are sparse: no teacher CE statistics
 
 
-KDPath = Any  # CEOnly | DenseKD | ChunkedKD | SparseKD: callables (module, batch, labels, mask) -> StepTerms | None
+TEACHER_KEYS = ("input_ids", "attention_mask", "labels", "offsets")
+
+
+def teacher_side(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The teacher's own tokenization of a dual batch, under the plain keys a model reads."""
+    return {key: batch[f"teacher_{key}"] for key in TEACHER_KEYS if f"teacher_{key}" in batch}
+
+
+def loss_keywords(loss_fn: Any) -> set[str]:
+    """The keyword arguments a loss function (or a partial of one) accepts. A loss that takes
+    `targets` (a `CrossTokenTargets`) compares two tokenizations: uld, span_kl."""
+    return set(inspect.signature(getattr(loss_fn, "func", loss_fn)).parameters)
+
+
+class CrossTokenizerKD:
+    """The teacher runs on its own tokens (`teacher_input_ids`, a different length in general) and
+    the cross-vocabulary loss aligns the two sequences through `cross_token_targets` (span_kl also
+    through the shared vocabulary `vocab_map`); the student's CE is on its own labels. span_kl's
+    coverage is logged (`train/span_exact_fraction`, `train/span_fallback_fraction`). No per-token
+    teacher CE (its tokens are not the student's), so weighting callbacks do not apply."""
+
+    def __init__(self, vocab_map: VocabMap | None) -> None:
+        self.vocab_map = vocab_map
+
+    def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> StepTerms:
+        # One teacher is checked when the module is built; a weighting callback attaches later.
+        if module.teacher_weight_fn is not None:
+            raise ValueError("cross-tokenizer KD has one teacher: teacher-weighting callbacks do not apply")
+        if "teacher_input_ids" not in batch:
+            raise ValueError("cross-tokenizer KD needs dual batches (teacher_input_ids ...): the data module must "
+                             "carry the teacher's tokenization (dataset.teacher_tokenizer)")
+        student, ce_sum, token_ce = student_terms(module, batch, labels, mask)
+        name, teacher = next(iter(module.teacher_logits(teacher_side(batch)).items()))
+        stats: dict[str, float] = {}
+        params = dict(module.loss_params)
+        if "out_stats" in loss_keywords(module.loss_fn):
+            params["out_stats"] = stats
+        assert module.loss_fn is not None
+        kd = module.loss_fn(student, teacher[:, :-1], mask, targets=cross_token_targets(batch, self.vocab_map),
+                            temperature=module.kd_temperature, **params)
+        for key in ("exact_fraction", "fallback_fraction"):
+            if key in stats:
+                module.log(f"train/span_{key}", float(stats[key]))
+        return StepTerms(ce_sum, token_ce, kd, None, module.teacher_weights.to(kd.device), [name])
+
+
+KDPath = Any  # CEOnly | DenseKD | ChunkedKD | SparseKD | CrossTokenizerKD: (module, batch, labels, mask) -> StepTerms | None
 
 
 def choose_path(*, has_teachers: bool, sparse: bool, chunk_size: int | None, causal_lm: bool, combine: str,
-                nonfinite: str) -> KDPath:
+                nonfinite: str, teacher_tokenization: str = "shared", vocab_map: VocabMap | None = None) -> KDPath:
     """The one place that decides how a step gets its KD term."""
     if not has_teachers:
         return CEOnly()
+    if teacher_tokenization == "own":
+        return CrossTokenizerKD(vocab_map)
     if sparse:
         return SparseKD()
     if chunk_size and causal_lm:

@@ -25,7 +25,8 @@ from typing_extensions import override
 
 from kd_lightning.data.step_tokens import STEP_TOKENS_KEY, token_share
 from kd_lightning.interface import TeacherWeightFn
-from kd_lightning.kd_paths import StepTerms, choose_path
+from kd_lightning.kd_paths import StepTerms, choose_path, loss_keywords, teacher_side
+from kd_lightning.losses.align import VocabMap
 from kd_lightning.sharding import ShardedDataParallel, reshard_frozen, shard_distillation
 from kd_lightning.tasks import task_of_model
 
@@ -58,6 +59,12 @@ class DistillationModule(LightningModule):
         nonfinite_teacher: what to do when a teacher's logits hold NaN or +inf at a counted position
             ("error": stop naming the step; "skip": warn and skip the optimizer step). -inf logits
             (tokens the teacher rules out) are legitimate and handled by the losses.
+        teacher_tokenization: "shared" (the teacher reads the student's `input_ids`) or "own": the
+            batches are dual (`kd_lightning.data.dual`) and the teacher reads `teacher_input_ids`
+            in training, validation and evaluation; needs one teacher and a cross-vocabulary loss
+            (one taking `targets`: `uld`, `span_kl`).
+        vocab_map: the tokenizer pair's shared vocabulary (`losses.align.shared_vocab_map`), used
+            by `span_kl` with `teacher_tokenization="own"`.
     """
 
     def __init__(
@@ -76,8 +83,13 @@ class DistillationModule(LightningModule):
         chunk_size: int | None = None,
         save_teachers: bool = False,
         nonfinite_teacher: str = "error",
+        teacher_tokenization: str = "shared",
+        vocab_map: VocabMap | None = None,
     ) -> None:
         super().__init__()
+        if teacher_tokenization not in ("shared", "own"):
+            raise ValueError(f"teacher_tokenization must be 'shared' or 'own', got {teacher_tokenization!r}")
+        self.teacher_tokenization = teacher_tokenization
         if nonfinite_teacher not in ("error", "skip"):
             raise ValueError(f"nonfinite_teacher must be 'error' or 'skip', got {nonfinite_teacher!r}")
         self.nonfinite_teacher = nonfinite_teacher
@@ -112,9 +124,12 @@ class DistillationModule(LightningModule):
         self.adapter = task_of_model(student)
         self.task = self.adapter.name
         # How a step gets its KD term: decided once, here.
+        if self.teachers and teacher_tokenization == "own":
+            own_tokens_check(loss_fn, len(self.teachers), self.sparse_teacher_name, chunk_size)
         self.kd_path = choose_path(has_teachers=bool(self.teachers), sparse=self.sparse_teacher_name is not None,
                                    chunk_size=chunk_size, causal_lm=self.task == "causal_lm",
-                                   combine=teacher_combine, nonfinite=nonfinite_teacher)
+                                   combine=teacher_combine, nonfinite=nonfinite_teacher,
+                                   teacher_tokenization=teacher_tokenization, vocab_map=vocab_map)
         # Teacher parameters a callback trains (SAR's routers): kept in checkpoints, see
         # `train_teacher_parameters`.
         self.trainable_teacher_keys: set[str] = set()
@@ -128,7 +143,8 @@ class DistillationModule(LightningModule):
         self.last_step: dict[str, Tensor] = {}
         self.save_hyperparameters(
             {"kd_weight": kd_weight, "ce_weight": ce_weight, "kd_temperature": kd_temperature,
-             "teacher_names": list(self.teachers), "teacher_combine": teacher_combine, "chunk_size": chunk_size}
+             "teacher_names": list(self.teachers), "teacher_combine": teacher_combine, "chunk_size": chunk_size,
+             "teacher_tokenization": teacher_tokenization}
         )
         self.val_loss = MeanMetric()
         self.val_agreement = MeanMetric()
@@ -231,7 +247,15 @@ class DistillationModule(LightningModule):
         if count == 0:
             return
         self.val_loss.update(F.cross_entropy(student[mask].float(), labels[mask]), weight=count)
-        if self.teachers and self.sparse_teacher is None:  # cached targets cover the training split only
+        if self.teachers and self.teacher_tokenization == "own":
+            # The teacher reads its own tokens; its loss is per teacher token, no top-1 agreement.
+            own = teacher_side(batch)
+            teacher, teacher_labels = self.align(next(iter(self.teacher_logits(own).values())), own["labels"])
+            teacher_mask = self.adapter.mask(teacher_labels)
+            if teacher_mask.any():
+                self.val_teacher_loss.update(F.cross_entropy(teacher[teacher_mask].float(), teacher_labels[teacher_mask]),
+                                             weight=teacher_mask.sum())
+        elif self.teachers and self.sparse_teacher is None:  # cached targets cover the training split only
             teacher, _ = self.align(next(iter(self.teacher_logits(batch).values())), batch["labels"])
             agree = (student[mask].argmax(-1) == teacher[mask].argmax(-1)).float().mean()
             self.val_agreement.update(agree, weight=count)
@@ -247,6 +271,7 @@ class DistillationModule(LightningModule):
         self.val_loss.reset()
         if self.teachers and self.val_agreement.update_count:
             self.log("val/teacher_agreement", self.val_agreement.compute())
+        if self.teachers and self.val_teacher_loss.update_count:
             self.log("val/teacher_loss", self.val_teacher_loss.compute())
         self.val_agreement.reset()
         self.val_teacher_loss.reset()
@@ -301,3 +326,16 @@ class DistillationModule(LightningModule):
         for key, value in self.state_dict().items():
             if key.startswith("teachers.") and key not in state:
                 state[key] = value
+
+
+def own_tokens_check(loss_fn: LossFn | None, num_teachers: int, sparse_teacher: str | None, chunk_size: int | None) -> None:
+    """`teacher_tokenization="own"` needs one teacher model, a loss that compares two tokenizations
+    and the unchunked path; fail at construction naming what to change."""
+    if num_teachers != 1 or sparse_teacher is not None:
+        raise ValueError("a teacher with its own tokenization must be the only teacher, and a model (not teacher=cached)")
+    if loss_fn is None or "targets" not in loss_keywords(loss_fn):
+        raise ValueError("the teacher reads its own tokenization (dual batches): use a cross-tokenizer loss, "
+                         "loss=uld or loss=span_kl")
+    if chunk_size:
+        raise ValueError(f"loss.chunk_size={chunk_size}: the chunked path cannot align two tokenizations; "
+                         "set loss.chunk_size=null")

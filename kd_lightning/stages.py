@@ -160,7 +160,9 @@ def partial_resume(cfg: DictConfig, partial_ckpt: Path, kind: str) -> Path | Non
 def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) -> nn.Module:
     """A teacher from its config: used as is when `pretrain` is null (e.g. `from_pretrained`),
     otherwise pre-trained by kd-lightning on the data and cached. A teacher config's `augment` node
-    (e.g. MoE knowledge augmentation) wraps the built teacher."""
+    (e.g. MoE knowledge augmentation) wraps the built teacher. With dual data the teacher is built
+    for, and pre-trained on, its own tokenization (`teacher_data()`)."""
+    datamodule = datamodule.teacher_data() if hasattr(datamodule, "teacher_data") else datamodule
     if teacher_cfg.get("cached"):  # teacher=cached: stored sparse targets, no model
         return load_cached_teacher(cfg, teacher_cfg, datamodule)
     pretrain = teacher_cfg.get("pretrain")

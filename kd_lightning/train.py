@@ -20,6 +20,7 @@ from kd_lightning.atomic import atomic_directory, atomic_write_text
 from kd_lightning.callbacks.interrupt import CheckpointOnSigterm
 from kd_lightning.callbacks.timing import FitTimer
 from kd_lightning.config import method_callbacks, teacher_configs
+from kd_lightning.cross_tokenizer import byte_lengths_of, refuse_foreign_tokens, teacher_batches, teacher_tokenization_args
 from kd_lightning.evaluate import evaluate, print_summary, with_progress
 from kd_lightning.model_cache import cache_root
 from kd_lightning.signals import exit_on_sigterm
@@ -34,21 +35,36 @@ from kd_lightning.teachers.teacher_outputs import RunContext, TeacherOutputOptio
 log = logging.getLogger("kd_lightning")
 
 
+CROSS_TOKENIZER_OPTIONS = ("distilling across tokenizers needs the teacher's own tokenizer (teacher.tokenizer=<path>; "
+                           "the data then carries both tokenizations) and a cross-tokenizer loss (loss=uld or "
+                           "loss=span_kl); see docs/cross_tokenizer.md")
+
+
 def check_vocabularies(student: torch.nn.Module, teachers: dict[str, torch.nn.Module], *, cross_vocab: bool,
-                       tokenizer_size: int | None) -> None:
-    """The student covers the tokenizer, and every teacher has the student's vocabulary unless the
-    loss compares distributions across vocabularies."""
+                       tokenizer_size: int | None, teacher_tokenizer_size: int | None = None) -> None:
+    """The student covers the tokenizer; every teacher has the student's vocabulary, or, when the
+    data carries the teacher's own tokenization (`teacher_tokenizer_size`), covers that tokenizer
+    and the loss is cross-tokenizer. A teacher never reads another tokenizer's ids: different
+    vocabularies on single-tokenized data are refused even for a cross-vocabulary loss."""
     student_size = output_size(student)
     if tokenizer_size is not None and student_size < tokenizer_size:
         raise ValueError(f"student has {student_size} output logits but the tokenizer has {tokenizer_size} tokens")
-    if cross_vocab:
-        return
     for name, teacher in teachers.items():
         if getattr(teacher, "sparse_targets", False):  # its manifest was checked against the tokenizer
             continue
-        if output_size(teacher) != student_size:
-            raise ValueError(f"teacher '{name}' has vocabulary size {output_size(teacher)} but the student has "
-                             f"{student_size}; distilling across vocabularies needs a cross-vocabulary loss (loss=uld)")
+        teacher_size = output_size(teacher)
+        if teacher_tokenizer_size is not None:
+            if not cross_vocab:
+                raise ValueError(f"teacher '{name}' reads its own tokenization (dual data) but the loss compares one "
+                                 "vocabulary; use loss=uld or loss=span_kl")
+            if teacher_size < teacher_tokenizer_size:
+                raise ValueError(f"teacher '{name}' has {teacher_size} output logits but its tokenizer has "
+                                 f"{teacher_tokenizer_size} tokens")
+        elif teacher_size != student_size:
+            why = ("the data holds one tokenization, so the teacher would read the student's ids" if cross_vocab
+                   else "a same-tokenizer loss compares the two distributions token for token")
+            raise ValueError(f"teacher '{name}' has vocabulary size {teacher_size} but the student has {student_size}; "
+                             f"{why}. {CROSS_TOKENIZER_OPTIONS}")
 
 
 def teacher_output_options(cfg: DictConfig) -> TeacherOutputOptions:
@@ -69,11 +85,13 @@ def teacher_model_configs(cfg: DictConfig) -> dict[str, Any]:
             for t in teacher_configs(cfg)}
 
 
-def build_module(cfg: DictConfig, student: torch.nn.Module, teachers: dict[str, torch.nn.Module]) -> DistillationModule:
+def build_module(cfg: DictConfig, student: torch.nn.Module, teachers: dict[str, torch.nn.Module],
+                 **data_args: Any) -> DistillationModule:
     """The LightningModule from its config node (`module:` in conf/train.yaml, a `_target_`), with
-    the built student and teachers passed in."""
+    the built student and teachers passed in, plus what the data decides (`data_args`: the teacher's
+    tokenization and the shared vocabulary of a cross-tokenizer run)."""
     factory = hydra.utils.instantiate(cfg.module, _partial_=True, _convert_="all")
-    return factory(student=student, teachers=teachers)
+    return factory(student=student, teachers=teachers, **data_args)
 
 
 def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
@@ -82,19 +100,23 @@ def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] 
     returns the summary (empty on non-zero DDP ranks)."""
     output_dir = Path(cfg.paths.output_dir)
     teacher_cfgs = teacher_configs(cfg)
+    refuse_foreign_tokens({str(t.name): t.get("tokenizer") for t in teacher_cfgs}, datamodule)
     teachers = {str(t.name): obtain_teacher(cfg, t, datamodule) for t in teacher_cfgs}
     # The student's run starts from the same RNG state whether its teachers were trained just now
     # (which draws random numbers) or loaded from the cache.
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     student = build_model(cfg.student.model, datamodule, int(cfg.seed))
     check_model_positions("student.model", student, cfg)
+    dual = getattr(datamodule, "teacher_tokenizer", None)
     check_vocabularies(student, teachers, cross_vocab=bool(cfg.loss.get("cross_vocab", False)),
-                       tokenizer_size=len(datamodule.tokenizer) if datamodule.task == "causal_lm" else None)
+                       tokenizer_size=len(datamodule.tokenizer) if datamodule.task == "causal_lm" else None,
+                       teacher_tokenizer_size=len(dual) if dual is not None else None)
     extra_callbacks = method_callbacks(cfg)
     # teacher_outputs.reuse: frozen teachers read their outputs from a store shared by the runs of a sweep
     teachers = memoize_teachers(teacher_output_options(cfg), teachers, teacher_model_configs(cfg),
                                 teacher_output_context(cfg, datamodule.task), extra_callbacks)
-    module = build_module(cfg, student, teachers)
+    data_args = teacher_tokenization_args(datamodule, cfg.paths.cache_dir, teacher_output_options(cfg).reuse)
+    module = build_module(cfg, student, teachers, **data_args)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     timer, stores = FitTimer(), TeacherOutputsFlush(teachers)
     on_sigterm = CheckpointOnSigterm()
@@ -150,16 +172,19 @@ def summarize(datamodule: Any, teachers: dict[str, torch.nn.Module], student: to
     # A cached teacher is a table of training-split targets: nothing to evaluate on the test split.
     cached = [n for n, t in teachers.items() if getattr(t, "sparse_targets", False)]
     teachers = {n: t for n, t in teachers.items() if n not in cached}
-    first_teacher = next(iter(teachers.values()), None)
+    # A teacher with its own tokenization reads its side of the dual batches; no top-1 agreement then.
+    own = teacher_batches(datamodule, batches)
+    first_teacher = next(iter(teachers.values()), None) if own is None else None
+    student_bytes, teacher_bytes = byte_lengths_of(datamodule)
     rows: dict[str, dict[str, float]] = {}
     for name, teacher in teachers.items():
-        rows[f"teacher:{name}"] = evaluate(teacher, with_progress(batches, f"held-out: teacher:{name}", progress), task,
-                                           device=device)
+        rows[f"teacher:{name}"] = evaluate(teacher, with_progress(batches if own is None else own, f"held-out: teacher:{name}", progress),
+                                           task, device=device, byte_lengths=teacher_bytes)
     rows["student (KD)"] = evaluate(student, with_progress(batches, "held-out: student (KD)", progress), task,
-                                    reference=first_teacher, device=device)
+                                    reference=first_teacher, device=device, byte_lengths=student_bytes)
     if baseline is not None:
         rows["student (CE only)"] = evaluate(baseline, with_progress(batches, "held-out: student (CE only)", progress),
-                                             task, reference=first_teacher, device=device)
+                                             task, reference=first_teacher, device=device, byte_lengths=student_bytes)
     for name, model in [*((f"teacher:{n}", t) for n, t in teachers.items()), ("student (KD)", student),
                         ("student (CE only)", baseline)]:
         if model is not None:

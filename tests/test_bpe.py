@@ -80,7 +80,7 @@ def test_rejects_a_vocabulary_smaller_than_the_bytes():
 
 @pytest.mark.slow
 def test_stdlib_bpe_is_trained_on_the_training_split_and_cached(tmp_path):
-    from kd_lightning.data.bpe import stdlib_bpe_tokenizer
+    from kd_lightning.data.stdlib import stdlib_bpe_tokenizer
 
     tokenizer = stdlib_bpe_tokenizer(tmp_path, 4096)
     assert len(tokenizer) == 4096

@@ -5,7 +5,9 @@ Contract with the training module (kd_lightning/module.py relies on it):
   for LM ``vocab_size``, ``tokenizer``, ``seq_len``; for classification ``num_features``,
   ``num_classes`` and ``tokenizer = None``;
 - ``setup()`` loads and splits once (idempotent, seeded by ``seed``);
-- ``fingerprint()`` is a short hash of the data identity, used as a teacher-cache key.
+- ``fingerprint()`` is a short hash of the data identity, used as a teacher-cache key;
+- for LM, ``dual`` / ``teacher_tokenizer`` / ``teacher_data()``: whether batches also carry the
+  teacher's own tokenization (``kd_lightning.data.dual``), and the same data in that tokenization.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -21,8 +23,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
+from kd_lightning.data.dual import DualCollator
 from kd_lightning.data.resumable import RankShareSampler, ResumableDataLoader
-from kd_lightning.data.tokenizer import eos_id, load_tokenizer, pad_id, tokenizer_identity
+from kd_lightning.data.tokenizer import eos_id, load_tokenizer, pad_id, teacher_side_tokenizer, tokenizer_identity
 from kd_lightning.tasks import task_named
 
 SPLITS = ("train", "val", "test")
@@ -112,6 +115,7 @@ class BaseDataModule(L.LightningDataModule):
     """Seeded splits held in ``self.datasets``; subclasses implement ``_load`` and ``_identity``."""
 
     task: str
+    collate_fn: Callable[[list[Any]], Any] | None = None  # None: torch's default (stack equal shapes)
 
     def __init__(
         self, batch_size: int, eval_batch_size: int | None, num_workers: int, seed: int
@@ -161,6 +165,7 @@ class BaseDataModule(L.LightningDataModule):
             generator=generator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
         )
 
     @override
@@ -178,7 +183,8 @@ class BaseDataModule(L.LightningDataModule):
                                    count=lambda batch: int(task.mask(task.labels(batch)).sum()),
                                    accumulate=lambda: int(trainer.accumulate_grad_batches),
                                    num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                   collate_fn=self.collate_fn)
 
     @override
     def val_dataloader(self) -> DataLoader:
@@ -192,31 +198,61 @@ class BaseDataModule(L.LightningDataModule):
         # each rank scores its own part of the held-out split (kd_lightning.evaluate reduces the sums)
         dataset = self._dataset("test")
         return DataLoader(dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers,
-                          sampler=RankShareSampler(dataset, trainer.world_size, trainer.global_rank))
+                          sampler=RankShareSampler(dataset, trainer.world_size, trainer.global_rank),
+                          collate_fn=self.collate_fn)
 
 
 class LMDataModule(BaseDataModule):
-    """A causal-LM data module: a tokenizer, windows of ``seq_len`` tokens, ``vocab_size``."""
+    """A causal-LM data module: a tokenizer, windows of ``seq_len`` tokens, ``vocab_size``.
+
+    With a ``teacher_tokenizer`` that tokenizes differently from ``tokenizer`` the module is *dual*
+    (``self.teacher_tokenizer`` set): every sample carries both tokenizations of the same text
+    (``kd_lightning.data.dual``) and ``teacher_data()`` is the same data in the teacher's tokens.
+    """
 
     task = "causal_lm"
 
     def __init__(
         self,
-        tokenizer: str | None,
+        tokenizer: Any,
         seq_len: int,
         batch_size: int,
         eval_batch_size: int | None,
         num_workers: int,
         seed: int,
+        teacher_tokenizer: Any = None,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers, seed)
         check_positive("seq_len", seq_len)
         self.seq_len = seq_len
-        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokenizer = load_tokenizer(tokenizer) if tokenizer is None or isinstance(tokenizer, str) else tokenizer
+        self.teacher_tokenizer = teacher_side_tokenizer(teacher_tokenizer, self.tokenizer)
+        if self.teacher_tokenizer is not None:
+            self.collate_fn = DualCollator.for_tokenizers(self.tokenizer, self.teacher_tokenizer)
+        self._teacher_data: LMDataModule | None = None
         # len() counts added special tokens; tokenizer.vocab_size does not (256 for bytes).
         self.vocab_size = len(self.tokenizer)
         self.eos_token_id = eos_id(self.tokenizer)
         self.pad_token_id = pad_id(self.tokenizer)
 
     def _token_identity(self) -> dict[str, Any]:
-        return {"tokenizer": tokenizer_identity(self.tokenizer), "seq_len": self.seq_len, "seed": self.seed}
+        identity = {"tokenizer": tokenizer_identity(self.tokenizer), "seq_len": self.seq_len, "seed": self.seed}
+        if self.teacher_tokenizer is not None:
+            identity["teacher_tokenizer"] = tokenizer_identity(self.teacher_tokenizer)
+        return identity
+
+    @property
+    def dual(self) -> bool:
+        """Whether batches carry the teacher's own tokenization (``teacher_input_ids`` ...)."""
+        return self.teacher_tokenizer is not None
+
+    def teacher_data(self) -> LMDataModule:
+        """The same corpus, split and windows settings in the teacher's tokenization (single), for
+        pre-training a teacher kd-lightning trains itself; ``self`` when the module is not dual."""
+        if self.teacher_tokenizer is None:
+            return self
+        if self._teacher_data is None:
+            # The teacher's tokenizer as configured (a path, "byte", "bpe:<size>"), from the saved arguments.
+            args = {**self.hparams, "tokenizer": self.hparams["teacher_tokenizer"], "teacher_tokenizer": None}
+            self._teacher_data = type(self)(**args)
+        return self._teacher_data

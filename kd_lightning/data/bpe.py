@@ -111,22 +111,3 @@ def read_texts(paths: Iterable[str]) -> Iterable[str]:
         with open(path, "rb") as handle:
             yield handle.read().decode("utf-8", errors="replace")
 
-
-def stdlib_bpe_tokenizer(
-    cache_dir: str | os.PathLike[str], vocab_size: int, *, seed: int = 0, val_fraction: float = 0.05,
-    test_fraction: float = 0.05,
-) -> PreTrainedTokenizerFast:
-    """A cached BPE trained on the embedded corpus's **training** files only (the split of
-    ``StdlibDataModule`` with the same ``seed`` and fractions), so validation text never shapes it.
-
-    Measured on this corpus (657 training files, 10.9 M characters, one CPU thread): 4k trains in
-    about 3 s, 32k in 8-13 s; with ``min_frequency=2`` the split supports at most about 40.7k
-    entries, and of a 32k vocabulary only about 11.6k tokens occur 10 times or more in it
-    (see docs/cross_tokenizer.md).
-    """
-    from kd_lightning.data.base import hash_files
-    from kd_lightning.data.stdlib import StdlibDataModule
-
-    module = StdlibDataModule(val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    files = module._split_files()["train"]
-    return cached_bpe_tokenizer(cache_dir, f"stdlib-train:{hash_files(files)}", lambda: read_texts(files), vocab_size)

@@ -18,7 +18,7 @@ window's own text (the first token of a window starts at 0 or near it).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -139,14 +139,26 @@ def dual_samples(
 
 
 class DualTextDataset(Dataset):
-    """Windows of ``texts`` (optionally ``(prompt, response)`` pairs) in both tokenizations."""
+    """Windows of ``texts`` (optionally ``(prompt, response)`` pairs) in both tokenizations.
 
-    def __init__(self, texts: Sequence[str | tuple[str, str]], student_tokenizer: Any, teacher_tokenizer: Any,
-                 seq_len: int) -> None:
+    ``max_tokens`` caps the stream: texts are read in order and windows kept until they hold that many
+    tokens of the longer tokenization (so a byte/BPE pair covers the same text as a byte-level run with the
+    same cap); ``texts`` may be a lazy iterable, read only that far.
+    """
+
+    def __init__(self, texts: Iterable[str | tuple[str, str]], student_tokenizer: Any, teacher_tokenizer: Any,
+                 seq_len: int, max_tokens: int | None = None) -> None:
         self.samples: list[dict[str, torch.Tensor]] = []
+        total = 0
         for item in texts:
+            if max_tokens is not None and total >= max_tokens:
+                break
             text, prompt_chars = (item[0] + item[1], len(item[0])) if isinstance(item, tuple) else (item, 0)
-            self.samples += dual_samples(text, student_tokenizer, teacher_tokenizer, seq_len, prompt_chars)
+            for sample in dual_samples(text, student_tokenizer, teacher_tokenizer, seq_len, prompt_chars):
+                if max_tokens is not None and total >= max_tokens:
+                    break
+                self.samples.append(sample)
+                total += max(len(sample["input_ids"]), len(sample["teacher_input_ids"]))
 
     def __len__(self) -> int:
         return len(self.samples)

@@ -14,8 +14,10 @@ from typing import Any
 
 from kd_lightning.checks import check_training_text, learnable_token_counts
 from kd_lightning.data.base import LMDataModule, check_fractions, check_positive, hash_files, split_indices
+from kd_lightning.data.bpe import cached_bpe_tokenizer, read_texts
+from kd_lightning.data.dual import DualTextDataset
 from kd_lightning.data.packing import pack_documents
-from kd_lightning.data.tokenizer import encode_bytes
+from kd_lightning.data.tokenizer import encode_bytes, encode_texts, is_byte_tokenizer
 
 # Test suites are huge, repetitive and full of generated data; third-party code is not "stdlib".
 EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "__pycache__", "site-packages", "lib-dynload"})
@@ -37,14 +39,37 @@ def corpus_files(root: str, suffixes: tuple[str, ...]) -> list[str]:
     return sorted(found)
 
 
+def stdlib_tokenizer(spec: Any, key: str, cache_dir: str, root: str | None, seed: int, val_fraction: float,
+                     test_fraction: float) -> Any:
+    """The embedded data's tokenizer: ``None``/``"byte"`` bytes, ``"bpe:<size>"`` a byte-level BPE of
+    that size trained once on this corpus's training files (same seed and fractions) and cached
+    under ``<cache_dir>/tokenizers``; anything else (a name/path) is returned as is, for
+    ``LMDataModule`` to load."""
+    if isinstance(spec, str) and spec.startswith("bpe:"):
+        from kd_lightning.model_cache import cache_root
+
+        size = spec.removeprefix("bpe:")
+        if not size.isdigit():
+            raise ValueError(f"{key}={spec!r}: expected bpe:<vocabulary size>, e.g. bpe:4096")
+        return stdlib_bpe_tokenizer(cache_root(cache_dir) / "tokenizers", int(size), seed=seed, root=root,
+                                    val_fraction=val_fraction, test_fraction=test_fraction)
+    return spec
+
+
 class StdlibDataModule(LMDataModule):
-    """Byte-level causal-LM windows over the Python standard library source (vocab 259).
+    """Causal-LM windows over the Python standard library source, bytes by default (vocab 259).
 
     Args:
         root: another directory of ``.py``/``.txt`` files to use instead of the standard library.
-        seq_len: tokens per window.
+        tokenizer: ``None``/``"byte"``, ``"bpe:<size>"`` (a BPE trained on this corpus's training
+            files and cached, see :func:`stdlib_tokenizer`) or a tokenizer name/path.
+        teacher_tokenizer: the teacher's tokenizer, same forms; when it differs from ``tokenizer``
+            every sample carries both tokenizations (``kd_lightning.data.dual``).
+        cache_dir: where ``bpe:<size>`` tokenizers are cached (``paths.cache_dir``).
+        seq_len: tokens per window (dual: on each side).
         val_fraction, test_fraction: share of files held out for validation / test.
-        max_train_tokens: cap on the training stream (whole files in shuffled order, then cut).
+        max_train_tokens: cap on the training stream (whole files in shuffled order, then cut; dual:
+            tokens of the longer tokenization, so the same text as a byte-level run).
         max_eval_tokens: cap on each of the validation and test streams.
         batch_size, eval_batch_size, num_workers, seed: see ``BaseDataModule``.
     """
@@ -52,6 +77,9 @@ class StdlibDataModule(LMDataModule):
     def __init__(
         self,
         root: str | None = None,
+        tokenizer: Any = None,
+        teacher_tokenizer: Any = None,
+        cache_dir: str = "~/.cache/kd_lightning",
         seq_len: int = 128,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
@@ -62,9 +90,12 @@ class StdlibDataModule(LMDataModule):
         num_workers: int = 0,
         seed: int = 0,
     ) -> None:
-        super().__init__(None, seq_len, batch_size, eval_batch_size, num_workers, seed)
-        self.save_hyperparameters()
         check_fractions(val_fraction, test_fraction)
+        tokenizers = [stdlib_tokenizer(spec, key, cache_dir, root, seed, val_fraction, test_fraction)
+                      for spec, key in ((tokenizer, "dataset.tokenizer"), (teacher_tokenizer, "dataset.teacher_tokenizer"))]
+        super().__init__(tokenizers[0], seq_len, batch_size, eval_batch_size, num_workers, seed,
+                         teacher_tokenizer=tokenizers[1])
+        self.save_hyperparameters()
         check_positive("max_train_tokens", max_train_tokens)
         check_positive("max_eval_tokens", max_eval_tokens)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -87,11 +118,16 @@ class StdlibDataModule(LMDataModule):
 
     def _load(self) -> dict[str, Any]:
         caps = {"train": self.max_train_tokens, "val": self.max_eval_tokens, "test": self.max_eval_tokens}
+        if self.teacher_tokenizer is not None:
+            return {split: DualTextDataset(read_texts(files), self.tokenizer, self.teacher_tokenizer, self.seq_len,
+                                           caps[split])
+                    for split, files in self._split_files().items()}
         splits = {}
         for split, files in self._split_files().items():
             counts: list[int] = []  # learnable tokens of each file read, filled while packing
             splits[split] = pack_documents(
-                _read_documents(files, counts), self.eos_token_id, self.pad_token_id, self.seq_len, caps[split]
+                _read_documents(files, counts, self.tokenizer), self.eos_token_id, self.pad_token_id, self.seq_len,
+                caps[split],
             )
             if split == "train":
                 check_training_text(f"dataset.root={self.root!r}", _capped(counts, caps[split]), split=split,
@@ -119,15 +155,38 @@ def _capped(counts: list[int], cap: int) -> list[int]:
     return kept
 
 
-def _read_documents(files: list[str], counts: list[int]) -> Iterator[Any]:
-    """Byte ids of each file, read lazily so that a capped split stops reading early; appends each
-    file's learnable token count (0 for whitespace only) to `counts`."""
+def _read_bytes(files: list[str]) -> Iterator[bytes]:
     for path in files:
         try:
             with open(path, "rb") as handle:
-                data = handle.read()
+                yield handle.read()
         except OSError as error:
             raise ValueError(f"dataset.root: cannot read {path!r} ({error.strerror or error})") from error
-        ids = encode_bytes(data)
-        counts.extend(learnable_token_counts([data.decode("utf-8", "replace")], [ids]))
+
+
+def _read_documents(files: list[str], counts: list[int], tokenizer: Any) -> Iterator[Any]:
+    """Token ids of each file (the raw bytes for the byte tokenizer), read lazily so that a capped
+    split stops reading early; appends each file's learnable token count (0 for whitespace only) to
+    `counts`."""
+    for data in _read_bytes(files):
+        text = data.decode("utf-8", "replace")
+        ids = encode_bytes(data) if is_byte_tokenizer(tokenizer) else encode_texts(tokenizer, [text])[0]
+        counts.extend(learnable_token_counts([text], [ids]))
         yield ids
+
+
+def stdlib_bpe_tokenizer(
+    cache_dir: str | os.PathLike[str], vocab_size: int, *, seed: int = 0, val_fraction: float = 0.05,
+    test_fraction: float = 0.05, root: str | None = None,
+) -> Any:
+    """A cached BPE trained on the embedded corpus's **training** files only (the split of
+    ``StdlibDataModule`` with the same ``seed`` and fractions), so validation text never shapes it.
+
+    Measured on this corpus (657 training files, 10.9 M characters, one CPU thread): 4k trains in
+    about 3 s, 32k in 8-13 s; with ``min_frequency=2`` the split supports at most about 40.7k
+    entries, and of a 32k vocabulary only about 11.6k tokens occur 10 times or more in it
+    (see docs/cross_tokenizer.md). ``root`` is ``StdlibDataModule``'s other corpus directory.
+    """
+    module = StdlibDataModule(root=root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    files = module._split_files()["train"]
+    return cached_bpe_tokenizer(cache_dir, f"stdlib-train:{hash_files(files)}", lambda: read_texts(files), vocab_size)

@@ -15,6 +15,7 @@ from typing import Any
 
 from kd_lightning.checks import check_training_text, learnable_token_counts
 from kd_lightning.data.base import SPLITS, LMDataModule, check_fractions, hash_files, split_indices
+from kd_lightning.data.dual import DualTextDataset
 from kd_lightning.data.packing import LMDataset, encode_pairs, pack_documents
 from kd_lightning.data.records import (
     Fields,
@@ -47,8 +48,9 @@ class TextLMDataModule(LMDataModule):
         eval_batch_size: int | None,
         num_workers: int,
         seed: int,
+        teacher_tokenizer: str | None = None,
     ) -> None:
-        super().__init__(tokenizer, seq_len, batch_size, eval_batch_size, num_workers, seed)
+        super().__init__(tokenizer, seq_len, batch_size, eval_batch_size, num_workers, seed, teacher_tokenizer)
         check_fractions(val_fraction, test_fraction)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.fields: Fields = (
@@ -61,7 +63,10 @@ class TextLMDataModule(LMDataModule):
         """The config key and value that name this data in messages (`dataset.paths=[...]`)."""
         raise NotImplementedError
 
-    def _encode(self, records: Sequence[Record], split: str = "train") -> LMDataset:
+    def _encode(self, records: Sequence[Record], split: str = "train") -> LMDataset | DualTextDataset:
+        if self.teacher_tokenizer is not None:
+            texts = [record[0] if len(self.fields) == 1 else (record[0], record[1]) for record in records]
+            return DualTextDataset(texts, self.tokenizer, self.teacher_tokenizer, self.seq_len)
         columns = [encode_texts(self.tokenizer, [record[i] for record in records]) for i in range(len(self.fields))]
         if split == "train":  # the learnable field: the text, or the response in prompt/response mode
             (field_key, field), texts = self.fields[-1], [record[-1] for record in records]
@@ -99,7 +104,9 @@ class TextFilesDataModule(TextLMDataModule):
         text_field: JSONL key of the text (plain-text mode).
         prompt_field, response_field: when ``prompt_field`` is set, JSONL keys of prompt/response.
         tokenizer: ``None``/``"byte"`` for bytes, else a name or path for ``AutoTokenizer``.
-        seq_len: tokens per sample.
+        teacher_tokenizer: the teacher's tokenizer (name or path; ``teacher.tokenizer`` by default):
+            when it tokenizes differently, every sample carries both tokenizations of its text.
+        seq_len: tokens per sample (with a teacher tokenizer: on each side).
         val_fraction, test_fraction: share of records carved out (at least one each when > 0).
         batch_size, eval_batch_size, num_workers, seed: see ``BaseDataModule``.
     """
@@ -113,6 +120,7 @@ class TextFilesDataModule(TextLMDataModule):
         prompt_field: str | None = None,
         response_field: str = "response",
         tokenizer: str | None = None,
+        teacher_tokenizer: str | None = None,
         seq_len: int = 128,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
@@ -123,7 +131,7 @@ class TextFilesDataModule(TextLMDataModule):
     ) -> None:
         super().__init__(
             text_field, prompt_field, response_field, tokenizer, seq_len,
-            val_fraction, test_fraction, batch_size, eval_batch_size, num_workers, seed,
+            val_fraction, test_fraction, batch_size, eval_batch_size, num_workers, seed, teacher_tokenizer,
         )  # fmt: skip
         self.save_hyperparameters()
         given = {"train": paths, "val": val_paths, "test": test_paths}
@@ -180,6 +188,7 @@ class HFDataModule(TextLMDataModule):
         prompt_field: str | None = None,
         response_field: str = "response",
         tokenizer: str | None = None,
+        teacher_tokenizer: str | None = None,
         seq_len: int = 128,
         val_fraction: float = 0.05,
         test_fraction: float = 0.05,
@@ -191,7 +200,7 @@ class HFDataModule(TextLMDataModule):
     ) -> None:
         super().__init__(
             text_field, prompt_field, response_field, tokenizer, seq_len,
-            val_fraction, test_fraction, batch_size, eval_batch_size, num_workers, seed,
+            val_fraction, test_fraction, batch_size, eval_batch_size, num_workers, seed, teacher_tokenizer,
         )  # fmt: skip
         self.save_hyperparameters()
         self.path = os.path.expanduser(str(path))

@@ -37,20 +37,42 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
     return ByT5Tokenizer(extra_ids=0)
 
 
-def load_tokenizer(name_or_path: str | None) -> PreTrainedTokenizerBase:
-    """The byte tokenizer for ``None``/``"byte"``, else ``AutoTokenizer.from_pretrained(name_or_path)``."""
+def load_tokenizer(name_or_path: str | None, key: str = "dataset.tokenizer") -> PreTrainedTokenizerBase:
+    """The byte tokenizer for ``None``/``"byte"``, else ``AutoTokenizer.from_pretrained(name_or_path)``;
+    errors name the config ``key``."""
     if name_or_path is None or name_or_path == "byte":
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
     looks_local = os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))
     if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise FileNotFoundError(f"dataset.tokenizer={name_or_path!r}: directory does not exist")
+        raise FileNotFoundError(f"{key}={name_or_path!r}: directory does not exist")
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ValueError(f"dataset.tokenizer={name_or_path!r}: cannot load tokenizer ({first_line})") from error
+        raise ValueError(f"{key}={name_or_path!r}: cannot load tokenizer ({first_line})") from error
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def teacher_side_tokenizer(spec: Any, student_tokenizer: Any) -> PreTrainedTokenizerBase | None:
+    """The teacher's tokenizer when it tokenizes differently from the student's, else None.
+
+    ``spec`` is ``dataset.teacher_tokenizer`` (by default ``teacher.tokenizer``, which for
+    ``teacher=hf`` is the ``pretrained`` directory): None, a tokenizer, or a name/path. A model
+    directory without tokenizer files means "not known" (None), as does a tokenizer equal to the
+    student's (one tokenization serves both).
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        path = os.path.expanduser(spec)
+        if os.path.isdir(path) and not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES):
+            return None
+        spec = load_tokenizer(spec, key="dataset.teacher_tokenizer")
+    return None if same_tokenization(student_tokenizer, spec) else spec
 
 
 def is_byte_tokenizer(tokenizer: Any) -> bool:
@@ -105,3 +127,16 @@ def tokenizer_identity(tokenizer: Any) -> str:
         "special": {key: str(value) for key, value in sorted(tokenizer.special_tokens_map.items())},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def same_tokenization(first: Any, second: Any) -> bool:
+    """True when both tokenizers map ordinary text to the same ids: the same base vocabulary, token
+    for token. Added tokens (chat or tool markers that one release of a family adds) do not count,
+    so e.g. two Qwen releases that split text identically share one tokenization; identical
+    vocabularies with different merge rules do not occur in practice."""
+
+    def base_vocabulary(tokenizer: Any) -> dict[str, int]:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        return backend.get_vocab(with_added_tokens=False) if backend is not None else tokenizer.get_vocab()
+
+    return first is second or base_vocabulary(first) == base_vocabulary(second)

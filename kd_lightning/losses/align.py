@@ -183,6 +183,25 @@ def token_bytes(tokenizer: Any) -> dict[int, bytes]:
     return found
 
 
+def token_byte_lengths(tokenizer: Any) -> Tensor:
+    """``[V]`` LongTensor: UTF-8 bytes of text each id stands for; EOS counts 1 (the document
+    separator), other special tokens 0.
+
+    Used for held-out loss in nats per byte (token NLL summed / bytes covered), comparable across
+    tokenizers; with the byte tokenizer every counted token is one byte, so nats/byte == nats/token.
+    Byte-level BPE tokens that hold part of a character carry their own bytes, so the lengths of a
+    text's tokens sum to its UTF-8 length.
+    """
+    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
+    for token_id, value in token_bytes(tokenizer).items():
+        if token_id < len(lengths):
+            lengths[token_id] = len(value)
+    for token_id, count in ((tokenizer.bos_token_id, 0), (tokenizer.eos_token_id, 1)):
+        if token_id is not None:
+            lengths[int(token_id)] = count
+    return lengths
+
+
 _VOCAB_MAPS: dict[tuple[str, str], VocabMap] = {}
 
 
