@@ -1,7 +1,7 @@
 """Teacher-store encodings at a realistic vocabulary: how compact, how close to online KD?
 
 The embedded corpus (Python's standard library) tokenized with a byte-level BPE of `--vocab` entries
-(`kd_lightning.data.bpe.stdlib_bpe_tokenizer`, trained on the training files only), a tiny Mixtral
+(`kd_lightning.data.stdlib.stdlib_bpe_tokenizer`, trained on the training files only), a tiny Mixtral
 MoE teacher pre-trained with CE (once, cached under --out), then for each seed a tiny Llama student
 distilled (0.5 CE + 0.5 forward KL, T = 1) from:
 
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
 
-    from kd_lightning.data.bpe import stdlib_bpe_tokenizer
+    from kd_lightning.data.stdlib import stdlib_bpe_tokenizer
     from kd_lightning.data.stdlib import StdlibDataModule
 
     tokenizer = stdlib_bpe_tokenizer(out / "tokenizers", vocab)

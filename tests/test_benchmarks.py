@@ -57,13 +57,13 @@ def test_ddp_quick_runs_one_and_two_processes(tmp_path: Path):
 
 @pytest.mark.slow
 def test_kd_step_quick_prints_every_arm_and_the_divergences():
-    out = bench("kd_step.py", "--quick", timeout=120)
+    out = bench("kd_step.py", "--quick", "--arms", "module,fast,chunked,reference,trl,floor", timeout=900)
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
-    for arm in ("fast", "chunked", "reference", "floor"):
+    for arm in ("module", "fast", "chunked", "reference", "floor"):
         step_ms = float(rows[arm].split("|")[2])
         assert step_ms > 0, rows[arm]
     # Every KD arm computes the same loss on the same batch (forward KL, T=1): compare the values.
-    kd_losses = {arm: float(rows[arm].split("|")[7]) for arm in ("fast", "chunked", "reference")}
+    kd_losses = {arm: float(rows[arm].split("|")[7]) for arm in ("module", "fast", "chunked", "reference")}
     assert max(kd_losses.values()) - min(kd_losses.values()) < 1e-4, kd_losses
     assert "trl" in rows or "trl not installed" in out
     assert "| taid |" in out and "two-line" in out
