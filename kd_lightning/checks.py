@@ -13,6 +13,7 @@ writes it (`distill.kd_weight`, not an internal argument), the bad value and wha
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -78,6 +79,12 @@ def validate_config(cfg: DictConfig) -> None:
     for key, value in _pretrained_keys(cfg):
         check_local_pretrained(key, value)
     if seq_len is not None:
+        # A local saved model's positions are known from its config.json before anything is loaded;
+        # a hub id is checked once its config is fetched (kd_lightning.stages).
+        for key, value in _pretrained_keys(cfg):
+            config_file = Path(os.path.expanduser(str(value))) / "config.json"
+            if _looks_local(str(value)) and config_file.is_file():
+                check_seq_len_fits(key.rsplit(".", 1)[0], seq_len, json.loads(config_file.read_text()))
         for model_key in ("student.model", *(f"{k}.model" for k in _teacher_keys(cfg))):
             model_config = _get(cfg, f"{model_key}.config")
             if isinstance(model_config, DictConfig):

@@ -89,6 +89,12 @@ def test_seq_len_beyond_a_pretrained_students_positions_is_refused(make_cfg, tmp
     student_dir = save_model(build_causal_lm(config, vocab_size=259, tokenizer=byte_tokenizer(), seed=0),
                              tmp_path / "short", byte_tokenizer())
     cfg = make_cfg("student=hf", f"student.model.pretrained={student_dir}", "baseline=false")  # seq_len 64
+    # Refused by the checks that run before any data is read or model built (a local model's
+    # config.json is read there), not after the teacher's pre-training.
+    from kd_lightning.checks import validate_config
+
+    with pytest.raises(ConfigError, match=r"dataset\.seq_len=64 exceeds student\.model\.max_position_embeddings=32"):
+        validate_config(cfg)
     with pytest.raises(ConfigError, match=r"dataset\.seq_len=64 exceeds student\.model\.max_position_embeddings=32"):
         run(cfg)
     assert not (Path(cfg.paths.output_dir) / "student").exists()
