@@ -225,16 +225,19 @@ class SparseKD:
     log-probabilities (`kd_lightning.teachers.encodings.decode_dense`) on the dense path. Sparse targets
     give no teacher CE statistics."""
 
-    def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> StepTerms:
+    def __init__(self, nonfinite: str) -> None:
+        self.decoded = DenseKD("mixture", nonfinite)  # other losses: the stored targets decoded to dense
+
+    def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> StepTerms | None:
         name, teacher = next(iter(module.teachers.items()))
         if not getattr(teacher, "sparse", True):  # another loss: the teacher returns the decoded log-probabilities
-            return DenseKD("mixture", "error")(module, batch, labels, mask)
-        student, _ = module.adapter.align(module.student_logits(batch), batch["labels"])
+            return self.decoded(module, batch, labels, mask)
+        student_rows = module.adapter.rows(module.student_logits(batch), mask)
         stored = teacher.targets(batch)  # aligned [B, L-1, k]
         targets = SparseTargets(stored.indices[mask], stored.probs[mask])
-        terms = fast_sparse_kd_terms(student[mask], targets, labels[mask],
+        terms = fast_sparse_kd_terms(student_rows, targets, labels[mask],
                                      temperature=module.kd_temperature, ce=wants_ce(module))
-        return fast_step_terms(terms, mask.sum(), module.teacher_weights.to(student.device), [name])._replace(
+        return fast_step_terms(terms, mask.sum(), module.teacher_weights.to(student_rows.device), [name])._replace(
             teacher_token_ce=None)  # stored targets are sparse: no teacher CE statistics
 
 
@@ -295,7 +298,7 @@ def choose_path(*, has_teachers: bool, sparse: bool, chunk_size: int | None, cau
     if teacher_tokenization == "own":
         return CrossTokenizerKD(vocab_map)
     if sparse:
-        return SparseKD()
+        return SparseKD(nonfinite)
     if chunk_size and causal_lm:
         return ChunkedKD(int(chunk_size))
     return DenseKD(combine, nonfinite)
