@@ -38,6 +38,7 @@ from kd_lightning.losses.common import all_finite
 from kd_lightning.losses.cross_vocab import cross_token_targets
 from kd_lightning.losses.fast import KDTerms, fast_chunked_kd_terms, fast_kd_terms, fast_sparse_kd_terms, supports_fast
 from kd_lightning.losses.sparse import SparseTargets
+from kd_lightning.sharding import is_fsdp, reshard_frozen
 
 if TYPE_CHECKING:
     from kd_lightning.module import DistillationModule
@@ -203,18 +204,22 @@ class ChunkedKD:
         with torch.no_grad():
             t_hidden, t_head = hidden_and_head(teacher, batch)
             t_rows = module.adapter.rows(t_hidden, mask)
+            t_weight, t_bias = t_head.weight, t_head.bias
+            if is_fsdp(teacher):  # a copy of the gathered head, so the teacher's root can be resharded
+                t_weight, t_bias = t_weight.detach().clone(), None if t_bias is None else t_bias.detach().clone()
+        reshard_frozen(teacher)
         assert module.loss_fn is not None
         if supports_fast(module.loss_fn):  # one head matmul per chunk and model: KD, CE and statistics together
-            terms = fast_chunked_kd_terms(bound_loss(module), rows, head.weight, head.bias, t_rows, t_head.weight, t_head.bias,
+            terms = fast_chunked_kd_terms(bound_loss(module), rows, head.weight, head.bias, t_rows, t_weight, t_bias,
                                           targets, temperature=module.kd_temperature, ce=wants_ce(module),
                                           chunk_size=self.chunk_size)
             return fast_step_terms(terms, mask.sum(), module.teacher_weights.to(rows.device), [name])
-        token_ce = chunked_token_ce(rows, head, targets, self.chunk_size)
+        token_ce = chunked_token_ce(rows, head.weight, head.bias, targets, self.chunk_size)
         with torch.no_grad():
-            teacher_token_ce = chunked_token_ce(t_rows, t_head, targets, self.chunk_size).unsqueeze(0)
-        kd = chunked_distill_loss(rows, head.weight, t_rows, t_head.weight, None, module.loss_fn,
+            teacher_token_ce = chunked_token_ce(t_rows, t_weight, t_bias, targets, self.chunk_size).unsqueeze(0)
+        kd = chunked_distill_loss(rows, head.weight, t_rows, t_weight, None, module.loss_fn,
                                   chunk_size=self.chunk_size, temperature=module.kd_temperature,
-                                  student_head_bias=head.bias, teacher_head_bias=t_head.bias, **module.loss_params)
+                                  student_head_bias=head.bias, teacher_head_bias=t_bias, **module.loss_params)
         ce_sum = token_ce.sum() if wants_ce(module) else None
         return StepTerms(ce_sum, token_ce.detach(), kd, teacher_token_ce, module.teacher_weights.to(kd.device), [name])
 

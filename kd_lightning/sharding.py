@@ -20,6 +20,13 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in module.parameters())
 
 
+def is_fsdp(module: nn.Module) -> bool:
+    """True when `module` itself was wrapped by FSDP2's `fully_shard` (its forward gathers its weights)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def full_tensor(tensor: Tensor | None) -> Tensor | None:
     """The whole tensor of a `DTensor` (a collective: every rank must call it), else the tensor."""
     from torch.distributed.tensor import DTensor
@@ -103,16 +110,13 @@ def refuse_under_sharding(trainer: Any, what: str) -> None:
 def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None) -> None:
     """Shard a `DistillationModule` in place: every frozen teacher and the student, per block.
 
-    Refuses what reads weights directly (the chunked loss reads `lm_head.weight`), trains part of a
-    teacher (SAR) or wraps a teacher (KA sampling, teacher-output reuse): their code assumes whole
-    tensors. A teacher of offline sparse targets holds no weights and stays as it is."""
+    The chunked loss reads the heads' weights after each model's root forward, when FSDP2 holds them
+    gathered (`kd_lightning.lean`). Refuses what trains part of a teacher (SAR) or wraps a teacher
+    (KA sampling, teacher-output reuse): their code assumes whole tensors. A teacher of offline sparse targets holds no weights and stays as it is."""
     from transformers import PreTrainedModel
 
     if is_sharded(module.student):
         return  # configure_model runs again for a later fit/validate on the same module
-    if type(module.kd_path).__name__ == "ChunkedKD":
-        raise NotImplementedError("loss.chunk_size (the chunked path reads lm_head.weight) is not supported with "
-                                  "strategy=fsdp yet; drop loss.chunk_size or use strategy=ddp")
     if module.trainable_teacher_keys:
         raise NotImplementedError("callbacks=sar trains teacher routers; not supported with strategy=fsdp")
     for name, teacher in module.teachers.items():

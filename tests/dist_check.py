@@ -2,7 +2,7 @@
 batches on 1 process (optionally with accumulation) or on N processes (DDP, FSDP).
 
 Run in-process with `run_steps(...)`, or as a script (Lightning re-launches it once per rank):
-    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE
+    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE [resume] [chunk=N]
 Rank 0 writes OUT/steps.pt: {"grads": [[tensor per student param] per step], "losses": [...],
 "step_tokens": [...], "params": [final student params]}.
 """
@@ -98,18 +98,18 @@ class SaveAtStep(L.Callback):
             trainer.save_checkpoint(self.path)
 
 
-def make_module() -> DistillationModule:
+def make_module(chunk_size: int | None = None) -> DistillationModule:
     from tests.helpers import tiny_lm
 
     return DistillationModule(tiny_lm(0), tiny_lm(1, hidden=48), forward_kl, kd_weight=0.5, ce_weight=0.5,
-                              optimizer=partial(torch.optim.SGD, lr=0.5))
+                              optimizer=partial(torch.optim.SGD, lr=0.5), chunk_size=chunk_size)
 
 
 def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, accumulate: int = 1,
               steps: int = STEPS, rows: dict[str, torch.Tensor] | None = None, resume_from: str | None = None,
-              save_to: str | None = None) -> dict[str, Any]:
+              save_to: str | None = None, chunk_size: int | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
-    module, record = make_module(), RecordSteps()
+    module, record = make_module(chunk_size), RecordSteps()
     callbacks: list[L.Callback] = [record] if save_to is None else [record, SaveAtStep(2, save_to)]
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
                         accumulate_grad_batches=accumulate, callbacks=callbacks, logger=False,
@@ -129,7 +129,9 @@ def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, acc
 if __name__ == "__main__":
     out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
     torch.set_num_threads(1)
-    resume = len(sys.argv) > 6 and sys.argv[6] == "resume"
+    extras = sys.argv[6:]  # "resume" and/or "chunk=N" (loss.chunk_size)
+    resume = "resume" in extras
+    chunk = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("chunk=")), None)
 
     def make_strategy() -> Any:
         from kd_lightning.sharding import ShardedDataParallel
@@ -138,10 +140,10 @@ if __name__ == "__main__":
 
     checkpoint = os.path.join(out, "step2.ckpt") if resume else None
     result = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate),
-                       steps=RESUME_STEPS if resume else STEPS, save_to=checkpoint)
+                       steps=RESUME_STEPS if resume else STEPS, save_to=checkpoint, chunk_size=chunk)
     if resume:  # the same run resumed from its checkpoint after 2 steps (mid-epoch)
         resumed = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate), steps=RESUME_STEPS,
-                            resume_from=checkpoint)
+                            resume_from=checkpoint, chunk_size=chunk)
         result["resumed_params"] = resumed["params"]
     if result["rank"] == 0:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -115,3 +115,18 @@ def test_rank_shares_make_up_the_single_process_order_and_resume_skips_per_rank(
     resumed.set_epoch(2)
     resumed.skip = 2
     assert list(resumed) == shares[1][2:] and list(resumed) == shares[1]  # the skip applies once
+
+
+@pytest.mark.slow
+def test_fsdp_chunked_loss_gives_the_single_process_gradients(tmp_path: Path) -> None:
+    """`loss.chunk_size` under FSDP2: the heads are read gathered after each root forward, the
+    student head's gradient is reduce-scattered with the root's, and the teacher is resharded."""
+    single = run_steps(batch_size=4, chunk_size=5)
+    plain = run_steps(batch_size=4)
+    fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2, extra=("chunk=5",))
+    assert fsdp["sharded"] and 0.45 < fsdp["teacher_fraction"] < 0.55
+    for step in range(3):
+        close(single["grads"][step], fsdp["grads"][step], 1e-5)
+        close(plain["grads"][step], single["grads"][step], 1e-5)  # chunking itself changes nothing
+        assert abs(single["losses"][step] - fsdp["losses"][step]) < 1e-5
+    close(list(single["params"].values()), list(fsdp["params"].values()), 1e-5)
