@@ -94,10 +94,11 @@ def shard_model(model: nn.Module, mesh: Any, mp_policy: Any = None) -> nn.Module
 
 def reshard_frozen(model: nn.Module) -> None:
     """After a frozen model's no-grad forward FSDP2 keeps its root parameters gathered (it expects
-    a backward); free them so a teacher holds ~1/N of its weights per process between steps."""
-    reshard = getattr(model, "reshard", None)
-    if callable(reshard):
-        reshard()
+    a backward); free them so a teacher holds ~1/N of its weights per process between steps. A
+    wrapper (KA routing, stored outputs) reshards the sharded model inside it."""
+    root = next((sub for sub in model.modules() if is_fsdp(sub)), None)
+    if root is not None:
+        root.reshard()  # type: ignore[operator]
 
 
 def refuse_under_sharding(trainer: Any, what: str) -> None:
@@ -111,8 +112,8 @@ def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None) -> None:
     """Shard a `DistillationModule` in place: every frozen teacher and the student, per block.
 
     The chunked loss reads the heads' weights after each model's root forward, when FSDP2 holds them
-    gathered (`kd_lightning.lean`). Refuses what trains part of a teacher (SAR) or wraps a teacher
-    (KA sampling, teacher-output reuse): their code assumes whole tensors. A teacher of offline sparse targets holds no weights and stays as it is."""
+    gathered (`kd_lightning.lean`). A wrapped teacher (KA routing, `teacher_outputs.reuse`) has the
+    model inside it sharded. Refuses training part of a teacher (SAR). A teacher of offline sparse targets holds no weights and stays as it is."""
     from transformers import PreTrainedModel
 
     if is_sharded(module.student):
@@ -122,9 +123,13 @@ def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None) -> None:
     for name, teacher in module.teachers.items():
         if getattr(teacher, "sparse_targets", False):
             continue
+        inner = teacher._modules.get("model")  # a wrapper's model: KA routing, stored outputs (teacher_outputs)
+        if not isinstance(teacher, PreTrainedModel) and isinstance(inner, PreTrainedModel):
+            shard_model(inner, mesh, mp_policy)  # the wrapper's hooks and store stay outside the sharded model
+            continue
         if not isinstance(teacher, PreTrainedModel) and module.task == "causal_lm":
-            raise NotImplementedError(f"teacher '{name}' is a {type(teacher).__name__} wrapper (KA sampling or "
-                                      "teacher_outputs.reuse); strategy=fsdp shards plain transformers teachers only")
+            raise NotImplementedError(f"teacher '{name}' is a {type(teacher).__name__}, not a transformers model nor a "
+                                      "wrapper of one (`.model`); strategy=fsdp cannot shard it")
         shard_model(teacher, mesh, mp_policy)
     shard_model(module.student, mesh, mp_policy)
 

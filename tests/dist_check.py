@@ -2,7 +2,7 @@
 batches on 1 process (optionally with accumulation) or on N processes (DDP, FSDP).
 
 Run in-process with `run_steps(...)`, or as a script (Lightning re-launches it once per rank):
-    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE [resume] [chunk=N]
+    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE [resume] [chunk=N] [teacher=KIND]
 Rank 0 writes OUT/steps.pt: {"grads": [[tensor per student param] per step], "losses": [...],
 "step_tokens": [...], "params": [final student params]}.
 """
@@ -98,18 +98,48 @@ class SaveAtStep(L.Callback):
             trainer.save_checkpoint(self.path)
 
 
-def make_module(chunk_size: int | None = None) -> DistillationModule:
+def make_teacher(kind: str = "dense") -> torch.nn.Module:
+    """"dense": a tiny Llama; "ka": a tiny Mixtral in `KnowledgeAugmentedMoE` (2 passes a step, sampling
+    probability 0, so every pass routes greedily and the numbers are deterministic); "reuse=DIR": the
+    dense teacher's outputs through a `teacher_outputs` store at DIR (float32)."""
     from tests.helpers import tiny_lm
 
-    return DistillationModule(tiny_lm(0), tiny_lm(1, hidden=48), forward_kl, kd_weight=0.5, ce_weight=0.5,
-                              optimizer=partial(torch.optim.SGD, lr=0.5), chunk_size=chunk_size)
+    if kind == "ka":
+        from tests.test_moe import tiny_moe
+        from kd_lightning.teachers.moe import KnowledgeAugmentedMoE
+
+        return KnowledgeAugmentedMoE(tiny_moe("mixtral", layers=2), num_samples=2, sampling_prob=0.0, seed=0)
+    teacher = tiny_lm(1, hidden=48)
+    if kind.startswith("reuse="):
+        from kd_lightning.teachers.teacher_outputs import MemoizedTeacher
+
+        return MemoizedTeacher(teacher, reuse_store(kind.split("=", 1)[1]))
+    return teacher
+
+
+def reuse_store(directory: str) -> Any:
+    from kd_lightning.teachers.encodings import Encoding
+    from kd_lightning.teachers.store import TeacherOutputStore, store_identity
+    from tests.helpers import V
+
+    identity = store_identity(weights="dist-check", model_config=None, precision="32-true", accelerator="cpu",
+                              vocab_size=V, encoding=Encoding("full", "float32"))
+    return TeacherOutputStore(directory, identity, flush_rows=4)
+
+
+def make_module(chunk_size: int | None = None, teacher: str = "dense") -> DistillationModule:
+    from tests.helpers import tiny_lm
+
+    return DistillationModule(tiny_lm(0), make_teacher(teacher), forward_kl, kd_weight=0.5, ce_weight=0.5,
+                              optimizer=partial(torch.optim.SGD, lr=0.5), chunk_size=chunk_size,
+                              teacher_combine="losses" if teacher == "ka" else "mixture")
 
 
 def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, accumulate: int = 1,
               steps: int = STEPS, rows: dict[str, torch.Tensor] | None = None, resume_from: str | None = None,
-              save_to: str | None = None, chunk_size: int | None = None) -> dict[str, Any]:
+              save_to: str | None = None, chunk_size: int | None = None, teacher: str = "dense") -> dict[str, Any]:
     torch.manual_seed(0)
-    module, record = make_module(chunk_size), RecordSteps()
+    module, record = make_module(chunk_size, teacher), RecordSteps()
     callbacks: list[L.Callback] = [record] if save_to is None else [record, SaveAtStep(2, save_to)]
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
                         accumulate_grad_batches=accumulate, callbacks=callbacks, logger=False,
@@ -119,6 +149,9 @@ def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, acc
     from kd_lightning.sharding import full_state_dict, is_sharded
 
     teacher = module.teachers["teacher"]
+    store = getattr(teacher, "store", None)
+    if store is not None:
+        store.flush()
     local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in teacher.parameters())
     teacher_fraction = local / sum(p.numel() for p in teacher.parameters())
     params = full_state_dict(module.student)
@@ -129,9 +162,10 @@ def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, acc
 if __name__ == "__main__":
     out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
     torch.set_num_threads(1)
-    extras = sys.argv[6:]  # "resume" and/or "chunk=N" (loss.chunk_size)
+    extras = sys.argv[6:]  # "resume", "chunk=N" (loss.chunk_size), "teacher=KIND" (see make_teacher)
     resume = "resume" in extras
     chunk = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("chunk=")), None)
+    kind = next((e.split("=", 1)[1] for e in extras if e.startswith("teacher=")), "dense")
 
     def make_strategy() -> Any:
         from kd_lightning.sharding import ShardedDataParallel
@@ -140,10 +174,11 @@ if __name__ == "__main__":
 
     checkpoint = os.path.join(out, "step2.ckpt") if resume else None
     result = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate),
-                       steps=RESUME_STEPS if resume else STEPS, save_to=checkpoint, chunk_size=chunk)
+                       steps=RESUME_STEPS if resume else STEPS, save_to=checkpoint, chunk_size=chunk,
+                       teacher=kind)
     if resume:  # the same run resumed from its checkpoint after 2 steps (mid-epoch)
         resumed = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate), steps=RESUME_STEPS,
-                            resume_from=checkpoint, chunk_size=chunk)
+                            resume_from=checkpoint, chunk_size=chunk, teacher=kind)
         result["resumed_params"] = resumed["params"]
     if result["rank"] == 0:
         Path(out).mkdir(parents=True, exist_ok=True)

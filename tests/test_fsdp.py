@@ -49,3 +49,34 @@ def test_fsdp_refuses_what_changes_or_wraps_teachers_and_bad_precision() -> None
         shard_distillation(wrapped, mesh=None)
     with pytest.raises(ValueError, match="mixed_precision"):
         ShardedDataParallel(mixed_precision="fp16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher", ["ka", "reuse"])
+def test_fsdp_shards_the_model_inside_a_teacher_wrapper(tmp_path: Path, teacher: str) -> None:
+    """KA routing (hooks on the routers, 2 passes a step) and `teacher_outputs.reuse` wrap the teacher;
+    under FSDP the model inside is sharded and the step equals the single process's. For the store,
+    rank 0's share of the epoch is stored beforehand, so every step rank 0 hits and rank 1 misses:
+    rank 0 must still join rank 1's collective forward (else both hang), and return what it read."""
+    from kd_lightning.data.base import DictDataset
+    from kd_lightning.data.resumable import EpochSeededSampler
+    from tests.dist_check import make_teacher, reuse_store, run_steps, varied_tokens
+    from tests.test_step_tokens import close, run_processes
+
+    kind = "ka" if teacher == "ka" else f"reuse={tmp_path / 'store'}"
+    if teacher == "reuse":
+        rows = varied_tokens()
+        sampler = EpochSeededSampler(DictDataset(**rows), seed=7, num_replicas=2, rank=0)
+        mine = list(sampler)  # rank 0's samples of epoch 0, in order
+        fill = make_teacher(kind)
+        fill(input_ids=rows["input_ids"][mine], attention_mask=rows["attention_mask"][mine])
+        fill.store.flush()
+        assert len(reuse_store(str(tmp_path / "store"))) == len(mine)
+    single = run_steps(batch_size=4, teacher="ka" if teacher == "ka" else "dense")
+    fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2, extra=(f"teacher={kind}",))
+    assert fsdp["sharded"] and 0.45 < fsdp["teacher_fraction"] < 0.55
+    for step in range(3):
+        close(single["grads"][step], fsdp["grads"][step], 1e-5)
+    close(list(single["params"].values()), list(fsdp["params"].values()), 1e-5)
+    if teacher == "reuse":  # rank 1 stored what it computed: its 6 training rows (validation is off)
+        assert len(reuse_store(str(tmp_path / "store"))) == len(mine) + 6

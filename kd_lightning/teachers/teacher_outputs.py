@@ -39,7 +39,9 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutput
 from typing_extensions import override
 
+from kd_lightning.distributed import all_reduce_sums, is_distributed
 from kd_lightning.models import output_size
+from kd_lightning.sharding import is_fsdp
 from kd_lightning.teachers.encodings import Encoding
 from kd_lightning.teachers.store import TeacherOutputStore, row_keys, store_directory, store_identity, weights_hash
 
@@ -64,16 +66,26 @@ class MemoizedTeacher(nn.Module):
     def get_output_embeddings(self) -> Any:
         return self.model.get_output_embeddings()
 
+    def anyone_missed(self, missed: bool) -> bool:
+        """Under FSDP (the model is sharded: its forward gathers weights from every rank) whether any
+        rank missed the store for this batch (a collective every rank calls once per batch); else
+        whether this rank did."""
+        if not (is_fsdp(self.model) and is_distributed()):
+            return missed
+        return all_reduce_sums([float(missed)])[0] > 0
+
     @torch.no_grad()
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
         keys = row_keys(input_ids, attention_mask)
         stored = None if kwargs else self.store.get(keys, input_ids.shape[1])
-        if stored is not None:
+        if not self.anyone_missed(stored is None):
             return CausalLMOutput(logits=stored.to(input_ids.device, non_blocking=True))
         if input_ids.is_cuda:
             torch.cuda.synchronize(input_ids.device)
         start = time.perf_counter()
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
+        if stored is not None:  # FSDP: this rank only joined the collective forward of ranks that missed
+            return CausalLMOutput(logits=stored.to(input_ids.device, non_blocking=True))
         if logits.is_cuda:
             torch.cuda.synchronize(logits.device)
         seconds = time.perf_counter() - start
