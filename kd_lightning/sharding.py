@@ -101,13 +101,6 @@ def reshard_frozen(model: nn.Module) -> None:
         root.reshard()  # type: ignore[operator]
 
 
-def refuse_under_sharding(trainer: Any, what: str) -> None:
-    """A clear error for a feature that reads or changes weights directly, under a sharding strategy."""
-    if isinstance(getattr(trainer, "strategy", None), ShardedDataParallel):
-        raise NotImplementedError(f"{what} is not supported with strategy=fsdp (sharded weights); "
-                                  "use strategy=ddp or cpu")
-
-
 def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None) -> None:
     """Shard a `DistillationModule` in place: every frozen teacher and the student, per block.
 

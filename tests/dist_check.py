@@ -2,7 +2,7 @@
 batches on 1 process (optionally with accumulation) or on N processes (DDP, FSDP).
 
 Run in-process with `run_steps(...)`, or as a script (Lightning re-launches it once per rank):
-    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE [resume] [chunk=N] [teacher=KIND]
+    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE [resume] [chunk=N] [teacher=KIND] [on_policy]
 Rank 0 writes OUT/steps.pt: {"grads": [[tensor per student param] per step], "losses": [...],
 "step_tokens": [...], "params": [final student params]}.
 """
@@ -137,10 +137,16 @@ def make_module(chunk_size: int | None = None, teacher: str = "dense") -> Distil
 
 def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, accumulate: int = 1,
               steps: int = STEPS, rows: dict[str, torch.Tensor] | None = None, resume_from: str | None = None,
-              save_to: str | None = None, chunk_size: int | None = None, teacher: str = "dense") -> dict[str, Any]:
+              save_to: str | None = None, chunk_size: int | None = None, teacher: str = "dense",
+              on_policy: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
     module, record = make_module(chunk_size, teacher), RecordSteps()
     callbacks: list[L.Callback] = [record] if save_to is None else [record, SaveAtStep(2, save_to)]
+    if on_policy:  # every step on student samples; many EOS ids, so rows (and ranks) finish at different times
+        from kd_lightning.callbacks.generation import OnPolicyGeneration
+
+        module.student.generation_config.eos_token_id = list(range(3, 13))
+        callbacks.append(OnPolicyGeneration(lambda_on_policy=1.0, max_new_tokens=6, prompt_length=4, seed=5))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
                         accumulate_grad_batches=accumulate, callbacks=callbacks, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -162,10 +168,11 @@ def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, acc
 if __name__ == "__main__":
     out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
     torch.set_num_threads(1)
-    extras = sys.argv[6:]  # "resume", "chunk=N" (loss.chunk_size), "teacher=KIND" (see make_teacher)
+    extras = sys.argv[6:]  # "resume", "chunk=N" (loss.chunk_size), "teacher=KIND" (see make_teacher), "on_policy"
     resume = "resume" in extras
     chunk = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("chunk=")), None)
     kind = next((e.split("=", 1)[1] for e in extras if e.startswith("teacher=")), "dense")
+    on_policy = "on_policy" in extras
 
     def make_strategy() -> Any:
         from kd_lightning.sharding import ShardedDataParallel
@@ -175,10 +182,11 @@ if __name__ == "__main__":
     checkpoint = os.path.join(out, "step2.ckpt") if resume else None
     result = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate),
                        steps=RESUME_STEPS if resume else STEPS, save_to=checkpoint, chunk_size=chunk,
-                       teacher=kind)
+                       teacher=kind, on_policy=on_policy)
     if resume:  # the same run resumed from its checkpoint after 2 steps (mid-epoch)
         resumed = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate), steps=RESUME_STEPS,
-                            resume_from=checkpoint, chunk_size=chunk, teacher=kind)
+                            resume_from=checkpoint, chunk_size=chunk, teacher=kind,
+                            on_policy=on_policy)
         result["resumed_params"] = resumed["params"]
     if result["rank"] == 0:
         Path(out).mkdir(parents=True, exist_ok=True)

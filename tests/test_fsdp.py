@@ -80,3 +80,19 @@ def test_fsdp_shards_the_model_inside_a_teacher_wrapper(tmp_path: Path, teacher:
     close(list(single["params"].values()), list(fsdp["params"].values()), 1e-5)
     if teacher == "reuse":  # rank 1 stored what it computed: its 6 training rows (validation is off)
         assert len(reuse_store(str(tmp_path / "store"))) == len(mine) + 6
+
+
+@pytest.mark.slow
+def test_fsdp_on_policy_generation_matches_ddp(tmp_path: Path) -> None:
+    """`callbacks=on_policy` with a sharded student: every forward of `generate` is a collective, so
+    the processes generate in lockstep (`synced_gpus`) although their rows end (EOS) at different
+    times; the samples and the step equal a DDP run's (same per-rank seeds)."""
+    from tests.test_step_tokens import close, run_processes
+
+    ddp = run_processes(tmp_path / "ddp", "ddp", 2, batch_size=2, extra=("on_policy",))
+    fsdp = run_processes(tmp_path / "fsdp", "fsdp", 2, batch_size=2, extra=("on_policy",))
+    assert fsdp["sharded"] and not ddp["sharded"]
+    for step in range(3):
+        close(ddp["grads"][step], fsdp["grads"][step], 1e-5)
+        assert abs(ddp["losses"][step] - fsdp["losses"][step]) < 1e-5
+    close(list(ddp["params"].values()), list(fsdp["params"].values()), 1e-5)

@@ -65,6 +65,7 @@ def test_accumulation_over_three_steps_matches_bigger_batches() -> None:
 
 def run_processes(tmp_path: Path, strategy: str, devices: int, batch_size: int, accumulate: int = 1,
                   extra: tuple[str, ...] = ()) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(REPO / "tests" / "dist_check.py"), str(tmp_path), strategy,
                              str(devices), str(batch_size), str(accumulate), *extra], cwd=tmp_path, env=env,

@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from kd_lightning.callbacks.common import total_steps
 from kd_lightning.data.step_tokens import STEP_TOKENS_KEY
-from kd_lightning.distributed import rank_seed
+from kd_lightning.distributed import all_reduce_sums, rank_seed
 from kd_lightning.interface import require_distillation_module
-from kd_lightning.sharding import refuse_under_sharding
+from kd_lightning.sharding import ShardedDataParallel
 from kd_lightning.tasks import IGNORE_INDEX
 
 
@@ -51,11 +51,16 @@ def prompt_lengths_of(batch: dict[str, Tensor], prompt_length: int) -> Tensor:
 
 @torch.no_grad()
 def sample_from_student(student: nn.Module, batch: dict[str, Tensor], *, prompt_length: int,
-                        max_new_tokens: int | None, sampling_temperature: float, seed: int) -> dict[str, Tensor]:
+                        max_new_tokens: int | None, sampling_temperature: float, seed: int,
+                        synced: bool = False) -> dict[str, Tensor]:
     """Keep each row's prompt, replace the rest by the student's own sample (ancestral sampling,
     top-k 0, top-p 1). Returns right-padded `input_ids`, `attention_mask`, `labels` (-100 on the
     prompt and after the first EOS, which itself counts) and `prompt_lengths`, no wider than the
-    input (new tokens are cut at the original length L)."""
+    input (new tokens are cut at the original length L).
+
+    `synced` (a sharded student, `strategy=fsdp`: each forward is a collective): every process calls
+    `generate` with `synced_gpus=True`, so one that is done keeps stepping until all are, and a
+    process with nothing to generate still takes part (its samples are discarded)."""
     ids = batch["input_ids"]
     B, L = ids.shape
     lengths = prompt_lengths_of(batch, prompt_length)  # [B]
@@ -68,7 +73,8 @@ def sample_from_student(student: nn.Module, batch: dict[str, Tensor], *, prompt_
     budget = L - int(lengths.min())
     new_tokens = budget if max_new_tokens is None else min(int(max_new_tokens), budget)
     generated = ids.new_zeros((B, 0))
-    if new_tokens > 0:
+    anyone = int(all_reduce_sums([float(new_tokens)])[0]) if synced else new_tokens
+    if anyone > 0:
         was_training = student.training
         student.eval()
         devices = [ids.device.index or 0] if ids.device.type == "cuda" else []
@@ -77,11 +83,11 @@ def sample_from_student(student: nn.Module, batch: dict[str, Tensor], *, prompt_
                 torch.manual_seed(seed)
                 out = student.generate(input_ids=prompts, attention_mask=in_prompt.long(), do_sample=True,
                                        temperature=sampling_temperature, top_k=0, top_p=1.0,
-                                       max_new_tokens=new_tokens, pad_token_id=pad_id,
-                                       eos_token_id=eos_ids or None)
+                                       max_new_tokens=max(new_tokens, 1), pad_token_id=pad_id,
+                                       eos_token_id=eos_ids or None, synced_gpus=synced)
         finally:
             student.train(was_training)
-        generated = out[:, P:]  # [B, n]
+        generated = out[:, P:P + new_tokens]  # [B, n]
     is_eos = torch.isin(generated, torch.tensor(eos_ids, device=ids.device, dtype=ids.dtype))
     kept = ((is_eos.long().cumsum(-1) - is_eos.long()) == 0).sum(-1)  # up to and including the first EOS
     total = (lengths + kept).clamp(max=L)  # [B]
@@ -128,11 +134,16 @@ class _StudentSampler(Callback):
         self.prompt_length, self.seed = int(prompt_length), int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.restored = False
+        self.synced = False
+        self._broadcast: Any = None
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         module = require_distillation_module(pl_module, self)
-        refuse_under_sharding(trainer, f"{type(self).__name__} (generation from the student)")
+        # strategy=fsdp: generating is a collective (every forward gathers weights), so every process
+        # must make the same choice each step (rank 0's) and generate in lockstep
+        self.synced = isinstance(trainer.strategy, ShardedDataParallel) and trainer.world_size > 1
+        self._broadcast = trainer.strategy.broadcast if self.synced else None
         if module.task != "causal_lm" or not hasattr(module.student, "generate"):
             raise ValueError(f"{type(self).__name__} needs a causal LM student with `generate` (task causal_lm), "
                              f"got task {module.task!r}")
@@ -149,12 +160,16 @@ class _StudentSampler(Callback):
     def uniform(self) -> float:
         return float(torch.rand((), generator=self.generator))
 
+    def agreed(self, choice: Any) -> Any:
+        """This process's `choice`, or rank 0's when generation is synced (`strategy=fsdp`)."""
+        return self._broadcast(choice, 0) if self.synced else choice
+
     def sample(self, pl_module: LightningModule, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], float]:
         """Student samples for the batch's prompts and the seconds it took."""
         start = time.perf_counter()
         new = sample_from_student(pl_module.student, batch, prompt_length=self.prompt_length,
                                   max_new_tokens=self.max_new_tokens, sampling_temperature=self.sampling_temperature,
-                                  seed=int(torch.randint(2**62, (), generator=self.generator)))
+                                  seed=int(torch.randint(2**62, (), generator=self.generator)), synced=self.synced)
         return new, time.perf_counter() - start
 
     def log_step(self, pl_module: LightningModule, batch_size: int, **values: float) -> None:
@@ -198,7 +213,7 @@ class OnPolicyGeneration(_StudentSampler):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        on_policy = self.uniform() < self.lambda_on_policy
+        on_policy = self.agreed(self.uniform() < self.lambda_on_policy)
         seconds = 0.0
         if on_policy:
             new, seconds = self.sample(pl_module, batch)
@@ -304,7 +319,7 @@ class DistillmOffPolicy(_StudentSampler):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        source = self.choose(trainer.global_step, total_steps(trainer))
+        source = self.agreed(self.choose(trainer.global_step, total_steps(trainer)))
         seconds = 0.0
         if source == FRESH:
             new, seconds = self.sample(pl_module, batch)
