@@ -291,13 +291,20 @@ class DistillationModule(LightningModule):
 
     def train_teacher_parameters(self, teacher_name: str, parameters: Iterable[nn.Parameter]) -> None:
         """A callback that trains part of a frozen teacher (SAR's routers) declares it here: those
-        parameters get gradients and are kept in checkpoints (the rest of the teacher is not)."""
+        parameters get gradients and are kept in checkpoints (the rest of the teacher is not).
+
+        They are the callback's to synchronise: DDP is told to leave them out of its gradient buckets
+        (else the callback's own backward, outside DDP's forward, would leave the buckets they share
+        with student parameters half-reduced: student gradients not averaged over processes), and
+        FSDP keeps them whole and replicated (`kd_lightning.sharding.shard_distillation`)."""
         teacher = self.teachers[teacher_name]
         wanted = {id(p) for p in parameters}
         for key, param in teacher.named_parameters():
             if id(param) in wanted:
                 param.requires_grad_(True)
                 self.trainable_teacher_keys.add(f"teachers.{teacher_name}.{key}")
+        # read by torch's DistributedDataParallel when Lightning wraps this module (after callbacks' setup)
+        self._ddp_params_and_buffers_to_ignore = sorted(self.trainable_teacher_keys)
 
     @override
     def configure_optimizers(self) -> Any:

@@ -79,17 +79,32 @@ def block_classes(model: nn.Module) -> set[str]:
     return set(getattr(model, "_no_split_modules", None) or [])
 
 
-def shard_model(model: nn.Module, mesh: Any, mp_policy: Any = None) -> nn.Module:
-    """FSDP2: `fully_shard` each transformer block, then the model (its root: embeddings, head, norm)."""
+def shard_model(model: nn.Module, mesh: Any, mp_policy: Any = None, keep_whole: set[nn.Parameter] | None = None) -> nn.Module:
+    """FSDP2: `fully_shard` each transformer block, then the model (its root: embeddings, head, norm).
+
+    `keep_whole`: parameters left out of sharding (FSDP2's `ignored_params`), plain replicated tensors
+    on every process, e.g. the teacher routers SAR trains; their owners compute in the parameters'
+    dtype (inputs are cast to it when a mixed-precision policy casts the rest)."""
     from torch.distributed.fsdp import fully_shard
 
-    kwargs = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    kwargs: dict[str, Any] = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    if keep_whole:
+        kwargs["ignored_params"] = set(keep_whole)
+        if mp_policy is not None:
+            owners = {sub for sub in model.modules() if any(p in keep_whole for p in sub.parameters(recurse=False))}
+            for owner in owners:
+                owner.register_forward_pre_hook(_cast_inputs_to_own_dtype)
     blocks = block_classes(model)
     for sub in list(model.modules()):
         if sub is not model and type(sub).__name__ in blocks:
             fully_shard(sub, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def _cast_inputs_to_own_dtype(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    dtype = next(module.parameters(recurse=False)).dtype
+    return tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
 
 
 def reshard_frozen(model: nn.Module) -> None:
@@ -106,24 +121,26 @@ def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None) -> None:
 
     The chunked loss reads the heads' weights after each model's root forward, when FSDP2 holds them
     gathered (`kd_lightning.lean`). A wrapped teacher (KA routing, `teacher_outputs.reuse`) has the
-    model inside it sharded. Refuses training part of a teacher (SAR). A teacher of offline sparse targets holds no weights and stays as it is."""
+    model inside it sharded. Teacher parameters a callback trains (SAR's routers,
+    `train_teacher_parameters`) are kept whole and replicated, as under DDP: the callback all-reduces
+    their gradients and checkpoints them like a DDP run. A teacher of offline sparse targets holds no
+    weights and stays as it is."""
     from transformers import PreTrainedModel
 
     if is_sharded(module.student):
         return  # configure_model runs again for a later fit/validate on the same module
-    if module.trainable_teacher_keys:
-        raise NotImplementedError("callbacks=sar trains teacher routers; not supported with strategy=fsdp")
     for name, teacher in module.teachers.items():
         if getattr(teacher, "sparse_targets", False):
             continue
+        trained = {p for key, p in teacher.named_parameters() if f"teachers.{name}.{key}" in module.trainable_teacher_keys}
         inner = teacher._modules.get("model")  # a wrapper's model: KA routing, stored outputs (teacher_outputs)
         if not isinstance(teacher, PreTrainedModel) and isinstance(inner, PreTrainedModel):
-            shard_model(inner, mesh, mp_policy)  # the wrapper's hooks and store stay outside the sharded model
+            shard_model(inner, mesh, mp_policy, trained)  # the wrapper's hooks and store stay outside the sharded model
             continue
         if not isinstance(teacher, PreTrainedModel) and module.task == "causal_lm":
             raise NotImplementedError(f"teacher '{name}' is a {type(teacher).__name__}, not a transformers model nor a "
                                       "wrapper of one (`.model`); strategy=fsdp cannot shard it")
-        shard_model(teacher, mesh, mp_policy)
+        shard_model(teacher, mesh, mp_policy, trained)
     shard_model(module.student, mesh, mp_policy)
 
 

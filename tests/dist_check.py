@@ -2,7 +2,7 @@
 batches on 1 process (optionally with accumulation) or on N processes (DDP, FSDP).
 
 Run in-process with `run_steps(...)`, or as a script (Lightning re-launches it once per rank):
-    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE [resume] [chunk=N] [teacher=KIND] [on_policy]
+    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE [resume] [chunk=N] [teacher=KIND] [callback=on_policy|sar] [rows=full]
 Rank 0 writes OUT/steps.pt: {"grads": [[tensor per student param] per step], "losses": [...],
 "step_tokens": [...], "params": [final student params]}.
 """
@@ -38,6 +38,13 @@ def varied_tokens(n: int = SAMPLES, seq: int = SEQ, seed: int = 0) -> dict[str, 
         prompt = int(torch.randint(0, seq - 1, (1,), generator=g))
         labels[row, : prompt + 1] = IGNORE_INDEX
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def every_token_counted(n: int = SAMPLES, seq: int = SEQ) -> dict[str, torch.Tensor]:
+    """`varied_tokens` with every label counted: each process's batch holds as many tokens as any other."""
+    rows = varied_tokens(n, seq)
+    rows["labels"] = rows["input_ids"].clone()
+    return rows
 
 
 class TinyLMData(BaseDataModule):
@@ -99,16 +106,17 @@ class SaveAtStep(L.Callback):
 
 
 def make_teacher(kind: str = "dense") -> torch.nn.Module:
-    """"dense": a tiny Llama; "ka": a tiny Mixtral in `KnowledgeAugmentedMoE` (2 passes a step, sampling
+    """"dense": a tiny Llama; "moe": a tiny Mixtral; "ka": it in `KnowledgeAugmentedMoE` (2 passes a step, sampling
     probability 0, so every pass routes greedily and the numbers are deterministic); "reuse=DIR": the
     dense teacher's outputs through a `teacher_outputs` store at DIR (float32)."""
     from tests.helpers import tiny_lm
 
-    if kind == "ka":
+    if kind in ("ka", "moe"):
         from tests.test_moe import tiny_moe
         from kd_lightning.teachers.moe import KnowledgeAugmentedMoE
 
-        return KnowledgeAugmentedMoE(tiny_moe("mixtral", layers=2), num_samples=2, sampling_prob=0.0, seed=0)
+        moe = tiny_moe("mixtral", layers=2)
+        return moe if kind == "moe" else KnowledgeAugmentedMoE(moe, num_samples=2, sampling_prob=0.0, seed=0)
     teacher = tiny_lm(1, hidden=48)
     if kind.startswith("reuse="):
         from kd_lightning.teachers.teacher_outputs import MemoizedTeacher
@@ -138,15 +146,21 @@ def make_module(chunk_size: int | None = None, teacher: str = "dense") -> Distil
 def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, accumulate: int = 1,
               steps: int = STEPS, rows: dict[str, torch.Tensor] | None = None, resume_from: str | None = None,
               save_to: str | None = None, chunk_size: int | None = None, teacher: str = "dense",
-              on_policy: bool = False) -> dict[str, Any]:
+              callback: str | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     module, record = make_module(chunk_size, teacher), RecordSteps()
     callbacks: list[L.Callback] = [record] if save_to is None else [record, SaveAtStep(2, save_to)]
-    if on_policy:  # every step on student samples; many EOS ids, so rows (and ranks) finish at different times
+    if callback == "on_policy":  # every step on student samples; many EOS ids: rows (and ranks) end at different times
         from kd_lightning.callbacks.generation import OnPolicyGeneration
 
         module.student.generation_config.eos_token_id = list(range(3, 13))
         callbacks.append(OnPolicyGeneration(lambda_on_policy=1.0, max_new_tokens=6, prompt_length=4, seed=5))
+    elif callback == "sar":  # a router step of the MoE teacher before every student step
+        from kd_lightning.callbacks.sar import StudentAwareRouter
+
+        # no balance term: its CV² of per-process expert importance is not a mean over tokens, so only
+        # the KL part's gradient is the same on 1 process and on N with equal token counts
+        callbacks.append(StudentAwareRouter(lr=0.05, balance_weight=0.0))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=steps,
                         accumulate_grad_batches=accumulate, callbacks=callbacks, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -168,11 +182,13 @@ def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, acc
 if __name__ == "__main__":
     out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
     torch.set_num_threads(1)
-    extras = sys.argv[6:]  # "resume", "chunk=N" (loss.chunk_size), "teacher=KIND" (see make_teacher), "on_policy"
+    extras = sys.argv[6:]  # "resume", "chunk=N" (loss.chunk_size), "teacher=KIND" (see make_teacher),
+    # "callback=on_policy|sar", "rows=full" (every_token_counted)
     resume = "resume" in extras
     chunk = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("chunk=")), None)
     kind = next((e.split("=", 1)[1] for e in extras if e.startswith("teacher=")), "dense")
-    on_policy = "on_policy" in extras
+    callback = next((e.split("=", 1)[1] for e in extras if e.startswith("callback=")), None)
+    rows = every_token_counted() if "rows=full" in extras else None
 
     def make_strategy() -> Any:
         from kd_lightning.sharding import ShardedDataParallel
@@ -182,11 +198,11 @@ if __name__ == "__main__":
     checkpoint = os.path.join(out, "step2.ckpt") if resume else None
     result = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate),
                        steps=RESUME_STEPS if resume else STEPS, save_to=checkpoint, chunk_size=chunk,
-                       teacher=kind, on_policy=on_policy)
+                       teacher=kind, callback=callback, rows=rows)
     if resume:  # the same run resumed from its checkpoint after 2 steps (mid-epoch)
         resumed = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate), steps=RESUME_STEPS,
                             resume_from=checkpoint, chunk_size=chunk, teacher=kind,
-                            on_policy=on_policy)
+                            callback=callback, rows=rows)
         result["resumed_params"] = resumed["params"]
     if result["rank"] == 0:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.dist_check import run_steps
 from tests.test_cli import tiny_cli_args, train_py
 
 
@@ -60,7 +61,7 @@ def test_fsdp_shards_the_model_inside_a_teacher_wrapper(tmp_path: Path, teacher:
     rank 0 must still join rank 1's collective forward (else both hang), and return what it read."""
     from kd_lightning.data.base import DictDataset
     from kd_lightning.data.resumable import EpochSeededSampler
-    from tests.dist_check import make_teacher, reuse_store, run_steps, varied_tokens
+    from tests.dist_check import make_teacher, reuse_store, varied_tokens
     from tests.test_step_tokens import close, run_processes
 
     kind = "ka" if teacher == "ka" else f"reuse={tmp_path / 'store'}"
@@ -89,10 +90,32 @@ def test_fsdp_on_policy_generation_matches_ddp(tmp_path: Path) -> None:
     times; the samples and the step equal a DDP run's (same per-rank seeds)."""
     from tests.test_step_tokens import close, run_processes
 
-    ddp = run_processes(tmp_path / "ddp", "ddp", 2, batch_size=2, extra=("on_policy",))
-    fsdp = run_processes(tmp_path / "fsdp", "fsdp", 2, batch_size=2, extra=("on_policy",))
+    ddp = run_processes(tmp_path / "ddp", "ddp", 2, batch_size=2, extra=("callback=on_policy",))
+    fsdp = run_processes(tmp_path / "fsdp", "fsdp", 2, batch_size=2, extra=("callback=on_policy",))
     assert fsdp["sharded"] and not ddp["sharded"]
     for step in range(3):
         close(ddp["grads"][step], fsdp["grads"][step], 1e-5)
         assert abs(ddp["losses"][step] - fsdp["losses"][step]) < 1e-5
     close(list(ddp["params"].values()), list(fsdp["params"].values()), 1e-5)
+
+
+@pytest.mark.slow
+def test_sar_under_ddp_and_fsdp_gives_the_single_process_steps(tmp_path: Path) -> None:
+    """`callbacks=sar`: a router step of the MoE teacher before each student step. FSDP keeps the routers
+    whole and replicated (SAR all-reduces their gradients); DDP leaves them out of its buckets (they
+    once shared a bucket with student parameters, which then were not averaged: 0.13 off at step 0).
+    With every token counted (equal counts per process) and no balance term, 1 process (batch 4), DDP
+    and FSDP (2 x 2) give the same steps."""
+    from tests.dist_check import every_token_counted
+    from tests.test_step_tokens import close, run_processes
+
+    single = run_steps(batch_size=4, teacher="moe", callback="sar", rows=every_token_counted())
+    extra = ("teacher=moe", "callback=sar", "rows=full")
+    ddp = run_processes(tmp_path / "ddp", "ddp", 2, batch_size=2, extra=extra)
+    fsdp = run_processes(tmp_path / "fsdp", "fsdp", 2, batch_size=2, extra=extra)
+    assert fsdp["sharded"] and 0.4 < fsdp["teacher_fraction"] < 0.55  # the routers are kept whole
+    for run in (ddp, fsdp):
+        for step in range(3):
+            close(single["grads"][step], run["grads"][step], 1e-5)
+            assert abs(single["losses"][step] - run["losses"][step]) < 1e-5
+        close(list(single["params"].values()), list(run["params"].values()), 1e-5)
