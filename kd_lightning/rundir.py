@@ -146,7 +146,7 @@ def find_resume_checkpoint(checkpoint_dir: str | os.PathLike[str]) -> tuple[Path
     """
     checkpoint_dir = Path(checkpoint_dir)
     last = checkpoint_dir / LAST_NAME
-    steps = sorted((p for p in checkpoint_dir.glob("step*.ckpt") if p.is_file()),
+    steps = sorted((p for p in checkpoint_dir.glob("step*.ckpt") if p.is_file() or p.is_dir()),
                    key=lambda p: (_step_of(p), p.stat().st_mtime), reverse=True)
     if not last.exists() and not steps:
         return None, [f"resume=auto: no checkpoint in {checkpoint_dir}, starting fresh"]

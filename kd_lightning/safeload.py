@@ -81,8 +81,24 @@ def check_safetensors_dir(directory: str | os.PathLike[str], fix: str = FIX_CACH
             pass
 
 
+def sharded_checkpoint_problem(path: Path) -> str | None:
+    """None for a whole sharded checkpoint directory (`strategy=fsdp`: Lightning's
+    ModelParallelStrategy with torch.distributed.checkpoint), else what is wrong. Whole means: the
+    `.metadata` that DCP writes after every process has written its shard, and Lightning's `meta.pt`
+    (written after that, weights-only loadable, with the loop state)."""
+    if not (path / ".metadata").is_file():
+        return "a sharded checkpoint directory without .metadata (its save did not finish)"
+    meta = path / "meta.pt"
+    problem = checkpoint_problem(meta) if meta.is_file() else "missing"
+    if problem == "not a Lightning checkpoint (no state_dict)":  # meta.pt holds the rest, not the weights
+        state = torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
+        problem = None if "global_step" in state and "loops" in state else "no loop state"
+    return None if problem is None else f"a sharded checkpoint directory whose meta.pt is {problem}"
+
+
 def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
-    """None when `path` loads with `torch.load(weights_only=True)`, else what is wrong, in words.
+    """None when `path` loads with `torch.load(weights_only=True)` (or is a whole sharded checkpoint
+    directory, `sharded_checkpoint_problem`), else what is wrong, in words.
 
     Loading is the check, with `mmap=True`: the archive's directory and the pickle are read and
     checked (a truncated or overwritten file, a type `weights_only` refuses), while tensor data is
@@ -91,6 +107,8 @@ def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
     path = Path(path)
     if not path.exists():
         return "missing"
+    if path.is_dir():
+        return sharded_checkpoint_problem(path)
     if not path.is_file():
         return "not a file"
     size = path.stat().st_size

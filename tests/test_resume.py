@@ -75,6 +75,8 @@ def test_same_seed_same_metrics_different_seed_different_run(make_cfg, tmp_path:
 
 RESUME_CASES = {
     "plain": [],
+    "fsdp": ["strategy=fsdp"],  # 2 processes, sharded checkpoint directory (last.ckpt/)
+    "ddp": ["strategy=ddp"],
     "dts": ["temperature=dts"],
     "taid": ["loss=taid"],
     "sar": ["callbacks=sar"],

@@ -98,6 +98,23 @@ def test_resume_with_no_valid_checkpoint_names_every_file(tmp_path: Path) -> Non
     assert "weights_only=False" not in message
 
 
+def test_resume_accepts_a_whole_sharded_checkpoint_directory_only(tmp_path: Path) -> None:
+    """strategy=fsdp saves `last.ckpt/` as a directory (torch.distributed.checkpoint shards, `.metadata`
+    written once every process has written, then Lightning's `meta.pt`)."""
+    checkpoints = tmp_path / "checkpoints"
+    save_ckpt(checkpoints / "step4.ckpt", 4)
+    last = checkpoints / "last.ckpt"
+    last.mkdir()
+    (last / "__0_0.distcp").write_bytes(b"shard")  # killed before the save finished: no .metadata
+    path, notes = find_resume_checkpoint(checkpoints)
+    assert path == checkpoints / "step4.ckpt" and "without .metadata" in notes[0]
+    (last / ".metadata").write_bytes(b"plan")
+    torch.save({"global_step": 9}, last / "meta.pt")  # no loop state
+    assert "meta.pt is no loop state" in find_resume_checkpoint(checkpoints)[1][0]
+    torch.save({"global_step": 9, "loops": {}, "callbacks": {}}, last / "meta.pt")
+    assert find_resume_checkpoint(checkpoints) == (last, [])
+
+
 RECORDED = {"seed": 0, "resume": None, "loss": {"name": "kl", "fn": {"_target_": "kd_lightning.losses.forward_kl"}},
             "dataset": {"batch_size": 8}, "distill": {"kd_weight": 0.5}, "trainer": {"max_steps": 400},
             "paths": {"output_dir": "/a"}, "cpu_threads": None, "logger": {"csv": {"save_dir": "/a"}}}

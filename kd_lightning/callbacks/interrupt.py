@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from lightning import Callback, LightningModule, Trainer
 from typing_extensions import override
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from kd_lightning.distributed import all_reduce_sums
+
+log = logging.getLogger("kd_lightning")
 
 
 class CheckpointOnSigterm(Callback):
@@ -27,6 +35,32 @@ class CheckpointOnSigterm(Callback):
     def __init__(self, filename: str = "last.ckpt", path: str | Path | None = None) -> None:
         self.filename, self.path = filename, path
         self.saved: Path | None = None
+        self.pending = False  # several processes: a SIGTERM noted here, not yet agreed on
+        self.agree = False
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Several processes (DDP, FSDP): every process must stop after the same step, since saving is a
+        collective. Lightning's handler runs a collective inside the signal handler and forwards the
+        signal to the other processes, so a process signalled twice (by the scheduler and by rank 0)
+        desynchronises them and the run hangs. This handler only notes the signal; after every
+        training batch the processes agree (one all-reduce) and, if any was signalled, all raise
+        Lightning's `SIGTERMException` at the end of that same batch. Lightning restores the previous
+        handler when the fit ends."""
+        self.pending, self.agree = False, False
+        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._note)
+            self.agree = True
+
+    def _note(self, signum: int, frame: FrameType | None) -> None:
+        log.info("Received SIGTERM: the processes stop together at the end of this step")
+        self.pending = True
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.agree and all_reduce_sums([float(self.pending)])[0] > 0:
+            trainer._signal_connector.received_sigterm = True  # what Lightning's loop checks after the batch
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
