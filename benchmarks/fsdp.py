@@ -4,7 +4,8 @@ A KD training step (forward KL, 0.5 KD + 0.5 CE, AdamW) with a 57M-parameter Lla
 (hidden 768, 8 layers) and an 8.6M-parameter student (hidden 256, 8 layers), byte vocabulary (259),
 batch 4 x 128 tokens per process, random ids (only cost matters), one torch thread per process.
 `strategy=fsdp` shards student and frozen teacher per block (kd_lightning/sharding.py);
-DDP replicates both.
+`fsdp-keep` is the same with `student_reshard_after_forward=false` (student blocks stay gathered
+from forward to backward); DDP replicates both.
 
 Per process it reports:
 - model state: bytes of the parameters (student + teacher), gradients and AdamW state this process
@@ -94,9 +95,11 @@ def worker(strategy_name: str, devices: int, args: argparse.Namespace, out: Path
               "student_params": sum(p.numel() for p in student.parameters())}
     module = DistillationModule(student, teacher, forward_kl, kd_weight=0.5, ce_weight=0.5)
     clock = Clock()
-    strategy: Any = (ShardedDataParallel(mixed_precision=args.mixed_precision) if strategy_name == "fsdp"
-                     else ("ddp" if devices > 1 else "auto"))
-    precision = "bf16-mixed" if args.mixed_precision == "bf16" and strategy_name != "fsdp" else "32-true"
+    sharded = strategy_name.startswith("fsdp")
+    strategy: Any = (ShardedDataParallel(mixed_precision=args.mixed_precision,
+                                         student_reshard_after_forward=strategy_name != "fsdp-keep")
+                     if sharded else ("ddp" if devices > 1 else "auto"))
+    precision = "bf16-mixed" if args.mixed_precision == "bf16" and not sharded else "32-true"
     trainer = L.Trainer(accelerator=args.accelerator, devices=devices, strategy=strategy, max_steps=steps,
                         precision=precision, callbacks=[clock],
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -140,7 +143,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     rows = []
     passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("worker", "out", "devices")]
-    for name, devices in (("single", 1), ("ddp", args.devices), ("fsdp", args.devices)):
+    for name, devices in (("single", 1), ("ddp", args.devices), ("fsdp", args.devices), ("fsdp-keep", args.devices)):
         cmd = [sys.executable, str(Path(__file__).resolve()), *passed, "--out", str(out), "--worker", name, str(devices)]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode != 0:

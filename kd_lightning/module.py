@@ -281,7 +281,8 @@ class DistillationModule(LightningModule):
         # strategy=fsdp: shard teachers and student per transformer block (no-op otherwise)
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, ShardedDataParallel):
-            shard_distillation(self, strategy.data_parallel_mesh, strategy.mp_policy)
+            shard_distillation(self, strategy.data_parallel_mesh, strategy.mp_policy,
+                               student_reshard_after_forward=strategy.student_reshard_after_forward)
 
     # ------------------------------------------------------------------ optimisation & checkpoints
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -79,15 +79,21 @@ def block_classes(model: nn.Module) -> set[str]:
     return set(getattr(model, "_no_split_modules", None) or [])
 
 
-def shard_model(model: nn.Module, mesh: Any, mp_policy: Any = None, keep_whole: set[nn.Parameter] | None = None) -> nn.Module:
+def shard_model(model: nn.Module, mesh: Any, mp_policy: Any = None, keep_whole: set[nn.Parameter] | None = None,
+                reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2: `fully_shard` each transformer block, then the model (its root: embeddings, head, norm).
 
     `keep_whole`: parameters left out of sharding (FSDP2's `ignored_params`), plain replicated tensors
     on every process, e.g. the teacher routers SAR trains; their owners compute in the parameters'
-    dtype (inputs are cast to it when a mixed-precision policy casts the rest)."""
+    dtype (inputs are cast to it when a mixed-precision policy casts the rest).
+    `reshard_after_forward=False`: blocks stay gathered from their forward to their backward (no
+    second all-gather in backward; more memory during the step, the same between steps). The root
+    always keeps FSDP2's default (gathered after its forward; the chunked loss relies on it)."""
     from torch.distributed.fsdp import fully_shard
 
-    kwargs: dict[str, Any] = {"mesh": mesh} if mp_policy is None else {"mesh": mesh, "mp_policy": mp_policy}
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
     if keep_whole:
         kwargs["ignored_params"] = set(keep_whole)
         if mp_policy is not None:
@@ -97,8 +103,8 @@ def shard_model(model: nn.Module, mesh: Any, mp_policy: Any = None, keep_whole: 
     blocks = block_classes(model)
     for sub in list(model.modules()):
         if sub is not model and type(sub).__name__ in blocks:
-            fully_shard(sub, **kwargs)
-    fully_shard(model, **kwargs)
+            fully_shard(sub, reshard_after_forward=reshard_after_forward, **kwargs)
+    fully_shard(model, **kwargs)  # the root keeps FSDP2's default: gathered after forward (backward needs it first)
     return model
 
 
@@ -116,7 +122,7 @@ def reshard_frozen(model: nn.Module) -> None:
         root.reshard()  # type: ignore[operator]
 
 
-def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None) -> None:
+def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None, student_reshard_after_forward: bool = True) -> None:
     """Shard a `DistillationModule` in place: every frozen teacher and the student, per block.
 
     The chunked loss reads the heads' weights after each model's root forward, when FSDP2 holds them
@@ -141,7 +147,7 @@ def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None) -> None:
             raise NotImplementedError(f"teacher '{name}' is a {type(teacher).__name__}, not a transformers model nor a "
                                       "wrapper of one (`.model`); strategy=fsdp cannot shard it")
         shard_model(teacher, mesh, mp_policy, trained)
-    shard_model(module.student, mesh, mp_policy)
+    shard_model(module.student, mesh, mp_policy, reshard_after_forward=student_reshard_after_forward)
 
 
 def _model_parallel_strategy() -> type:
@@ -158,11 +164,16 @@ class ShardedDataParallel(_model_parallel_strategy()):  # type: ignore[misc]
     Args:
         mixed_precision: see `mixed_precision_policy` ("auto": bf16 parameters with fp32 gradient
             reduction where the accelerator supports bf16, else fp32).
+        student_reshard_after_forward: false keeps each student block gathered from its forward to
+            its backward (one all-gather per block and step instead of two, ZeRO-2-like during the
+            step; the student's memory between steps is still 1/N). Teachers, which have no
+            backward, are always resharded after each block.
     """
 
-    def __init__(self, mixed_precision: str = "auto", **kwargs: Any) -> None:
+    def __init__(self, mixed_precision: str = "auto", student_reshard_after_forward: bool = True, **kwargs: Any) -> None:
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
         self.mixed_precision = mixed_precision
+        self.student_reshard_after_forward = bool(student_reshard_after_forward)
         mixed_precision_policy(mixed_precision)  # validate early
 
     def setup_environment(self) -> None:

@@ -183,7 +183,7 @@ if __name__ == "__main__":
     out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
     torch.set_num_threads(1)
     extras = sys.argv[6:]  # "resume", "chunk=N" (loss.chunk_size), "teacher=KIND" (see make_teacher),
-    # "callback=on_policy|sar", "rows=full" (every_token_counted)
+    # "callback=on_policy|sar", "rows=full" (every_token_counted), "keep" (fsdp: student_reshard_after_forward=False)
     resume = "resume" in extras
     chunk = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("chunk=")), None)
     kind = next((e.split("=", 1)[1] for e in extras if e.startswith("teacher=")), "dense")
@@ -193,7 +193,9 @@ if __name__ == "__main__":
     def make_strategy() -> Any:
         from kd_lightning.sharding import ShardedDataParallel
 
-        return ShardedDataParallel() if strategy == "fsdp" else strategy
+        if strategy == "fsdp":  # "keep": student blocks stay gathered from forward to backward
+            return ShardedDataParallel(student_reshard_after_forward="keep" not in extras)
+        return strategy
 
     checkpoint = os.path.join(out, "step2.ckpt") if resume else None
     result = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate),

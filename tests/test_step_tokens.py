@@ -85,9 +85,10 @@ def test_ddp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: 
 
 
 @pytest.mark.slow
-def test_fsdp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keep", [False, True], ids=["reshard", "keep_gathered"])
+def test_fsdp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: Path, keep: bool) -> None:
     single = run_steps(batch_size=4)
-    fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2)
+    fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2, extra=("keep",) if keep else ())
     # really sharded: DTensor student; the frozen teacher holds half its weights per process after steps
     assert fsdp["sharded"] and not single["sharded"]
     assert 0.45 < fsdp["teacher_fraction"] < 0.55 and single["teacher_fraction"] == 1.0
