@@ -53,13 +53,15 @@ class CheckpointOnSigterm(Callback):
             self.agree = True
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
-        log.info("Received SIGTERM: the processes stop together at the end of this step")
-        self.pending = True
+        self.pending = True  # nothing else in a signal handler (no logging lock, no collective)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.agree and all_reduce_sums([float(self.pending)])[0] > 0:
+            if not trainer.received_sigterm:
+                log.info("SIGTERM (process %d%s): every process stops after step %d", trainer.global_rank,
+                         "" if self.pending else ", from another process", trainer.global_step)
             trainer._signal_connector.received_sigterm = True  # what Lightning's loop checks after the batch
 
     @override
