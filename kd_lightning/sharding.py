@@ -47,12 +47,16 @@ def full_state_dict(module: nn.Module, all_ranks: bool = False) -> dict[str, Any
 
 def unsharded(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module:
     """`model` itself when it is not sharded, else a fresh `build()` holding its gathered weights on
-    every rank (a collective): what saving, caching and the held-out summary read."""
+    every rank (a collective): what saving, caching and the held-out summary read. When `build()`
+    makes the model inside a wrapper (`teacher_outputs.reuse` wraps the teacher it stores), the
+    wrapped model's weights are gathered."""
     if not is_sharded(model):
         return model
-    state = full_state_dict(model, all_ranks=True)
     fresh = build()
-    fresh.load_state_dict(state)
+    inner = model._modules.get("model")
+    # (fully_shard swaps a module's class for an FSDP subclass of it: compare with isinstance)
+    source = inner if isinstance(inner, type(fresh)) and not isinstance(model, type(fresh)) else model
+    fresh.load_state_dict(full_state_dict(source, all_ranks=True))
     return fresh
 
 
