@@ -8,6 +8,8 @@ byte-level MoE teacher is pre-trained once per seed and every arm reads the same
 - `uld`      `experiment=cross_tokenizer loss=uld`       byte teacher -> 4k-BPE student
 - `span_kl`  `experiment=cross_tokenizer loss=span_kl`   byte teacher -> 4k-BPE student
 - `kl`       `loss=kl` (the default run)                 byte teacher -> byte student (same tokenizer)
+- `uld_reverse`, `span_kl_reverse` (`--arms`)  `experiment=cross_tokenizer_reverse`: a 4k-BPE MoE
+  teacher, pre-trained on its own tokens, -> the byte student
 
 Each run also reports its CE-only student (the BPE one is cached and shared by `uld` and
 `span_kl`). Held-out loss is compared in nats per byte of text (`loss_per_byte`), so the BPE and
@@ -43,7 +45,11 @@ ARMS = {
     "uld": ["experiment=cross_tokenizer", "loss=uld"],
     "span_kl": ["experiment=cross_tokenizer", "loss=span_kl"],
     "kl": ["loss=kl"],
+    # the reverse direction: a 4k-BPE MoE teacher (pre-trained on its own tokens) -> the byte student
+    "uld_reverse": ["experiment=cross_tokenizer_reverse", "loss=uld"],
+    "span_kl_reverse": ["experiment=cross_tokenizer_reverse", "loss=span_kl"],
 }
+DEFAULT_ARMS = "uld,span_kl,kl"
 QUICK = ["trainer.max_steps=20", "teacher.pretrain.max_steps=20", "trainer.val_check_interval=10",
          "trainer.limit_val_batches=2", "dataset.max_train_tokens=200000", "dataset.max_eval_tokens=8192"]
 
@@ -103,14 +109,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_cross_tokenizer")
     parser.add_argument("--cache", type=Path, default=None, help="paths.cache_dir (default <out>/cache)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps, small data: a smoke test")
+    parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated subset of {','.join(ARMS)} (kl is always run)")
     args, extra = parser.parse_known_args()
+    arms = list(dict.fromkeys([*args.arms.split(","), "kl"]))
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     seeds, steps = (1, 20) if args.quick else (args.seeds, args.steps)
     extra = (QUICK if args.quick else []) + extra
     cache = args.cache or args.out / "cache"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+    results: dict[str, list[dict]] = {arm: [] for arm in arms}
     for seed in range(seeds):
-        for arm in ARMS:
+        for arm in arms:
             results[arm].append(run_arm(arm, seed, steps, args.out, cache, extra))
 
     def per_byte(summary: dict, row: str) -> float:
@@ -128,10 +139,10 @@ def main() -> None:
         wall_step[arm] = runs[0]["timing"]["fit_seconds"] / steps
         print(f"| {arm} | {mean(teacher):.4f} | {mean(kd):.4f} | {mean(ce):.4f} | {mean(gains[arm]):+.4f} | "
               f"{sum(g > 0 for g in gains[arm])}/{len(runs)} | {wall_step[arm]:.3f} |")
-    cpu = {arm: step_cost(arm, cache) for arm in ARMS}
+    cpu = {arm: step_cost(arm, cache) for arm in arms}
     print("\nCPU seconds per training step (1 thread, 20 steps after 3 warm-up): "
           + ", ".join(f"{arm} {seconds:.3f}" for arm, seconds in cpu.items()))
-    for arm in ("uld", "span_kl"):
+    for arm in (a for a in arms if a != "kl"):
         kept = mean(gains[arm]) / mean(gains["kl"]) if mean(gains["kl"]) else float("nan")
         print(f"{arm}: keeps {kept:.2f} of same-tokenizer kl's gain; step cost {cpu[arm] / cpu['kl']:.2f}x kl's "
               f"(CPU time), {wall_step[arm] / wall_step['kl']:.2f}x (seed-0 fit wall time)")
