@@ -135,10 +135,16 @@ def reuse_store(directory: str) -> Any:
     return TeacherOutputStore(directory, identity, flush_rows=4)
 
 
-def make_module(chunk_size: int | None = None, teacher: str = "dense") -> DistillationModule:
+def plain_kl(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """forward KL under another name: no fused kernel knows it, so the module takes its reference path."""
+    return forward_kl(*args, **kwargs)
+
+
+def make_module(chunk_size: int | None = None, teacher: str = "dense", reference: bool = False) -> DistillationModule:
     from tests.helpers import tiny_lm
 
-    return DistillationModule(tiny_lm(0), make_teacher(teacher), forward_kl, kd_weight=0.5, ce_weight=0.5,
+    loss = plain_kl if reference else forward_kl
+    return DistillationModule(tiny_lm(0), make_teacher(teacher), loss, kd_weight=0.5, ce_weight=0.5,
                               optimizer=partial(torch.optim.SGD, lr=0.5), chunk_size=chunk_size,
                               teacher_combine="losses" if teacher == "ka" else "mixture")
 
@@ -146,9 +152,9 @@ def make_module(chunk_size: int | None = None, teacher: str = "dense") -> Distil
 def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, accumulate: int = 1,
               steps: int = STEPS, rows: dict[str, torch.Tensor] | None = None, resume_from: str | None = None,
               save_to: str | None = None, chunk_size: int | None = None, teacher: str = "dense",
-              callback: str | None = None) -> dict[str, Any]:
+              callback: str | None = None, reference: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
-    module, record = make_module(chunk_size, teacher), RecordSteps()
+    module, record = make_module(chunk_size, teacher, reference), RecordSteps()
     callbacks: list[L.Callback] = [record] if save_to is None else [record, SaveAtStep(2, save_to)]
     if callback == "on_policy":  # every step on student samples; many EOS ids: rows (and ranks) end at different times
         from kd_lightning.callbacks.generation import OnPolicyGeneration
@@ -183,7 +189,8 @@ if __name__ == "__main__":
     out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
     torch.set_num_threads(1)
     extras = sys.argv[6:]  # "resume", "chunk=N" (loss.chunk_size), "teacher=KIND" (see make_teacher),
-    # "callback=on_policy|sar", "rows=full" (every_token_counted), "keep" (fsdp: student_reshard_after_forward=False)
+    # "callback=on_policy|sar", "rows=full" (every_token_counted), "keep" (fsdp: student_reshard_after_forward=False),
+    # "reference" (a loss without a fused kernel: the reference chunked/dense path)
     resume = "resume" in extras
     chunk = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("chunk=")), None)
     kind = next((e.split("=", 1)[1] for e in extras if e.startswith("teacher=")), "dense")
@@ -200,11 +207,12 @@ if __name__ == "__main__":
     checkpoint = os.path.join(out, "step2.ckpt") if resume else None
     result = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate),
                        steps=RESUME_STEPS if resume else STEPS, save_to=checkpoint, chunk_size=chunk,
-                       teacher=kind, callback=callback, rows=rows)
+                       teacher=kind, callback=callback, rows=rows,
+                       reference="reference" in extras)
     if resume:  # the same run resumed from its checkpoint after 2 steps (mid-epoch)
         resumed = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate), steps=RESUME_STEPS,
                             resume_from=checkpoint, chunk_size=chunk, teacher=kind,
-                            callback=callback, rows=rows)
+                            callback=callback, rows=rows, reference="reference" in extras)
         result["resumed_params"] = resumed["params"]
     if result["rank"] == 0:
         Path(out).mkdir(parents=True, exist_ok=True)

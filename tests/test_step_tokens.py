@@ -120,12 +120,14 @@ def test_rank_shares_make_up_the_single_process_order_and_resume_skips_per_rank(
 
 
 @pytest.mark.slow
-def test_fsdp_chunked_loss_gives_the_single_process_gradients(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reference", [False, True], ids=["fused", "reference"])
+def test_fsdp_chunked_loss_gives_the_single_process_gradients(tmp_path: Path, reference: bool) -> None:
     """`loss.chunk_size` under FSDP2: the heads are read gathered after each root forward, the
-    student head's gradient is reduce-scattered with the root's, and the teacher is resharded."""
-    single = run_steps(batch_size=4, chunk_size=5)
+    student head's gradient is reduce-scattered with the root's, and the teacher is resharded (the
+    reference path, whose backward recomputes chunks, reads a copy of the teacher's head)."""
+    single = run_steps(batch_size=4, chunk_size=5, reference=reference)
     plain = run_steps(batch_size=4)
-    fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2, extra=("chunk=5",))
+    fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2, extra=("chunk=5", *(("reference",) if reference else ())))
     assert fsdp["sharded"] and 0.45 < fsdp["teacher_fraction"] < 0.55
     for step in range(3):
         close(single["grads"][step], fsdp["grads"][step], 1e-5)
