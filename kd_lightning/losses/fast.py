@@ -55,7 +55,7 @@ from kd_lightning.losses.fast_common import (
     supports_fast,
     weighted_sum,
 )
-from kd_lightning.losses.sparse import SparseTargets
+from kd_lightning.losses.sparse import SparseTargets, check_tail_mode
 
 __all__ = ["KDTerms", "fast_chunked_kd_terms", "fast_kd_terms", "fast_sparse_kd_terms", "supports_fast"]
 
@@ -173,15 +173,22 @@ def fast_kd_terms(loss_fn: Callable[..., Tensor], student_logits: Tensor, teache
 
 def fast_sparse_kd_terms(student_logits: Tensor, targets: SparseTargets, labels: Tensor | None, *, temperature: float,
                          token_weight: Tensor | None = None, ce: bool = False, value_form: str = "kl",
-                         chunk_tokens: int | None = None) -> KDTerms:
+                         chunk_tokens: int | None = None, tail: str = "bucket") -> KDTerms:
     """:func:`~kd_lightning.losses.sparse_kl` summed (token-weighted) over rows ``[M, V]`` against sparse
     targets ``[M, k]`` in closed form: ``∂/∂s = q·Σp̂ − p̂`` (p̂ scattered to its ids). The temperature
-    applies to the student only, as in the reference; ``teacher_token_ce`` is None (no dense teacher)."""
+    applies to the student only, as in the reference; ``teacher_token_ce`` is None (no dense teacher).
+    Targets with a ``tail`` get ``sparse_kl``'s tail term (``tail``: bucket | uniform | drop)."""
     if value_form not in ("kl", "ce"):
         raise ValueError(f"value_form must be 'kl' or 'ce', got {value_form!r}")
+    check_tail_mode(tail)
     if targets.indices.shape[:-1] != student_logits.shape[:-1] or targets.probs.shape != targets.indices.shape:
         raise ValueError(f"sparse targets {tuple(targets.indices.shape)} do not match rows {tuple(student_logits.shape)}")
-    terms = _terms(student_logits, (targets.indices, targets.probs.detach()), labels, sparse_kernel(value_form),
+    parts: tuple[Tensor, ...] = (targets.indices, targets.probs.detach())
+    if targets.tail is not None and tail != "drop":
+        if targets.tail.shape != student_logits.shape[:-1]:
+            raise ValueError(f"sparse target tail {tuple(targets.tail.shape)} does not match rows {tuple(student_logits.shape)}")
+        parts = (*parts, targets.tail.detach())
+    terms = _terms(student_logits, parts, labels, sparse_kernel(value_form, tail),
                    temperature=temperature, token_weight=token_weight, ce=ce, chunk_tokens=chunk_tokens)
     return terms._replace(teacher_token_ce=None)
 
