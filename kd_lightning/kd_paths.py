@@ -221,7 +221,8 @@ class ChunkedKD:
 
 class SparseKD:
     """Offline targets (`teacher=cached`, a teacher store): with loss=sparse_kl the KD term is
-    `sparse_kl` against the stored sparse targets; any other loss reads them decoded to dense
+    `sparse_kl` against the stored sparse targets (topk: the tail as one extra bin unless
+    `teacher_cache.tail` says otherwise); any other loss reads them decoded to dense
     log-probabilities (`kd_lightning.teachers.encodings.decode_dense`) on the dense path. Sparse targets
     give no teacher CE statistics."""
 
@@ -233,10 +234,11 @@ class SparseKD:
         if not getattr(teacher, "sparse", True):  # another loss: the teacher returns the decoded log-probabilities
             return self.decoded(module, batch, labels, mask)
         student_rows = module.adapter.rows(module.student_logits(batch), mask)
-        stored = teacher.targets(batch)  # aligned [B, L-1, k]
-        targets = SparseTargets(stored.indices[mask], stored.probs[mask])
-        terms = fast_sparse_kd_terms(student_rows, targets, labels[mask],
-                                     temperature=module.kd_temperature, ce=wants_ce(module))
+        stored = teacher.targets(batch)  # aligned [B, L-1, k] (+ the topk tail's mass [B, L-1])
+        targets = SparseTargets(stored.indices[mask], stored.probs[mask],
+                                None if stored.tail is None else stored.tail[mask])
+        terms = fast_sparse_kd_terms(student_rows, targets, labels[mask], temperature=module.kd_temperature,
+                                     ce=wants_ce(module), tail=getattr(teacher, "tail", "bucket"))
         return fast_step_terms(terms, mask.sum(), module.teacher_weights.to(student_rows.device), [name])._replace(
             teacher_token_ce=None)  # stored targets are sparse: no teacher CE statistics
 

@@ -150,3 +150,18 @@ def test_bucket_under_a_mask_and_temperature_matches_the_fast_kernel() -> None:
     terms = fast_sparse_kd_terms(student[mask].float(), rows, None, temperature=2.0)
     assert float(terms.kd_sum) == pytest.approx(float(ref), rel=1e-5)
 
+
+def test_decode_targets_carries_the_tail_unless_dropped() -> None:
+    from kd_lightning.teachers.encodings import Encoding, decode_targets, encode
+
+    g = torch.Generator().manual_seed(0)
+    logprobs = torch.log_softmax(torch.randn(2, 5, V, generator=g), -1)
+    encoding = Encoding("topk", "float32", k=K)
+    stored = encode(encoding, logprobs)
+    bucket = decode_targets(encoding, stored)
+    assert bucket.tail is not None and torch.allclose(bucket.probs.sum(-1) + bucket.tail, torch.ones(2, 5), atol=1e-5)
+    top = logprobs.exp().topk(K, -1).values
+    assert torch.allclose(bucket.tail, 1 - top.sum(-1), atol=1e-3)  # stored in float16
+    dropped = decode_targets(encoding, stored, "drop")
+    assert dropped.tail is None and torch.allclose(dropped.probs.sum(-1), torch.ones(2, 5), atol=1e-6)
+    assert decode_targets(Encoding("sample", k=8, num_draws=8), encode(Encoding("sample", k=8, num_draws=8), logprobs)).tail is None

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from kd_lightning.atomic import _pid_alive, atomic_write_json, clean_stale_temporaries
 from kd_lightning.data.tokenizer import tokenizer_identity
-from kd_lightning.losses.sparse import SparseTargets
+from kd_lightning.losses.sparse import SparseTargets, check_tail_mode
 from kd_lightning.model_cache import cache_root
 from kd_lightning.models import output_size
 from kd_lightning.tasks import CausalLM
@@ -158,9 +158,9 @@ class CachedTeacher(nn.Module):
 
     sparse_targets = True
 
-    def __init__(self, store: TeacherOutputStore, sparse: bool) -> None:
+    def __init__(self, store: TeacherOutputStore, sparse: bool, tail: str = "bucket") -> None:
         super().__init__()
-        self.store, self.sparse = store, sparse
+        self.store, self.sparse, self.tail = store, sparse, check_tail_mode(tail)
         self.vocab_size = store.vocab_size
 
     def _missing(self, count: int) -> KeyError:
@@ -169,14 +169,16 @@ class CachedTeacher(nn.Module):
                         f"{BUILD.format(dir=self.store.directory)}")
 
     def targets(self, batch: dict[str, Tensor]) -> SparseTargets:
-        """Aligned sparse targets [B, seq_len - 1, k] of the batch's rows."""
+        """Aligned sparse targets [B, seq_len - 1, k] of the batch's rows (topk: with the tail's mass
+        unless ``tail="drop"``)."""
         keys, length = row_keys(batch["input_ids"], batch.get("attention_mask")), batch["input_ids"].shape[1]
-        found = self.store.targets(keys, length)
+        found = self.store.targets(keys, length, self.tail)
         if found is None:
             raise self._missing(len(self.store.missing(keys)))
         device = batch["input_ids"].device
+        tail = None if found.tail is None else found.tail[:, :-1].to(device, torch.float32, non_blocking=True)
         return SparseTargets(found.indices[:, :-1].to(device, non_blocking=True),
-                             found.probs[:, :-1].to(device, torch.float32, non_blocking=True))
+                             found.probs[:, :-1].to(device, torch.float32, non_blocking=True), tail)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
         logprobs = self.store.get(row_keys(input_ids, attention_mask), input_ids.shape[1])
@@ -213,8 +215,10 @@ def load_cached_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: An
             + " but this run has " + ", ".join(f"{wanted[k]!r}" for k in differ)
             + "; pass the same teacher_cache.* settings or rebuild it with stage=cache_teacher")
     sparse = "sparse_kl" == str(cfg.loss.name)
-    log.info("Reading teacher targets (%s) from %s", store.encoding.identity(), directory)
-    return CachedTeacher(store, sparse)
+    tail = str(cfg.teacher_cache.get("tail") or "bucket")
+    log.info("Reading teacher targets (%s%s) from %s", store.encoding.identity(),
+             f", tail={tail}" if sparse and store.encoding.name == "topk" else "", directory)
+    return CachedTeacher(store, sparse, tail)
 
 
 __all__ = ["CachedTeacher", "Encoding", "cache_teacher_targets", "coverage", "load_cached_teacher"]
