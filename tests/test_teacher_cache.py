@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +266,57 @@ def test_a_sweep_with_the_same_encoding_reads_the_offline_store(make_cfg, tmp_pa
     # every training row (6 steps x 8) was read from the offline store; only evaluation rows were computed
     assert alone["computed_rows"] - summary["computed_rows"] == 6 * 8
 
+
+def _foreign_claim(directory: Path, chunk: int, age_s: float, text: str = "4242 some-other-host") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".claim-{chunk}"
+    path.write_text(text)
+    old = time.time() - age_s
+    os.utime(path, (old, old))
+    return path
+
+
+def test_a_stale_claim_from_another_host_is_taken_over_with_a_warning(tmp_path: Path, caplog) -> None:
+    """#14: a writer on another host cannot be checked by pid; its claim is a lease that expires when
+    its heartbeat (mtime) is older than teacher_cache.claim_timeout_s."""
+    from kd_lightning.teachers.teacher_cache import _claim, _heartbeat
+
+    fresh = _foreign_claim(tmp_path, 0, age_s=5)
+    assert not _claim(tmp_path, 0, steal=True, timeout_s=600)  # alive elsewhere: wait for it
+    assert fresh.read_text() == "4242 some-other-host"
+    stale = _foreign_claim(tmp_path, 1, age_s=3600)
+    assert not _claim(tmp_path, 1)  # not stealing: a plain claim never takes another's chunk
+    assert not _claim(tmp_path, 1, steal=True, timeout_s=7200)  # within a longer lease
+    with caplog.at_level(logging.WARNING, logger="kd_lightning"):
+        assert _claim(tmp_path, 1, steal=True, timeout_s=600)
+    assert stale.read_text().split() == [str(os.getpid()), socket.gethostname()]
+    assert "chunk 1" in caplog.text and "pid 4242 on host some-other-host" in caplog.text and "claim_timeout_s=600" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".claim-0", ".claim-1"]  # nothing left behind
+    # a claim never written (its writer died between creating and writing it) expires the same way
+    empty = _foreign_claim(tmp_path, 2, age_s=3600, text="")
+    assert _claim(tmp_path, 2, steal=True, timeout_s=600) and empty.read_text().startswith(str(os.getpid()))
+    # the heartbeat keeps a claim alive: refreshed, it is no longer stale
+    _foreign_claim(tmp_path, 3, age_s=3600)
+    _heartbeat(tmp_path, 3)
+    assert not _claim(tmp_path, 3, steal=True, timeout_s=600)
+
+
+def test_cache_teacher_finishes_past_a_dead_writer_on_another_host(tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
+    """stage=cache_teacher with chunk 0 claimed by a dead writer elsewhere: it takes the chunk over once the
+    lease (claim_timeout_s) has expired (the old code waited forever: here the wait is cut short)."""
+    import kd_lightning.teachers.teacher_cache as tc
+
+    target = tmp_path / "targets"
+    _foreign_claim(target, 0, age_s=120)
+    waits = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) > 20:
+            raise TimeoutError("still waiting for the foreign claim")
+
+    monkeypatch.setattr(tc.time, "sleep", sleep)
+    cfg = cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", "teacher_cache.method=topk", "teacher_cache.claim_timeout_s=60",
+                    f"teacher_cache.dir={target}")
+    run(cfg)
+    assert list(target.glob("covers-*.json")) and not list(target.glob(".claim-*"))

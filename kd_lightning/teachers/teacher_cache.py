@@ -10,7 +10,10 @@ sample``, unbiased) or as its top-k plus the tail's mass (``topk``), or in full 
 Several writers share the work: the training split is cut into chunks of ``teacher_cache.shard_size``
 samples; a process claims a chunk (an exclusive ``.claim-<chunk>`` file) before computing it, DDP
 ranks (``RANK``/``WORLD_SIZE``) start at different chunks, and a process that finds no chunk left to
-claim waits for the others, taking over a chunk whose claimer died. When every row is stored, a
+claim waits for the others, taking over a chunk whose claimer died: on this host, when its pid is
+gone; on another host (a shared filesystem), when its heartbeat (the claim's mtime, refreshed every
+10 s while computing) is older than ``teacher_cache.claim_timeout_s`` (default 600 s), with a
+warning naming the host and pid. When every row is stored, a
 ``covers-<data fingerprint>.json`` record says the split is complete; `teacher=cached` needs it.
 Each chunk's draws are seeded by (seed, chunk), so who computes a chunk does not change it.
 """
@@ -55,8 +58,45 @@ def covers_path(directory: Path, fingerprint: str) -> Path:
     return directory / f"covers-{fingerprint}.json"
 
 
-def _claim(directory: Path, chunk: int, *, steal: bool = False) -> bool:
-    """Take chunk `chunk` for this process; `steal`: also when its claimer (this host) has died."""
+DEFAULT_CLAIM_TIMEOUT_S = 600.0  # teacher_cache.claim_timeout_s
+HEARTBEAT_S = 10.0  # how often a writer refreshes its claim's mtime while computing
+
+
+def _claim_owner(path: Path) -> tuple[int, str] | None:
+    """(pid, host) of a claim file, None while it is being written (or unreadable)."""
+    try:
+        pid, host = path.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _stale(path: Path, owner: tuple[int, str] | None, timeout_s: float) -> str | None:
+    """Why the claim at `path` may be taken over, or None while its writer may still be computing.
+
+    Same host: the writer's pid is dead. Another host (its pid cannot be checked from here), or a
+    claim that was never written: its heartbeat (the file's mtime, which a writer refreshes every
+    `HEARTBEAT_S` while computing) is older than `timeout_s`."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if owner is not None and owner[1] == socket.gethostname():
+        return None if _pid_alive(owner[0]) else f"its writer (pid {owner[0]} on this host) has exited"
+    if age <= timeout_s:
+        return None
+    who = f"pid {owner[0]} on host {owner[1]}" if owner is not None else "a writer that never wrote its name"
+    return f"its writer ({who}) has not refreshed it for {age:.0f} s (teacher_cache.claim_timeout_s={timeout_s:g})"
+
+
+def _claim(directory: Path, chunk: int, *, steal: bool = False, timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S) -> bool:
+    """Take chunk `chunk` for this process; `steal`: also when its claim is stale (`_stale`): its
+    writer on this host died, or a writer elsewhere stopped refreshing it for `timeout_s` seconds.
+
+    A stale claim is renamed away first (one process wins the rename), then claimed anew with
+    O_EXCL, so two processes never both take it over. A writer that was only slow (a heartbeat
+    missed for longer than the timeout) and a thief then compute the same chunk: the rows are the
+    same (seeded by chunk) and the store keeps the first copy of each."""
     path = directory / f".claim-{chunk}"
     me = f"{os.getpid()} {socket.gethostname()}"
     try:
@@ -64,17 +104,39 @@ def _claim(directory: Path, chunk: int, *, steal: bool = False) -> bool:
     except FileExistsError:
         if not steal:
             return False
-        try:
-            pid, host = path.read_text().split()
-        except (OSError, ValueError):
-            return False  # being written right now
-        if host != socket.gethostname() or _pid_alive(int(pid)):
+        owner = _claim_owner(path)
+        why = _stale(path, owner, timeout_s)
+        if why is None:
             return False
-        path.write_text(me)
-        return True
+        moved = path.with_name(f"{path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(path, moved)  # atomic: only one process takes a given stale claim away
+        except FileNotFoundError:
+            return False
+        if _claim_owner(moved) != owner:  # replaced between our read and the rename: put it back
+            try:
+                os.link(moved, path)
+            except FileExistsError:
+                pass
+            moved.unlink(missing_ok=True)
+            return False
+        moved.unlink(missing_ok=True)
+        log.warning("teacher_cache: taking over chunk %d of %s: %s", chunk, directory, why)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False  # another process claimed it afresh
     with os.fdopen(fd, "w") as handle:
         handle.write(me)
     return True
+
+
+def _heartbeat(directory: Path, chunk: int) -> None:
+    """Refresh this writer's claim (its mtime): a writer on another host sees it alive."""
+    try:
+        os.utime(directory / f".claim-{chunk}")
+    except FileNotFoundError:
+        pass
 
 
 @torch.no_grad()
@@ -114,9 +176,15 @@ def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictCon
         items = [dataset[i] for i in chunks[chunk]]
         return row_keys(torch.stack([x["input_ids"] for x in items]), torch.stack([x["attention_mask"] for x in items]))
 
+    timeout_s = float(c.get("claim_timeout_s") or DEFAULT_CLAIM_TIMEOUT_S)
+
     def compute(chunk: int) -> None:
         store.generator.manual_seed(int(cfg.seed) * 1_000_003 + chunk)
+        beat = time.monotonic()
         for start in range(0, len(chunks[chunk]), batch_size):
+            if time.monotonic() - beat >= HEARTBEAT_S:
+                _heartbeat(directory, chunk)
+                beat = time.monotonic()
             items = [dataset[i] for i in chunks[chunk][start:start + batch_size]]
             batch = {k: torch.stack([x[k] for x in items]).to(device) for k in ("input_ids", "attention_mask")}
             keys = row_keys(batch["input_ids"], batch["attention_mask"])
@@ -136,7 +204,7 @@ def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictCon
     pending = [chunk for chunk in order if not done(chunk)]
     while pending:  # chunks others claimed: wait for them, or take over those whose writer died
         for chunk in pending:
-            if _claim(directory, chunk, steal=True):
+            if _claim(directory, chunk, steal=True, timeout_s=timeout_s):
                 compute(chunk)
         time.sleep(0.5)
         store.scan()
