@@ -234,9 +234,14 @@ class SparseKD:
         if not getattr(teacher, "sparse", True):  # another loss: the teacher returns the decoded log-probabilities
             return self.decoded(module, batch, labels, mask)
         student_rows = module.adapter.rows(module.student_logits(batch), mask)
-        stored = teacher.targets(batch)  # aligned [B, L-1, k] (+ the topk tail's mass [B, L-1])
-        targets = SparseTargets(stored.indices[mask], stored.probs[mask],
-                                None if stored.tail is None else stored.tail[mask])
+        if hasattr(teacher, "stored"):  # unaligned [B, L, k] (+ the topk tail's mass [B, L]): one index_select each
+            index = module.adapter.row_index(mask)  # the counted rows, selected like the student's
+            targets = SparseTargets(*(None if x is None else x.reshape(-1, *x.shape[2:]).index_select(0, index)
+                                      for x in teacher.stored(batch)))
+        else:  # a table with only `targets(batch)`: aligned [B, L-1, k]
+            aligned = teacher.targets(batch)
+            targets = SparseTargets(aligned.indices[mask], aligned.probs[mask],
+                                    None if aligned.tail is None else aligned.tail[mask])
         terms = fast_sparse_kd_terms(student_rows, targets, labels[mask], temperature=module.kd_temperature,
                                      ce=wants_ce(module), tail=getattr(teacher, "tail", "bucket"))
         return fast_step_terms(terms, mask.sum(), module.teacher_weights.to(student_rows.device), [name])._replace(

@@ -165,3 +165,37 @@ def test_decode_targets_carries_the_tail_unless_dropped() -> None:
     dropped = decode_targets(encoding, stored, "drop")
     assert dropped.tail is None and torch.allclose(dropped.probs.sum(-1), torch.ones(2, 5), atol=1e-6)
     assert decode_targets(Encoding("sample", k=8, num_draws=8), encode(Encoding("sample", k=8, num_draws=8), logprobs)).tail is None
+
+
+@pytest.mark.parametrize("mode", ["bucket", "uniform", "drop"])
+@pytest.mark.parametrize("tailed", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_fused_sparse_and_ce_step_matches_the_references(mode: str, tailed: bool, weighted: bool) -> None:
+    """T = 1 with CE in the loss takes the fused kernel (q kept once, one gradient pass in backward):
+    its sums and gradient equal sparse_kl + cross_entropy, with ignored labels, a label inside S,
+    token weights and several chunks."""
+    import torch.nn.functional as F
+
+    rows = 37
+    student, _, targets = case(seed=6, rows=rows)
+    probs = targets.probs if tailed else targets.probs / targets.probs.sum(-1, keepdim=True)
+    targets = SparseTargets(targets.indices, probs, targets.tail if tailed else None)
+    g = torch.Generator().manual_seed(7)
+    labels = torch.randint(0, V, (rows,), generator=g)
+    labels[3] = -100
+    labels[5] = targets.indices[5, 0]
+    weight = torch.rand(rows, generator=g, dtype=torch.float64) if weighted else torch.ones(rows, dtype=torch.float64)
+    z = student.clone().requires_grad_()
+    kd_ref = (sparse_kl(z, targets, reduction="none", tail=mode) * weight).sum()
+    ce_ref = F.cross_entropy(z, labels, reduction="sum")
+    (0.3 * kd_ref + 0.7 * ce_ref).backward()
+    zf = student.float().requires_grad_()
+    flat = SparseTargets(targets.indices, targets.probs.float(), None if targets.tail is None else targets.tail.float())
+    terms = fast_sparse_kd_terms(zf, flat, labels, temperature=1.0, ce=True, tail=mode, chunk_tokens=10,
+                                 token_weight=weight.float() if weighted else None)
+    (0.3 * terms.kd_sum + 0.7 * terms.ce_sum).backward()
+    assert float(terms.kd_sum.detach()) == pytest.approx(float(kd_ref.detach()), rel=1e-5)
+    assert float(terms.ce_sum.detach()) == pytest.approx(float(ce_ref.detach()), rel=1e-5)
+    assert torch.allclose(zf.grad.double(), z.grad, atol=1e-6)
+    assert terms.teacher_token_ce is None and terms.student_token_ce.shape == (rows,)
+    assert float(terms.student_token_ce[3]) == 0.0

@@ -236,17 +236,23 @@ class CachedTeacher(nn.Module):
                         f"covers the training split it was built for; rebuild it with: "
                         f"{BUILD.format(dir=self.store.directory)}")
 
-    def targets(self, batch: dict[str, Tensor]) -> SparseTargets:
-        """Aligned sparse targets [B, seq_len - 1, k] of the batch's rows (topk: with the tail's mass
-        unless ``tail="drop"``)."""
+    def stored(self, batch: dict[str, Tensor]) -> SparseTargets:
+        """Unaligned sparse targets [B, seq_len, k] of the batch's rows as stored (position t: the
+        teacher's distribution for token t + 1; topk: with the tail's mass unless ``tail="drop"``)."""
         keys, length = row_keys(batch["input_ids"], batch.get("attention_mask")), batch["input_ids"].shape[1]
         found = self.store.targets(keys, length, self.tail)
         if found is None:
             raise self._missing(len(self.store.missing(keys)))
         device = batch["input_ids"].device
-        tail = None if found.tail is None else found.tail[:, :-1].to(device, torch.float32, non_blocking=True)
-        return SparseTargets(found.indices[:, :-1].to(device, non_blocking=True),
-                             found.probs[:, :-1].to(device, torch.float32, non_blocking=True), tail)
+        tail = None if found.tail is None else found.tail.to(device, torch.float32, non_blocking=True)
+        return SparseTargets(found.indices.to(device, non_blocking=True),
+                             found.probs.to(device, torch.float32, non_blocking=True), tail)
+
+    def targets(self, batch: dict[str, Tensor]) -> SparseTargets:
+        """Aligned sparse targets [B, seq_len - 1, k] of the batch's rows (topk: with the tail's mass
+        unless ``tail="drop"``)."""
+        found = self.stored(batch)
+        return SparseTargets(found.indices[:, :-1], found.probs[:, :-1], None if found.tail is None else found.tail[:, :-1])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
         logprobs = self.store.get(row_keys(input_ids, attention_mask), input_ids.shape[1])
