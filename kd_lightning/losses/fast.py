@@ -19,7 +19,9 @@ API (rows are the counted positions, already selected by the caller; sums, not m
                           chunk_size) -> KDTerms
     fast_sparse_kd_terms(student_logits [M, V], targets: SparseTargets [M, k], labels [M] | None, *,
                          temperature, token_weight=None, ce=False, value_form="kl",
-                         chunk_tokens=None) -> KDTerms
+                         chunk_tokens=None, tail="bucket") -> KDTerms
+        (at T = 1 with ce=True and a gradient: the fused `_SparseCE`, which keeps q once and writes
+        the CE + KD gradient in one pass in backward; otherwise the chunked kernel below)
 
 ``kd_sum = Σ_rows w·D_T(row)`` (no T², no mean), ``ce_sum = Σ_rows CE_{T=1}`` (unweighted; rows with
 label < 0 count 0), token CEs detached float32 ``[M]``. At T = 1 the student CE comes from the very
