@@ -152,8 +152,11 @@ def decode_targets(encoding: Encoding, tensors: dict[str, Tensor], tail: str = "
         logprobs = tensors["values"].float()
         ids = torch.arange(logprobs.shape[-1]).expand_as(logprobs)
         return SparseTargets(ids, logprobs.exp())
+    if encoding.name == "sample":  # count / (sum of counts): already sums to 1
+        counts = tensors["counts"].float()
+        return SparseTargets(tensors["ids"].long(), counts.div_(counts.sum(-1, keepdim=True).clamp_min_(1.0)))
     ids, probs, rest = decode_sparse(encoding, tensors)
-    if encoding.name == "topk" and tail != "drop":
+    if tail != "drop":
         return SparseTargets(ids, probs, rest)
     return SparseTargets(ids, probs / probs.sum(-1, keepdim=True).clamp_min(1e-30))
 
