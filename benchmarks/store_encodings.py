@@ -7,7 +7,13 @@ distilled (0.5 CE + 0.5 forward KL, T = 1) from:
 
   online        the teacher run every step (reference);
   <encoding>    the teacher store (`kd_lightning.teachers.store`) filled once for the training
-                windows, read back and decoded to dense log-probabilities.
+                windows and read back. `full-*` arms decode to dense log-probabilities (dense forward
+                KL, as every dense loss reads them); `topk*` and `sample*` arms use what
+                `teacher=cached loss=sparse_kl` uses: the sparse targets and the module's kernel
+                (`fast_sparse_kd_terms`, CE from the same log-probabilities). A topk arm's suffix is
+                its tail (`teacher_cache.tail`): `-bucket` = one extra bin (the default), `-drop` =
+                head renormalised, none = spread uniformly over the V - k other ids (the same value
+                and gradient as the dense decode the earlier figures used).
 
 Printed per method: bytes per token (from the store's files), held-out loss in nats per byte
 (validation CE per token x tokens per byte), its gap to online KD (mean over seeds), the student step
@@ -35,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kd_lightning.losses import forward_kl  # noqa: E402
+from kd_lightning.losses.fast import fast_sparse_kd_terms  # noqa: E402
 from kd_lightning.teachers.encodings import Encoding  # noqa: E402
 from kd_lightning.teachers.store import TeacherOutputStore, bytes_per_token, row_keys, store_identity  # noqa: E402
 
@@ -44,7 +51,18 @@ ENCODINGS = {
     "topk128-u8": Encoding("topk", "uint8", k=128), "topk32-f16": Encoding("topk", "float16", k=32),
     "sample32": Encoding("sample", k=32, num_draws=32), "sample64": Encoding("sample", k=64, num_draws=64),
 }
-QUICK = ("full-f32", "topk32-u8", "sample32")
+TAILS = ("bucket", "drop")
+QUICK = ("full-f32", "topk32-u8", "topk32-u8-bucket", "sample32")
+
+
+def arm(name: str) -> tuple[str, str | None]:
+    """(store encoding name, topk tail mode or None) of a benchmark arm."""
+    base, _, suffix = name.rpartition("-")
+    if suffix in TAILS and base in ENCODINGS:
+        return base, suffix
+    if name not in ENCODINGS:
+        raise ValueError(f"unknown arm {name!r}: an encoding of {list(ENCODINGS)}, topk ones optionally with -{'/-'.join(TAILS)}")
+    return name, ("uniform" if ENCODINGS[name].name == "topk" else None)
 
 
 def windows(tokenizer, files: list[str], max_tokens: int, seq_len: int) -> tuple[torch.Tensor, int]:
@@ -72,8 +90,10 @@ def build(kind: str, vocab: int, seed: int) -> torch.nn.Module:
                                         tie_word_embeddings=True))
 
 
-def train(model, data: torch.Tensor, steps: int, batch: int, seed: int, teacher_fn=None, lr: float = 3e-3) -> float:
-    """AdamW steps of CE (or 0.5 CE + 0.5 forward KL against `teacher_fn(rows)`); seconds per step."""
+def train(model, data: torch.Tensor, steps: int, batch: int, seed: int, teacher_fn=None, lr: float = 3e-3,
+          sparse_fn=None) -> float:
+    """AdamW steps of CE (or 0.5 CE + 0.5 forward KL against `teacher_fn(rows)`, or 0.5 CE + 0.5
+    sparse_kl against `sparse_fn(rows, x)` = (SparseTargets, tail mode)); seconds per step."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -82,6 +102,20 @@ def train(model, data: torch.Tensor, steps: int, batch: int, seed: int, teacher_
         rows = torch.randint(0, len(data), (batch,), generator=g)
         x = data[rows]
         logits = model(input_ids=x).logits[:, :-1]
+        if sparse_fn is not None:  # the module's SparseKD path: one kernel gives the KD and CE sums
+            from kd_lightning.losses.sparse import SparseTargets
+            targets, tail = sparse_fn(rows, x)
+            rows_v = logits.reshape(-1, logits.shape[-1])
+            flat = SparseTargets(targets.indices[:, :-1].reshape(-1, targets.indices.shape[-1]),
+                                 targets.probs[:, :-1].reshape(-1, targets.probs.shape[-1]),
+                                 None if targets.tail is None else targets.tail[:, :-1].reshape(-1))
+            terms = fast_sparse_kd_terms(rows_v, flat, x[:, 1:].reshape(-1), temperature=1.0, ce=True, tail=tail or "bucket")
+            count = rows_v.shape[0]
+            loss = 0.5 * terms.ce_sum / count + 0.5 * terms.kd_sum / count
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            continue
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         if teacher_fn is not None:
             loss = 0.5 * loss + 0.5 * forward_kl(logits, teacher_fn(rows, x)[:, :-1])
@@ -108,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="student steps")
     parser.add_argument("--teacher-steps", type=int, default=None)
-    parser.add_argument("--encodings", default=None, help=f"comma-separated subset of {','.join(ENCODINGS)}")
+    parser.add_argument("--encodings", default=None,
+                        help=f"comma-separated arms: {','.join(ENCODINGS)}; topk ones also with -bucket or -drop "
+                             "(online always runs first)")
     parser.add_argument("--student-tokens", type=int, default=32768,
                         help="training tokens the students (and stores) use; the teacher trains on more")
     parser.add_argument("--out", default=None, help="work directory (tokenizer, teacher, stores, results.json)")
@@ -118,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     seeds = range(args.seeds or (1 if quick else 3))
     steps, teacher_steps = args.steps or (8 if quick else 150), args.teacher_steps or (10 if quick else 400)
     batch, seq_len = 8, 128
-    names = tuple(args.encodings.split(",")) if args.encodings else QUICK if quick else tuple(ENCODINGS)
+    arms = tuple(a for a in args.encodings.split(",") if a != "online") if args.encodings else QUICK if quick else tuple(ENCODINGS)
+    names = tuple(dict.fromkeys(arm(a)[0] for a in arms))  # the stores to fill
     out = Path(args.out or tempfile.mkdtemp(prefix="store_bench_"))
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
@@ -176,7 +213,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
             return out
         return fn
 
-    ce_times, runs = [], {name: [] for name in ("online", *names)}
+    def sparse_from_store(store, tail):
+        def fn(rows, x):
+            out = store.targets(row_keys(x, None), x.shape[1], tail or "bucket")
+            assert out is not None, "store misses a training window"
+            return out, tail
+        return fn
+
+    ce_times, runs = [], {name: [] for name in ("online", *arms)}
     step_times: dict[str, list[float]] = {name: [] for name in runs}
     for seed in seeds:
         student = build("student", V, 100 + seed)
@@ -184,25 +228,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results.setdefault("ce_only", []).append(nats_per_token(student, val_data) / bytes_per_tok)
         for name in runs:
             student = build("student", V, 100 + seed)
-            fn = online if name == "online" else from_store(stores[name])
-            step_times[name].append(train(student, student_data, steps, batch, seed, fn))
+            if name == "online":
+                step_times[name].append(train(student, student_data, steps, batch, seed, online))
+            else:
+                store_name, tail = arm(name)
+                if ENCODINGS[store_name].name == "full":
+                    step_times[name].append(train(student, student_data, steps, batch, seed, from_store(stores[store_name])))
+                else:
+                    step_times[name].append(train(student, student_data, steps, batch, seed,
+                                                  sparse_fn=sparse_from_store(stores[store_name], tail)))
             runs[name].append(nats_per_token(student, val_data) / bytes_per_tok)
-            print(f"seed {seed} {name:<12} {runs[name][-1]:.4f} nats/byte", flush=True)
-        partial = {"seeds_done": seed + 1, "nats_per_byte": runs, "step_seconds": step_times, "ce_step_seconds": ce_times}
-        (out / "partial.json").write_text(json.dumps({**results, **partial}, indent=2))  # a long run can be read early
+            print(f"seed {seed} {name:<18} {runs[name][-1]:.4f} nats/byte  {time.strftime('%H:%M:%S')}", flush=True)
+            partial = {"seeds_started": seed + 1, "nats_per_byte": runs, "step_seconds": step_times, "ce_step_seconds": ce_times}
+            (out / "partial.json").write_text(json.dumps({**results, **partial}, indent=2))  # a long run can be read early
     ce_step = statistics.mean(ce_times)
     ref = statistics.mean(runs["online"])
     print(f"\nvocab={V} text bytes/token={bytes_per_tok:.2f} teacher {results['teacher_nats_per_byte']:.3f} nats/byte, "
           f"CE-only student {statistics.mean(results['ce_only']):.4f}; {len(seeds)} seed(s) x {steps} steps of "
           f"{batch}x{seq_len} over {student_data.numel()} training tokens; CE-only step {1e3 * ce_step:.0f} ms")
-    print(f"{'method':<12}{'bytes/token':>12}{'nats/byte':>11}{'vs online':>11}{'step/CE':>9}{'write tok/s':>13}")
+    print(f"{'method':<18}{'bytes/token':>12}{'nats/byte':>11}{'vs online':>11}{'step/CE':>9}{'write tok/s':>13}")
     for name in runs:
-        entry = results["methods"].setdefault(name, {"bytes_per_token": None, "write_tokens_per_s": None})
+        stored = results["methods"].get(arm(name)[0], {}) if name != "online" else {}
+        entry = results["methods"].setdefault(name, {"bytes_per_token": stored.get("bytes_per_token"),
+                                                     "write_tokens_per_s": stored.get("write_tokens_per_s")})
         entry.update(nats_per_byte=statistics.mean(runs[name]), per_seed=runs[name],
                      gap_to_online=statistics.mean(runs[name]) - ref, step_vs_ce=statistics.mean(step_times[name]) / ce_step)
         size = "-" if entry["bytes_per_token"] is None else f"{entry['bytes_per_token']:.0f}"
         write = "-" if not entry["write_tokens_per_s"] else f"{entry['write_tokens_per_s']:.0f}"
-        print(f"{name:<12}{size:>12}{entry['nats_per_byte']:>11.4f}{entry['gap_to_online']:>+11.4f}"
+        print(f"{name:<18}{size:>12}{entry['nats_per_byte']:>11.4f}{entry['gap_to_online']:>+11.4f}"
               f"{entry['step_vs_ce']:>9.2f}{write:>13}")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results

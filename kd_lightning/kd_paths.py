@@ -226,7 +226,8 @@ class ChunkedKD:
 
 class SparseKD:
     """Offline targets (`teacher=cached`, a teacher store): with loss=sparse_kl the KD term is
-    `sparse_kl` against the stored sparse targets; any other loss reads them decoded to dense
+    `sparse_kl` against the stored sparse targets (topk: the tail as one extra bin unless
+    `teacher_cache.tail` says otherwise); any other loss reads them decoded to dense
     log-probabilities (`kd_lightning.teachers.encodings.decode_dense`) on the dense path. Sparse targets
     give no teacher CE statistics."""
 
@@ -238,10 +239,16 @@ class SparseKD:
         if not getattr(teacher, "sparse", True):  # another loss: the teacher returns the decoded log-probabilities
             return self.decoded(module, batch, labels, mask)
         student_rows = module.adapter.rows(module.student_logits(batch), mask)
-        stored = teacher.targets(batch)  # aligned [B, L-1, k]
-        targets = SparseTargets(stored.indices[mask], stored.probs[mask])
-        terms = fast_sparse_kd_terms(student_rows, targets, labels[mask],
-                                     temperature=module.kd_temperature, ce=wants_ce(module))
+        if hasattr(teacher, "stored"):  # unaligned [B, L, k] (+ the topk tail's mass [B, L]): one index_select each
+            index = module.adapter.row_index(mask)  # the counted rows, selected like the student's
+            targets = SparseTargets(*(None if x is None else x.reshape(-1, *x.shape[2:]).index_select(0, index)
+                                      for x in teacher.stored(batch)))
+        else:  # a table with only `targets(batch)`: aligned [B, L-1, k]
+            aligned = teacher.targets(batch)
+            targets = SparseTargets(aligned.indices[mask], aligned.probs[mask],
+                                    None if aligned.tail is None else aligned.tail[mask])
+        terms = fast_sparse_kd_terms(student_rows, targets, labels[mask], temperature=module.kd_temperature,
+                                     ce=wants_ce(module), tail=getattr(teacher, "tail", "bucket"))
         return fast_step_terms(terms, mask.sum(), module.teacher_weights.to(student_rows.device), [name])._replace(
             teacher_token_ce=None)  # stored targets are sparse: no teacher CE statistics
 

@@ -43,7 +43,8 @@ class DistillationModule(LightningModule):
             eval mode, not in the optimizer, not in checkpoints (unless `save_teachers`). A teacher
             with `sparse_targets = True` (`teacher=cached`) is a table of offline sparse targets: it
             must be the only teacher, and the KD term is `sparse_kl` against `teacher.targets(batch)`
-            (stored for the aligned positions), whatever `loss_fn` is.
+            (stored for the aligned positions; or `teacher.stored(batch)`, the same unaligned
+            [B, L, k], when the teacher has it), whatever `loss_fn` is.
         loss_fn: a pure divergence `fn(student_logits, teacher_logits, mask, *, temperature, ...)`
             from `kd_lightning.losses` (a `functools.partial` binds its parameters).
         optimizer: `Callable[..., Optimizer]` called with the trainable parameters.

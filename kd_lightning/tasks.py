@@ -45,8 +45,12 @@ class CausalLM:
         """Rows ``[M, ...]`` of the counted positions of an *unaligned* output ``x [B, L, ...]``
         (logits or hidden states), ``mask [B, L-1]`` from the aligned labels: one `index_select` of
         the flattened tensor, no copy of the shifted ``x[:, :-1]`` (its backward is one index_add)."""
-        index = F.pad(mask, (0, 1)).reshape(-1).nonzero().squeeze(1)
-        return x.reshape(-1, *x.shape[2:]).index_select(0, index)
+        return x.reshape(-1, *x.shape[2:]).index_select(0, CausalLM.row_index(mask))
+
+    @staticmethod
+    def row_index(mask: Tensor) -> Tensor:
+        """The flat indices into an unaligned ``[B, L, ...]`` output that `rows` selects."""
+        return F.pad(mask, (0, 1)).reshape(-1).nonzero().squeeze(1)
 
     @staticmethod
     def builder_kwargs(datamodule: Any, seed: int) -> dict[str, Any]:
@@ -77,7 +81,11 @@ class Classification:
     @staticmethod
     def rows(x: Tensor, mask: Tensor) -> Tensor:
         """Rows ``[M, ...]`` of the counted examples of ``x [B, ...]``."""
-        return x.index_select(0, mask.nonzero().squeeze(1))
+        return x.index_select(0, Classification.row_index(mask))
+
+    @staticmethod
+    def row_index(mask: Tensor) -> Tensor:
+        return mask.nonzero().squeeze(1)
 
     @staticmethod
     def builder_kwargs(datamodule: Any, seed: int) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def test_store_encodings_quick_prints_sizes_and_gaps(tmp_path: Path):
     out = bench("store_encodings.py", "--quick", "--out", str(tmp_path), timeout=600)
     result = json.loads((tmp_path / "results.json").read_text())
     methods = result["methods"]
-    assert set(methods) == {"online", "full-f32", "topk32-u8", "sample32"} and "vs online" in out
+    assert set(methods) == {"online", "full-f32", "topk32-u8", "topk32-u8-bucket", "sample32"} and "vs online" in out
     assert methods["topk32-u8"]["bytes_per_token"] == 100 and methods["sample32"]["bytes_per_token"] == 96
     assert abs(methods["full-f32"]["gap_to_online"]) < 1e-3  # the exact encoding trains the online student
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -72,6 +76,33 @@ def test_store_covers_every_training_sample_then_train(built, make_cfg, tmp_path
     assert not any(k.startswith("teachers.") for k in ckpt["state_dict"])
 
 
+@pytest.mark.parametrize("tail", [None, "uniform", "drop"])
+def test_sparse_kl_from_topk_targets_uses_the_tail_bucket(built, make_cfg, tmp_path: Path, monkeypatch, tail) -> None:
+    """teacher=cached loss=sparse_kl with a topk store: the KD kernel gets the stored tail's mass and
+    teacher_cache.tail (default `bucket`)."""
+    import kd_lightning.kd_paths as kd_paths
+
+    seen = []
+    original = kd_paths.fast_sparse_kd_terms
+
+    def spy(student_rows, targets, labels, **kwargs):
+        seen.append((targets.tail, kwargs.get("tail")))
+        return original(student_rows, targets, labels, **kwargs)
+
+    monkeypatch.setattr(kd_paths, "fast_sparse_kd_terms", spy)
+    chosen = () if tail is None else (f"teacher_cache.tail={tail}",)
+    cfg = make_cfg(*DATA, *CACHE, "teacher_cache.method=topk", "teacher=cached", "loss=sparse_kl", *chosen,
+                   f"teacher_cache.dir={built['topk']}", "baseline=false")
+    run(cfg)
+    losses = column(metrics_csv(Path(cfg.paths.output_dir)), "train/kd_loss")
+    assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses))), losses
+    assert seen and all(mode == (tail or "bucket") for _, mode in seen)
+    if tail == "drop":
+        assert all(t is None for t, _ in seen)
+    else:  # the tail's mass of every counted position (a flat tiny teacher: well above 0)
+        assert all(t is not None and t.dim() == 1 and float(t.min()) >= 0 and float(t.mean()) > 0.01 for t, _ in seen)
+
+
 @pytest.mark.parametrize("loss", ["kl", "reverse_kl", "js"])
 def test_any_dense_loss_trains_from_topk_targets(built, make_cfg, tmp_path: Path, loss: str) -> None:
     """A loss other than sparse_kl reads the store decoded to dense log-probabilities (top-k + tail)."""
@@ -109,12 +140,17 @@ def test_stored_targets_are_the_live_teachers(built, tmp_path: Path, cache_dir: 
         live = torch.softmax(teacher(**batch).logits[:, :-1].float(), -1)
     targets = reader.targets(batch)
     probs = dense(targets, datamodule.vocab_size)
-    assert torch.allclose(probs.sum(-1), torch.ones(10, 63), atol=1e-5)
-    if method == "topk":  # the k largest, within the quantisation step (then renormalised over the head)
+    tail = 0.0 if targets.tail is None else targets.tail
+    assert torch.allclose(probs.sum(-1) + tail, torch.ones(10, 63), atol=1e-5)
+    if method == "topk":  # the k largest, within the quantisation step, and the tail's mass (the bucket)
         top, ids = live.topk(12, dim=-1)
         assert torch.equal(targets.indices.sort(-1).values, ids.sort(-1).values)
-        ratio = targets.probs / (top / top.sum(-1, keepdim=True))
+        ratio = targets.probs / top
         assert float((ratio.log().abs()).max()) <= 2 / QUANT_STEPS_PER_NAT
+        assert torch.allclose(targets.tail, 1 - top.sum(-1), atol=0.05)
+        reader.tail = "drop"  # teacher_cache.tail=drop: the head renormalised, no tail (the old Top-K targets)
+        dropped = reader.targets(batch)
+        assert dropped.tail is None and torch.allclose(dropped.probs.sum(-1), torch.ones(10, 63), atol=1e-5)
     else:  # drawn ids only where the teacher has mass, counts in units of 1/num_draws
         assert bool((live.gather(-1, targets.indices) > 0).all()) and torch.allclose(targets.probs * 12, (targets.probs * 12).round())
     assert row_keys(batch["input_ids"], batch["attention_mask"]) == row_keys(batch["input_ids"], batch["attention_mask"])
@@ -229,3 +265,58 @@ def test_a_sweep_with_the_same_encoding_reads_the_offline_store(make_cfg, tmp_pa
                          output_dir=tmp_path / "alone"))["teacher_outputs"]
     # every training row (6 steps x 8) was read from the offline store; only evaluation rows were computed
     assert alone["computed_rows"] - summary["computed_rows"] == 6 * 8
+
+
+def _foreign_claim(directory: Path, chunk: int, age_s: float, text: str = "4242 some-other-host") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f".claim-{chunk}"
+    path.write_text(text)
+    old = time.time() - age_s
+    os.utime(path, (old, old))
+    return path
+
+
+def test_a_stale_claim_from_another_host_is_taken_over_with_a_warning(tmp_path: Path, caplog) -> None:
+    """#14: a writer on another host cannot be checked by pid; its claim is a lease that expires when
+    its heartbeat (mtime) is older than teacher_cache.claim_timeout_s."""
+    from kd_lightning.teachers.teacher_cache import _claim, _heartbeat
+
+    fresh = _foreign_claim(tmp_path, 0, age_s=5)
+    assert not _claim(tmp_path, 0, steal=True, timeout_s=600)  # alive elsewhere: wait for it
+    assert fresh.read_text() == "4242 some-other-host"
+    stale = _foreign_claim(tmp_path, 1, age_s=3600)
+    assert not _claim(tmp_path, 1)  # not stealing: a plain claim never takes another's chunk
+    assert not _claim(tmp_path, 1, steal=True, timeout_s=7200)  # within a longer lease
+    with caplog.at_level(logging.WARNING, logger="kd_lightning"):
+        assert _claim(tmp_path, 1, steal=True, timeout_s=600)
+    assert stale.read_text().split() == [str(os.getpid()), socket.gethostname()]
+    assert "chunk 1" in caplog.text and "pid 4242 on host some-other-host" in caplog.text and "claim_timeout_s=600" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".claim-0", ".claim-1"]  # nothing left behind
+    # a claim never written (its writer died between creating and writing it) expires the same way
+    empty = _foreign_claim(tmp_path, 2, age_s=3600, text="")
+    assert _claim(tmp_path, 2, steal=True, timeout_s=600) and empty.read_text().startswith(str(os.getpid()))
+    # the heartbeat keeps a claim alive: refreshed, it is no longer stale
+    _foreign_claim(tmp_path, 3, age_s=3600)
+    _heartbeat(tmp_path, 3)
+    assert not _claim(tmp_path, 3, steal=True, timeout_s=600)
+
+
+def test_cache_teacher_finishes_past_a_dead_writer_on_another_host(tmp_path: Path, cache_dir: Path, monkeypatch) -> None:
+    """stage=cache_teacher with chunk 0 claimed by a dead writer elsewhere: it takes the chunk over once the
+    lease (claim_timeout_s) has expired (the old code waited forever: here the wait is cut short)."""
+    import kd_lightning.teachers.teacher_cache as tc
+
+    target = tmp_path / "targets"
+    _foreign_claim(target, 0, age_s=120)
+    waits = []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) > 20:
+            raise TimeoutError("still waiting for the foreign claim")
+
+    monkeypatch.setattr(tc.time, "sleep", sleep)
+    cfg = cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", "teacher_cache.method=topk", "teacher_cache.claim_timeout_s=60",
+                    f"teacher_cache.dir={target}")
+    run(cfg)
+    assert list(target.glob("covers-*.json")) and not list(target.glob(".claim-*"))

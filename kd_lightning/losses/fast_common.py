@@ -7,6 +7,7 @@ closed forms live in :mod:`~kd_lightning.losses.fast_rows`.
 from __future__ import annotations
 
 import functools
+import math
 import inspect
 from typing import Any, Callable, NamedTuple
 
@@ -109,21 +110,54 @@ def dense_kernel(kernel: Callable[..., Any], params: dict[str, Any], temperature
     return run
 
 
-def sparse_kernel(value_form: str) -> Callable[..., Any]:
-    """Forward KL against sparse targets: ``a = −p̂`` scattered to the target ids (kept terms only)."""
-    def run(lq: Tensor, target: tuple[Tensor, Tensor], labels: Tensor | None, want_grad: bool) -> tuple[Tensor, Any, None]:
-        indices, probs = target
-        probs = probs.float()
+def sparse_kernel(value_form: str, tail: str = "bucket") -> Callable[..., Any]:
+    """Forward KL against sparse targets: ``a = −p̂`` scattered to the target ids (kept terms only).
+
+    A target ``(indices, probs, p_tail)`` adds the tail term of :func:`~kd_lightning.losses.sparse.sparse_kl`
+    (``tail``: ``bucket`` | ``uniform``; ``drop`` ignores it). Bucket: ``q_t`` is the sum of the
+    student's probabilities over the ids outside S (the listed entries zeroed in place, from the
+    exponentials the gradient needs anyway; not ``1 − Σ_S q``, which cancels when the student is
+    confident), ``∂/∂z_j = q_j (Σp̂ + p_t) − p̂_j`` on S and ``q_j (Σp̂ + p_t − p_t / q_t)`` elsewhere.
+    With a tail the listed ids of a row must be distinct (a top-k's are)."""
+    def run(lq: Tensor, target: tuple[Tensor, ...], labels: Tensor | None, want_grad: bool) -> tuple[Tensor, Any, None]:
+        indices, probs = target[0], target[1].float()
+        p_t = target[2].float() if len(target) > 2 and target[2] is not None and tail != "drop" else None
+        if p_t is not None and indices.shape[1] >= lq.shape[1]:
+            p_t = None  # no id outside S: the tail is rounding only
         picked = lq.gather(1, indices)
         keep = (probs > 0) & ~torch.isneginf(picked)
         weight = torch.where(keep, probs, 0.0)
         log_target = torch.where(keep, probs.log(), 0.0)
         diff = picked.neg() if value_form == "ce" else log_target - picked
         values = (weight * torch.where(keep, diff, 0.0)).sum(-1)
-        if not want_grad:
-            return values, None, None
-        grad = lq.exp_().mul_(weight.sum(-1, keepdim=True)).scatter_add_(1, indices, weight.neg())
-        return values, grad, None
+        if p_t is None:
+            if not want_grad:
+                return values, None, None
+            grad = lq.exp_().mul_(weight.sum(-1, keepdim=True)).scatter_add_(1, indices, weight.neg())
+            return values, grad, None
+        has = p_t > 0
+        p_t = torch.where(has, p_t, 0.0)
+        log_p_t = torch.where(has, p_t, 1.0).log()
+        total = weight.sum(-1) + p_t
+        if tail == "uniform":
+            others = lq.shape[1] - indices.shape[1]
+            u = p_t / others  # the teacher's probability of each id outside S
+            outside = lq.sum(-1) - picked.sum(-1)  # Σ_{v∉S} log q_v
+            tail_value = -u * outside if value_form == "ce" else p_t * (log_p_t - math.log(others)) - u * outside
+            values = values + torch.where(has, tail_value, 0.0)
+            if not want_grad:
+                return values, None, None
+            grad = lq.exp_().mul_(total.unsqueeze(1)).sub_(u.unsqueeze(1))
+        else:
+            q = lq.exp_().scatter_(1, indices, 0.0)  # the student's probabilities outside S
+            q_t = q.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+            tail_value = -q_t.log() if value_form == "ce" else log_p_t - q_t.log()
+            values = values + torch.where(has, p_t * tail_value, 0.0)
+            if not want_grad:
+                return values, None, None
+            grad = q.mul_((total - p_t / q_t).unsqueeze(1))
+        # the listed ids: q_j (Σp̂ + p_t) − p̂_j, written over what the row factor gave them
+        return values, grad.scatter_(1, indices, picked.exp() * total.unsqueeze(1) - weight), None
     return run
 
 

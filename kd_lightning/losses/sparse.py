@@ -26,11 +26,50 @@ from kd_lightning.losses.common import (
 )
 
 
+TAIL_MODES = ("bucket", "uniform", "drop")
+
+
 class SparseTargets(NamedTuple):
-    """A sparse teacher distribution per position; padding entries have probability 0."""
+    """A sparse teacher distribution per position; padding entries have probability 0.
+
+    ``tail`` (optional): the teacher's mass on the ids *not* listed (a stored top-k's tail), with
+    ``Σ probs + tail = 1``. Without it (``None``) the listed probabilities are the whole target."""
 
     indices: Tensor  # LongTensor [..., k], vocabulary ids
     probs: Tensor  # FloatTensor [..., k], target probabilities (sum to 1 unless top-k unnormalised)
+    tail: Tensor | None = None  # FloatTensor [...], teacher mass outside `indices`
+
+
+def check_tail_mode(tail: str) -> str:
+    if tail not in TAIL_MODES:
+        raise ValueError(f"tail={tail!r}: must be one of {list(TAIL_MODES)}")
+    return tail
+
+
+def tail_terms(log_q: Tensor, indices: Tensor, tail: Tensor, mode: str, *, cross_entropy: bool = False) -> Tensor:
+    """Per-row KL contribution of the teacher's tail mass ``p_t`` (rows ``[M, V]``, reference/autograd).
+
+    ``bucket``: the tail is one extra bin, ``p_t (log p_t − log q_t)`` with ``q_t = Σ_{v∉S} q_v``
+    (log q_t = logsumexp of log q over the ids outside S, the listed ids masked to −inf: no
+    ``1 − Σ_S q`` cancellation when the student is confident). ``uniform``: the tail spread evenly
+    over the V − k other ids, ``Σ_{v∉S} u (log u − log q_v)`` with ``u = p_t / (V − k)``. Rows with
+    ``p_t = 0`` (or no id outside S, k = V) add 0."""
+    vocab, k = log_q.shape[-1], indices.shape[-1]
+    p_t = upcast(tail).to(log_q.dtype)
+    if k >= vocab:
+        return log_q.new_zeros(log_q.shape[:-1])
+    has = p_t > 0
+    safe_p = torch.where(has, p_t, 1.0)
+    if mode == "bucket":
+        outside = log_q.scatter(-1, indices, float("-inf"))
+        log_q_t = torch.logsumexp(outside, dim=-1)
+        diff = -log_q_t if cross_entropy else safe_p.log() - log_q_t
+        return torch.where(has, p_t * torch.where(has, diff, 0.0), 0.0)
+    others = vocab - k
+    sum_outside = log_q.sum(-1) - log_q.gather(-1, indices).sum(-1)  # Σ_{v∉S} log q_v
+    u = safe_p / others
+    value = -u * sum_outside if cross_entropy else p_t * u.log() - u * sum_outside
+    return torch.where(has, value, 0.0)
 
 
 def topk_targets(
@@ -90,14 +129,24 @@ def sparse_kl(
     temperature: float = 1.0,
     reduction: Reduction = "mean",
     value_form: ValueForm = "kl",
+    tail: str = "bucket",
 ) -> Tensor:
-    """Forward KL against a sparse target: ``Σ_{v∈S} p̂_v log p̂_v − Σ_{v∈S} p̂_v log q_v``.
+    """Forward KL against a sparse target: ``Σ_{v∈S} p̂_v log p̂_v − Σ_{v∈S} p̂_v log q_v`` (+ a tail term).
 
     ``log q = log_softmax(student_logits / T)`` over the **full** vocabulary (normalising only over S
     would bias the gradient), so ∂L/∂zS = (q − p̂)/T when Σ p̂ = 1, whose expectation under
     Random-Sampling KD is the dense forward-KL gradient. ``temperature`` applies to the student only:
     the targets carry the temperature they were built with. ``value_form="ce"`` drops the
-    ``Σ p̂ log p̂`` term.
+    ``Σ p̂ log p̂`` (and ``p_t log p_t``) terms.
+
+    When the targets carry a ``tail`` (a stored top-k: the teacher's mass outside S), ``tail`` says
+    what the loss does with it: ``bucket`` (default) treats it as one extra bin, the forward KL
+    between the two distributions coarsened to S ∪ {tail}: ``+ p_t log(p_t / q_t)``,
+    ``q_t = Σ_{v∉S} q_v``. It is exact for what the store knows and leaves the student's shape
+    *within* the tail to CE (no teacher signal there). ``uniform``: the teacher's tail spread evenly
+    over the V − k other ids (what the dense decode of the store does; wrong for a flat teacher).
+    ``drop``: the tail is ignored; the caller should have renormalised the head (the Top-K variant
+    of `decode_targets(tail="drop")`, biased toward the head). Targets without a tail: no tail term.
     """
     ce = wants_cross_entropy(value_form)
     lead = student_logits.shape[:-1]
@@ -106,6 +155,9 @@ def sparse_kl(
             f"sparse targets {tuple(teacher_targets.indices.shape)} / {tuple(teacher_targets.probs.shape)} "
             f"do not match student positions {tuple(lead)}"
         )
+    check_tail_mode(tail)
+    if teacher_targets.tail is not None and teacher_targets.tail.shape != lead:
+        raise ValueError(f"sparse target tail {tuple(teacher_targets.tail.shape)} does not match positions {tuple(lead)}")
     mask = check_mask(mask, lead)
     if mask is not None and bool(mask.all()):
         mask = None  # every position counts (packed windows): skip the row selection and its backward
@@ -113,6 +165,10 @@ def sparse_kl(
     indices = counted_rows(teacher_targets.indices, mask)
     target = upcast(counted_rows(teacher_targets.probs.detach(), mask))
     values = kl_sum(target.log(), log_q.gather(-1, indices), cross_entropy=ce)
+    if teacher_targets.tail is not None and tail != "drop":
+        p_t = teacher_targets.tail.detach().reshape(-1)
+        p_t = p_t if mask is None else p_t[mask.reshape(-1)]
+        values = values + tail_terms(log_q, indices, p_t, tail, cross_entropy=ce)
     return reduce_positions(values, mask, lead, reduction)
 
 

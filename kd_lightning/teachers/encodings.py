@@ -5,8 +5,10 @@
 - ``topk``: the k most likely ids (uint16 when V <= 65536, else int32), their log-probabilities
   (``uint8``: quantised as steps of 1/16 nat below the row's largest log-probability, stored once in
   float16, so the error is <= 1/32 nat; or float16/float32), and the tail's total mass (float16).
-  Decoded, the k probabilities and the tail are renormalised together, so the distribution sums to 1;
-  as dense log-probabilities the tail is spread uniformly over the V - k other ids. k = 32, uint8:
+  Decoded, the k probabilities and the tail are renormalised together, so the distribution sums to 1.
+  `sparse_kl` reads the tail as one extra bin by default (``tail=bucket``: the KL between the
+  distributions coarsened to the k ids + the tail); as dense log-probabilities (any other loss) the
+  tail is spread uniformly over the V - k other ids, which is wrong for a flat teacher. k = 32, uint8:
   32·(2 + 1) + 4 = 100 bytes per token at V = 32k.
 - ``sample``: Random-Sampling KD (Anshumann et al. 2025, "Sparse Logit Sampling: Accelerating
   Knowledge Distillation in LLMs"): ``num_draws`` i.i.d. draws from the teacher at ``temperature``,
@@ -26,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kd_lightning.losses.sparse import SparseTargets
+from kd_lightning.losses.sparse import SparseTargets, check_tail_mode
 
 ENCODINGS = ("full", "topk", "sample")
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
@@ -138,14 +140,24 @@ def decode_sparse(encoding: Encoding, tensors: dict[str, Tensor]) -> tuple[Tenso
     return ids, probs / total.unsqueeze(-1), tail / total
 
 
-def decode_targets(encoding: Encoding, tensors: dict[str, Tensor]) -> SparseTargets:
-    """Sparse targets for `sparse_kl` (the topk tail is dropped and the head renormalised, the
-    common Top-K variant; `full` keeps every id)."""
+def decode_targets(encoding: Encoding, tensors: dict[str, Tensor], tail: str = "bucket") -> SparseTargets:
+    """Sparse targets for `sparse_kl`; `full` keeps every id, `sample` is the drawn ids' frequencies.
+
+    topk, by ``tail``: ``bucket`` (default) and ``uniform``: the k probabilities and the tail's mass
+    (``SparseTargets.tail``, Σ probs + tail = 1), which `sparse_kl(tail=...)` turns into one extra
+    bin or a uniform spread; ``drop``: the tail is dropped and the head renormalised (the common,
+    biased Top-K variant; the behaviour before the bucket existed)."""
+    check_tail_mode(tail)
     if encoding.name == "full":
         logprobs = tensors["values"].float()
         ids = torch.arange(logprobs.shape[-1]).expand_as(logprobs)
         return SparseTargets(ids, logprobs.exp())
-    ids, probs, _ = decode_sparse(encoding, tensors)
+    if encoding.name == "sample":  # count / (sum of counts): already sums to 1
+        counts = tensors["counts"].float()
+        return SparseTargets(tensors["ids"].long(), counts.div_(counts.sum(-1, keepdim=True).clamp_min_(1.0)))
+    ids, probs, rest = decode_sparse(encoding, tensors)
+    if tail != "drop":
+        return SparseTargets(ids, probs, rest)
     return SparseTargets(ids, probs / probs.sum(-1, keepdim=True).clamp_min(1e-30))
 
 

@@ -239,10 +239,11 @@ class TeacherOutputStore:
         rows = self.rows(keys, seq_len)
         return None if rows is None else decode_dense(self.encoding, rows, self.vocab_size)
 
-    def targets(self, keys: list[bytes], seq_len: int) -> SparseTargets | None:
-        """Sparse targets [B, L, k] of the rows (for `sparse_kl`), or None unless all are stored."""
+    def targets(self, keys: list[bytes], seq_len: int, tail: str = "bucket") -> SparseTargets | None:
+        """Sparse targets [B, L, k] of the rows (for `sparse_kl`; topk: ``tail`` as in
+        `decode_targets`), or None unless all are stored."""
         rows = self.rows(keys, seq_len)
-        return None if rows is None else decode_targets(self.encoding, rows)
+        return None if rows is None else decode_targets(self.encoding, rows, tail)
 
     # ------------------------------------------------------------------ writing
     def put(self, keys: list[bytes], logits: Tensor, seconds: float) -> None:

@@ -10,7 +10,10 @@ sample``, unbiased) or as its top-k plus the tail's mass (``topk``), or in full 
 Several writers share the work: the training split is cut into chunks of ``teacher_cache.shard_size``
 samples; a process claims a chunk (an exclusive ``.claim-<chunk>`` file) before computing it, DDP
 ranks (``RANK``/``WORLD_SIZE``) start at different chunks, and a process that finds no chunk left to
-claim waits for the others, taking over a chunk whose claimer died. When every row is stored, a
+claim waits for the others, taking over a chunk whose claimer died: on this host, when its pid is
+gone; on another host (a shared filesystem), when its heartbeat (the claim's mtime, refreshed every
+10 s while computing) is older than ``teacher_cache.claim_timeout_s`` (default 600 s), with a
+warning naming the host and pid. When every row is stored, a
 ``covers-<data fingerprint>.json`` record says the split is complete; `teacher=cached` needs it.
 Each chunk's draws are seeded by (seed, chunk), so who computes a chunk does not change it.
 """
@@ -32,7 +35,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from kd_lightning.atomic import _pid_alive, atomic_write_json, clean_stale_temporaries
 from kd_lightning.data.tokenizer import tokenizer_identity
-from kd_lightning.losses.sparse import SparseTargets
+from kd_lightning.losses.sparse import SparseTargets, check_tail_mode
 from kd_lightning.model_cache import cache_root
 from kd_lightning.models import output_size
 from kd_lightning.tasks import CausalLM
@@ -55,8 +58,45 @@ def covers_path(directory: Path, fingerprint: str) -> Path:
     return directory / f"covers-{fingerprint}.json"
 
 
-def _claim(directory: Path, chunk: int, *, steal: bool = False) -> bool:
-    """Take chunk `chunk` for this process; `steal`: also when its claimer (this host) has died."""
+DEFAULT_CLAIM_TIMEOUT_S = 600.0  # teacher_cache.claim_timeout_s
+HEARTBEAT_S = 10.0  # how often a writer refreshes its claim's mtime while computing
+
+
+def _claim_owner(path: Path) -> tuple[int, str] | None:
+    """(pid, host) of a claim file, None while it is being written (or unreadable)."""
+    try:
+        pid, host = path.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _stale(path: Path, owner: tuple[int, str] | None, timeout_s: float) -> str | None:
+    """Why the claim at `path` may be taken over, or None while its writer may still be computing.
+
+    Same host: the writer's pid is dead. Another host (its pid cannot be checked from here), or a
+    claim that was never written: its heartbeat (the file's mtime, which a writer refreshes every
+    `HEARTBEAT_S` while computing) is older than `timeout_s`."""
+    try:
+        age = time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if owner is not None and owner[1] == socket.gethostname():
+        return None if _pid_alive(owner[0]) else f"its writer (pid {owner[0]} on this host) has exited"
+    if age <= timeout_s:
+        return None
+    who = f"pid {owner[0]} on host {owner[1]}" if owner is not None else "a writer that never wrote its name"
+    return f"its writer ({who}) has not refreshed it for {age:.0f} s (teacher_cache.claim_timeout_s={timeout_s:g})"
+
+
+def _claim(directory: Path, chunk: int, *, steal: bool = False, timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S) -> bool:
+    """Take chunk `chunk` for this process; `steal`: also when its claim is stale (`_stale`): its
+    writer on this host died, or a writer elsewhere stopped refreshing it for `timeout_s` seconds.
+
+    A stale claim is renamed away first (one process wins the rename), then claimed anew with
+    O_EXCL, so two processes never both take it over. A writer that was only slow (a heartbeat
+    missed for longer than the timeout) and a thief then compute the same chunk: the rows are the
+    same (seeded by chunk) and the store keeps the first copy of each."""
     path = directory / f".claim-{chunk}"
     me = f"{os.getpid()} {socket.gethostname()}"
     try:
@@ -64,17 +104,39 @@ def _claim(directory: Path, chunk: int, *, steal: bool = False) -> bool:
     except FileExistsError:
         if not steal:
             return False
-        try:
-            pid, host = path.read_text().split()
-        except (OSError, ValueError):
-            return False  # being written right now
-        if host != socket.gethostname() or _pid_alive(int(pid)):
+        owner = _claim_owner(path)
+        why = _stale(path, owner, timeout_s)
+        if why is None:
             return False
-        path.write_text(me)
-        return True
+        moved = path.with_name(f"{path.name}.stale-{os.getpid()}")
+        try:
+            os.rename(path, moved)  # atomic: only one process takes a given stale claim away
+        except FileNotFoundError:
+            return False
+        if _claim_owner(moved) != owner:  # replaced between our read and the rename: put it back
+            try:
+                os.link(moved, path)
+            except FileExistsError:
+                pass
+            moved.unlink(missing_ok=True)
+            return False
+        moved.unlink(missing_ok=True)
+        log.warning("teacher_cache: taking over chunk %d of %s: %s", chunk, directory, why)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False  # another process claimed it afresh
     with os.fdopen(fd, "w") as handle:
         handle.write(me)
     return True
+
+
+def _heartbeat(directory: Path, chunk: int) -> None:
+    """Refresh this writer's claim (its mtime): a writer on another host sees it alive."""
+    try:
+        os.utime(directory / f".claim-{chunk}")
+    except FileNotFoundError:
+        pass
 
 
 @torch.no_grad()
@@ -114,9 +176,15 @@ def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictCon
         items = [dataset[i] for i in chunks[chunk]]
         return row_keys(torch.stack([x["input_ids"] for x in items]), torch.stack([x["attention_mask"] for x in items]))
 
+    timeout_s = float(c.get("claim_timeout_s") or DEFAULT_CLAIM_TIMEOUT_S)
+
     def compute(chunk: int) -> None:
         store.generator.manual_seed(int(cfg.seed) * 1_000_003 + chunk)
+        beat = time.monotonic()
         for start in range(0, len(chunks[chunk]), batch_size):
+            if time.monotonic() - beat >= HEARTBEAT_S:
+                _heartbeat(directory, chunk)
+                beat = time.monotonic()
             items = [dataset[i] for i in chunks[chunk][start:start + batch_size]]
             batch = {k: torch.stack([x[k] for x in items]).to(device) for k in ("input_ids", "attention_mask")}
             keys = row_keys(batch["input_ids"], batch["attention_mask"])
@@ -136,7 +204,7 @@ def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictCon
     pending = [chunk for chunk in order if not done(chunk)]
     while pending:  # chunks others claimed: wait for them, or take over those whose writer died
         for chunk in pending:
-            if _claim(directory, chunk, steal=True):
+            if _claim(directory, chunk, steal=True, timeout_s=timeout_s):
                 compute(chunk)
         time.sleep(0.5)
         store.scan()
@@ -158,9 +226,9 @@ class CachedTeacher(nn.Module):
 
     sparse_targets = True
 
-    def __init__(self, store: TeacherOutputStore, sparse: bool) -> None:
+    def __init__(self, store: TeacherOutputStore, sparse: bool, tail: str = "bucket") -> None:
         super().__init__()
-        self.store, self.sparse = store, sparse
+        self.store, self.sparse, self.tail = store, sparse, check_tail_mode(tail)
         self.vocab_size = store.vocab_size
 
     def _missing(self, count: int) -> KeyError:
@@ -168,15 +236,23 @@ class CachedTeacher(nn.Module):
                         f"covers the training split it was built for; rebuild it with: "
                         f"{BUILD.format(dir=self.store.directory)}")
 
-    def targets(self, batch: dict[str, Tensor]) -> SparseTargets:
-        """Aligned sparse targets [B, seq_len - 1, k] of the batch's rows."""
+    def stored(self, batch: dict[str, Tensor]) -> SparseTargets:
+        """Unaligned sparse targets [B, seq_len, k] of the batch's rows as stored (position t: the
+        teacher's distribution for token t + 1; topk: with the tail's mass unless ``tail="drop"``)."""
         keys, length = row_keys(batch["input_ids"], batch.get("attention_mask")), batch["input_ids"].shape[1]
-        found = self.store.targets(keys, length)
+        found = self.store.targets(keys, length, self.tail)
         if found is None:
             raise self._missing(len(self.store.missing(keys)))
         device = batch["input_ids"].device
-        return SparseTargets(found.indices[:, :-1].to(device, non_blocking=True),
-                             found.probs[:, :-1].to(device, torch.float32, non_blocking=True))
+        tail = None if found.tail is None else found.tail.to(device, torch.float32, non_blocking=True)
+        return SparseTargets(found.indices.to(device, non_blocking=True),
+                             found.probs.to(device, torch.float32, non_blocking=True), tail)
+
+    def targets(self, batch: dict[str, Tensor]) -> SparseTargets:
+        """Aligned sparse targets [B, seq_len - 1, k] of the batch's rows (topk: with the tail's mass
+        unless ``tail="drop"``)."""
+        found = self.stored(batch)
+        return SparseTargets(found.indices[:, :-1], found.probs[:, :-1], None if found.tail is None else found.tail[:, :-1])
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> CausalLMOutput:
         logprobs = self.store.get(row_keys(input_ids, attention_mask), input_ids.shape[1])
@@ -213,8 +289,10 @@ def load_cached_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: An
             + " but this run has " + ", ".join(f"{wanted[k]!r}" for k in differ)
             + "; pass the same teacher_cache.* settings or rebuild it with stage=cache_teacher")
     sparse = "sparse_kl" == str(cfg.loss.name)
-    log.info("Reading teacher targets (%s) from %s", store.encoding.identity(), directory)
-    return CachedTeacher(store, sparse)
+    tail = str(cfg.teacher_cache.get("tail") or "bucket")
+    log.info("Reading teacher targets (%s%s) from %s", store.encoding.identity(),
+             f", tail={tail}" if sparse and store.encoding.name == "topk" else "", directory)
+    return CachedTeacher(store, sparse, tail)
 
 
 __all__ = ["CachedTeacher", "Encoding", "cache_teacher_targets", "coverage", "load_cached_teacher"]
