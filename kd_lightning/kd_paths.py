@@ -248,7 +248,7 @@ class SparseKD:
             targets = SparseTargets(aligned.indices[mask], aligned.probs[mask],
                                     None if aligned.tail is None else aligned.tail[mask])
         terms = fast_sparse_kd_terms(student_rows, targets, labels[mask], temperature=module.kd_temperature,
-                                     ce=wants_ce(module), tail=getattr(teacher, "tail", "bucket"))
+                                     ce=wants_ce(module), tail=getattr(teacher, "tail", "uniform"))
         return fast_step_terms(terms, mask.sum(), module.teacher_weights.to(student_rows.device), [name])._replace(
             teacher_token_ce=None)  # stored targets are sparse: no teacher CE statistics
 

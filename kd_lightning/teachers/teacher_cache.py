@@ -226,7 +226,7 @@ class CachedTeacher(nn.Module):
 
     sparse_targets = True
 
-    def __init__(self, store: TeacherOutputStore, sparse: bool, tail: str = "bucket") -> None:
+    def __init__(self, store: TeacherOutputStore, sparse: bool, tail: str = "uniform") -> None:
         super().__init__()
         self.store, self.sparse, self.tail = store, sparse, check_tail_mode(tail)
         self.vocab_size = store.vocab_size
@@ -289,7 +289,7 @@ def load_cached_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: An
             + " but this run has " + ", ".join(f"{wanted[k]!r}" for k in differ)
             + "; pass the same teacher_cache.* settings or rebuild it with stage=cache_teacher")
     sparse = "sparse_kl" == str(cfg.loss.name)
-    tail = str(cfg.teacher_cache.get("tail") or "bucket")
+    tail = str(cfg.teacher_cache.get("tail") or "uniform")
     log.info("Reading teacher targets (%s%s) from %s", store.encoding.identity(),
              f", tail={tail}" if sparse and store.encoding.name == "topk" else "", directory)
     return CachedTeacher(store, sparse, tail)
