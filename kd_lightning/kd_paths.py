@@ -226,8 +226,8 @@ class ChunkedKD:
 
 class SparseKD:
     """Offline targets (`teacher=cached`, a teacher store): with loss=sparse_kl the KD term is
-    `sparse_kl` against the stored sparse targets (topk: the tail as one extra bin unless
-    `teacher_cache.tail` says otherwise); any other loss reads them decoded to dense
+    `sparse_kl` against the stored sparse targets (topk: the tail as `teacher_cache.tail` says,
+    spread uniformly by default, or one extra bin, or dropped); any other loss reads them decoded to dense
     log-probabilities (`kd_lightning.teachers.encodings.decode_dense`) on the dense path. Sparse targets
     give no teacher CE statistics."""
 
