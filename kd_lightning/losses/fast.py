@@ -39,7 +39,6 @@ done. Half-precision inputs are computed in float32; gradients come back in the 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import torch
@@ -54,6 +53,7 @@ from kd_lightning.losses.fast_common import (
     dense_kernel,
     resolve,
     sparse_kernel,
+    sparse_tail_terms,
     student_stats,
     supports_fast,
     weighted_sum,
@@ -247,17 +247,8 @@ class _SparseCE(torch.autograd.Function):
                 p_t = tail[rows].float()
                 on = p_t > 0
                 p_t = torch.where(on, p_t, 0.0)
-                log_p_t = torch.where(on, p_t, 1.0).log()
-                if mode == "uniform":
-                    others = vocab - ids.shape[1]
-                    u = p_t / others
-                    outside = lq.sum(-1) - picked.sum(-1)
-                    tail_value = -u * outside if value_form == "ce" else p_t * (log_p_t - math.log(others)) - u * outside
-                    row_tail[rows] = u
-                else:
-                    q_t = qc.scatter_(1, ids, 0.0).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
-                    tail_value = p_t * (-q_t.log() if value_form == "ce" else log_p_t - q_t.log())
-                    row_tail[rows] = p_t / q_t
+                q_outside = None if mode == "uniform" else qc.scatter_(1, ids, 0.0)
+                tail_value, row_tail[rows] = sparse_tail_terms(mode, value_form, lq, picked, p_t, q_outside)
                 values = values + torch.where(on, tail_value, 0.0)
             kd += weighted_sum(values, None if weight is None else weight[rows].float())
         w_row = keep_w.sum(-1)

@@ -110,6 +110,31 @@ def dense_kernel(kernel: Callable[..., Any], params: dict[str, Any], temperature
     return run
 
 
+def sparse_tail_terms(mode: str, value_form: str, lq: Tensor, picked: Tensor, p_t: Tensor,
+                      q_outside: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The tail term of `sparse_kl` per row, and the row's tail coefficient for the gradient.
+
+    ``lq`` [M, V] student log-probabilities, ``picked`` [M, k] their values at the listed ids S,
+    ``p_t`` [M] the teacher's tail mass (0 where there is none). ``uniform``: the tail spread as
+    ``u = p_t / (V − k)`` per id, value ``p_t log u − u Σ_{v∉S} log q_v``, coefficient ``u`` (the
+    gradient off S is ``q_j·W − u``). ``bucket``: ``q_outside`` [M, V] the student's probabilities
+    with S zeroed, ``q_t`` their sum (never ``1 − Σ_S q``, which cancels for a confident student),
+    value ``p_t (log p_t − log q_t)``, coefficient ``p_t / q_t`` (the gradient off S is
+    ``q_j (W − p_t/q_t)``). ``value_form="ce"`` drops the ``p_t log p_t`` part. Shared by the
+    chunked kernel below and the fused step in `kd_lightning.losses.fast`."""
+    log_p_t = torch.where(p_t > 0, p_t, 1.0).log()
+    if mode == "uniform":
+        others = lq.shape[1] - picked.shape[1]
+        u = p_t / others
+        outside = lq.sum(-1) - picked.sum(-1)  # Σ_{v∉S} log q_v
+        value = -u * outside if value_form == "ce" else p_t * (log_p_t - math.log(others)) - u * outside
+        return value, u
+    assert q_outside is not None
+    q_t = q_outside.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    value = p_t * (-q_t.log() if value_form == "ce" else log_p_t - q_t.log())
+    return value, p_t / q_t
+
+
 def sparse_kernel(value_form: str, tail: str = "bucket") -> Callable[..., Any]:
     """Forward KL against sparse targets: ``a = −p̂`` scattered to the target ids (kept terms only).
 
@@ -137,25 +162,16 @@ def sparse_kernel(value_form: str, tail: str = "bucket") -> Callable[..., Any]:
             return values, grad, None
         has = p_t > 0
         p_t = torch.where(has, p_t, 0.0)
-        log_p_t = torch.where(has, p_t, 1.0).log()
         total = weight.sum(-1) + p_t
+        q = None if tail == "uniform" else lq.exp_().scatter_(1, indices, 0.0)  # the student's probabilities outside S
+        tail_value, coefficient = sparse_tail_terms(tail, value_form, lq, picked, p_t, q)
+        values = values + torch.where(has, tail_value, 0.0)
+        if not want_grad:
+            return values, None, None
         if tail == "uniform":
-            others = lq.shape[1] - indices.shape[1]
-            u = p_t / others  # the teacher's probability of each id outside S
-            outside = lq.sum(-1) - picked.sum(-1)  # Σ_{v∉S} log q_v
-            tail_value = -u * outside if value_form == "ce" else p_t * (log_p_t - math.log(others)) - u * outside
-            values = values + torch.where(has, tail_value, 0.0)
-            if not want_grad:
-                return values, None, None
-            grad = lq.exp_().mul_(total.unsqueeze(1)).sub_(u.unsqueeze(1))
+            grad = lq.exp_().mul_(total.unsqueeze(1)).sub_(coefficient.unsqueeze(1))
         else:
-            q = lq.exp_().scatter_(1, indices, 0.0)  # the student's probabilities outside S
-            q_t = q.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)
-            tail_value = -q_t.log() if value_form == "ce" else log_p_t - q_t.log()
-            values = values + torch.where(has, p_t * tail_value, 0.0)
-            if not want_grad:
-                return values, None, None
-            grad = q.mul_((total - p_t / q_t).unsqueeze(1))
+            grad = q.mul_((total - coefficient).unsqueeze(1))
         # the listed ids: q_j (Σp̂ + p_t) − p̂_j, written over what the row factor gave them
         return values, grad.scatter_(1, indices, picked.exp() * total.unsqueeze(1) - weight), None
     return run

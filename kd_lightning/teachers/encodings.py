@@ -6,9 +6,10 @@
   (``uint8``: quantised as steps of 1/16 nat below the row's largest log-probability, stored once in
   float16, so the error is <= 1/32 nat; or float16/float32), and the tail's total mass (float16).
   Decoded, the k probabilities and the tail are renormalised together, so the distribution sums to 1.
-  `sparse_kl` reads the tail as one extra bin by default (``tail=bucket``: the KL between the
-  distributions coarsened to the k ids + the tail); as dense log-probabilities (any other loss) the
-  tail is spread uniformly over the V - k other ids, which is wrong for a flat teacher. k = 32, uint8:
+  `sparse_kl` reads the tail as `teacher_cache.tail` says: spread uniformly over the V - k other
+  ids (``uniform``, a run's default, as it measured best), as one extra bin (``bucket``: the KL
+  between the distributions coarsened to the k ids + the tail) or not at all (``drop``); as dense
+  log-probabilities (any other loss) the tail is spread uniformly. k = 32, uint8:
   32·(2 + 1) + 4 = 100 bytes per token at V = 32k.
 - ``sample``: Random-Sampling KD (Anshumann et al. 2025, "Sparse Logit Sampling: Accelerating
   Knowledge Distillation in LLMs"): ``num_draws`` i.i.d. draws from the teacher at ``temperature``,
