@@ -2,7 +2,7 @@
 batches on 1 process (optionally with accumulation) or on N processes (DDP, FSDP).
 
 Run in-process with `run_steps(...)`, or as a script (Lightning re-launches it once per rank):
-    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE [resume] [chunk=N] [teacher=KIND] [callback=on_policy|sar] [rows=full]
+    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE [resume] [chunk=N] [teacher=KIND] [callback=on_policy|sar] [rows=full] [vocab=N]
 Rank 0 writes OUT/steps.pt: {"grads": [[tensor per student param] per step], "losses": [...],
 "step_tokens": [...], "params": [final student params]}.
 """
@@ -24,15 +24,14 @@ from kd_lightning.module import DistillationModule
 from kd_lightning.tasks import IGNORE_INDEX
 
 SEQ, SAMPLES, STEPS = 12, 24, 3
+VOCAB = 40  # the tiny LMs' vocabulary (tests.helpers.V); "vocab=N" on the command line changes it
 RESUME_STEPS = 4  # an epoch here is 6 steps of 2 x 2 rows: resume in the middle of it
 
 
 def varied_tokens(n: int = SAMPLES, seq: int = SEQ, seed: int = 0) -> dict[str, torch.Tensor]:
     """Rows whose counted tokens range from 1 to seq-1 (long prompts masked with -100)."""
-    from tests.helpers import V
-
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, V, (n, seq), generator=g)
+    ids = torch.randint(3, VOCAB, (n, seq), generator=g)
     labels = ids.clone()
     for row in range(n):
         prompt = int(torch.randint(0, seq - 1, (1,), generator=g))
@@ -117,7 +116,7 @@ def make_teacher(kind: str = "dense") -> torch.nn.Module:
 
         moe = tiny_moe("mixtral", layers=2)
         return moe if kind == "moe" else KnowledgeAugmentedMoE(moe, num_samples=2, sampling_prob=0.0, seed=0)
-    teacher = tiny_lm(1, hidden=48)
+    teacher = tiny_lm(1, hidden=48, vocab=VOCAB)
     if kind.startswith("reuse="):
         from kd_lightning.teachers.teacher_outputs import MemoizedTeacher
 
@@ -128,10 +127,8 @@ def make_teacher(kind: str = "dense") -> torch.nn.Module:
 def reuse_store(directory: str) -> Any:
     from kd_lightning.teachers.encodings import Encoding
     from kd_lightning.teachers.store import TeacherOutputStore, store_identity
-    from tests.helpers import V
-
     identity = store_identity(weights="dist-check", model_config=None, precision="32-true", accelerator="cpu",
-                              vocab_size=V, encoding=Encoding("full", "float32"))
+                              vocab_size=VOCAB, encoding=Encoding("full", "float32"))
     return TeacherOutputStore(directory, identity, flush_rows=4)
 
 
@@ -144,7 +141,7 @@ def make_module(chunk_size: int | None = None, teacher: str = "dense", reference
     from tests.helpers import tiny_lm
 
     loss = plain_kl if reference else forward_kl
-    return DistillationModule(tiny_lm(0), make_teacher(teacher), loss, kd_weight=0.5, ce_weight=0.5,
+    return DistillationModule(tiny_lm(0, vocab=VOCAB), make_teacher(teacher), loss, kd_weight=0.5, ce_weight=0.5,
                               optimizer=partial(torch.optim.SGD, lr=0.5), chunk_size=chunk_size,
                               teacher_combine="losses" if teacher == "ka" else "mixture")
 
@@ -188,7 +185,8 @@ def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, acc
 if __name__ == "__main__":
     out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
     torch.set_num_threads(1)
-    extras = sys.argv[6:]  # "resume", "chunk=N" (loss.chunk_size), "teacher=KIND" (see make_teacher),
+    extras = sys.argv[6:]
+    VOCAB = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("vocab=")), VOCAB)  # "resume", "chunk=N" (loss.chunk_size), "teacher=KIND" (see make_teacher),
     # "callback=on_policy|sar", "rows=full" (every_token_counted), "keep" (fsdp: student_reshard_after_forward=False),
     # "reference" (a loss without a fused kernel: the reference chunked/dense path)
     resume = "resume" in extras

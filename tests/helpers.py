@@ -15,10 +15,10 @@ V = 40  # vocabulary of the tiny LMs
 SHORT = ("trainer.max_steps=4", "trainer.val_check_interval=4")  # end-to-end runs: 4 steps, 1 validation
 
 
-def tiny_lm(seed: int, hidden: int = 32) -> torch.nn.Module:
+def tiny_lm(seed: int, hidden: int = 32, vocab: int = V) -> torch.nn.Module:
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    return build_causal_lm(config, vocab_size=V, seed=seed)
+    return build_causal_lm(config, vocab_size=vocab, seed=seed)
 
 
 def lm_batch(seed: int = 0, B: int = 3, L: int = 9) -> dict[str, torch.Tensor]:

@@ -120,14 +120,20 @@ def test_rank_shares_make_up_the_single_process_order_and_resume_skips_per_rank(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("reference", [False, True], ids=["fused", "reference"])
-def test_fsdp_chunked_loss_gives_the_single_process_gradients(tmp_path: Path, reference: bool) -> None:
+@pytest.mark.parametrize("reference,vocab", [(False, 40), (True, 40), (False, 32000)], ids=["fused", "reference", "fused-32k"])
+def test_fsdp_chunked_loss_gives_the_single_process_gradients(tmp_path: Path, monkeypatch, reference: bool,
+                                                              vocab: int) -> None:
     """`loss.chunk_size` under FSDP2: the heads are read gathered after each root forward, the
     student head's gradient is reduce-scattered with the root's, and the teacher is resharded (the
-    reference path, whose backward recomputes chunks, reads a copy of the teacher's head)."""
+    reference path, whose backward recomputes chunks, reads a copy of the teacher's head). Also at a
+    realistic vocabulary (32k), where the chunked path is meant to be used."""
+    import tests.dist_check as dist_check
+
+    monkeypatch.setattr(dist_check, "VOCAB", vocab)
     single = run_steps(batch_size=4, chunk_size=5, reference=reference)
     plain = run_steps(batch_size=4)
-    fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2, extra=("chunk=5", *(("reference",) if reference else ())))
+    fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2,
+                         extra=("chunk=5", f"vocab={vocab}", *(("reference",) if reference else ())))
     assert fsdp["sharded"] and 0.45 < fsdp["teacher_fraction"] < 0.55
     for step in range(3):
         close(single["grads"][step], fsdp["grads"][step], 1e-5)
