@@ -6,7 +6,7 @@ tiny student built from conf/), times
   (a) a training step with cached sparse targets (`teacher=cached loss=sparse_kl`): the targets
       looked up by row key in the teacher store (memory-mapped safetensors part, decoded)
       (`kd_lightning.teachers.teacher_cache.CachedTeacher`), student forward, CE + `sparse_kl`, backward,
-      optimizer step (`DistillationModule._step`, as `kd_lightning.train` builds it);
+      optimizer step (`DistillationModule._step`, as `kd_lightning.run.distill` builds it);
   (b) the student's CE-only training step (the no-KD baseline's code path), backward, optimizer step;
 
 interleaved (a, b, a, b, ...) and prints medians and the ratio (a) / (b) (target <= 1.05). The targets
@@ -38,7 +38,7 @@ from speed import (benchmark_args, build_ce_module, compose_config, first_batch,
 def cached_teacher(cfg, batch: dict[str, torch.Tensor], directory: Path):
     """A `CachedTeacher` reading the teacher store (memory-mapped parts) filled with the batch's rows;
     returns it and the store's write throughput (rows/s, encoding + part write)."""
-    from kd_lightning.stages import build_model
+    from kd_lightning.run.builders import build_model
     from kd_lightning.teachers.encodings import encoding_from
     from kd_lightning.teachers.store import TeacherOutputStore, row_keys, store_identity
     from kd_lightning.teachers.teacher_cache import CachedTeacher
@@ -61,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                           repeats=(60, 15), warmup=3)
     cfg = compose_config(["dataset.max_train_tokens=200000", "dataset.max_eval_tokens=4096", "loss=sparse_kl",
                           *args.overrides])
-    from kd_lightning.stages import build_model
-    from kd_lightning.train import build_module
+    from kd_lightning.run.builders import build_model
+    from kd_lightning.run.distill import build_module
 
     torch.manual_seed(int(cfg.seed))
     batch = first_batch(cfg, args.device)

@@ -73,10 +73,10 @@ def step_cost(arm: str, cache: Path, steps: int = 20, warmup: int = 3) -> float:
     from hydra import compose, initialize_config_dir
 
     sys.path.insert(0, str(ROOT))
-    from kd_lightning.config import CONFIG_DIR
+    from kd_lightning.run.settings import CONFIG_DIR
     from kd_lightning.cross_tokenizer import teacher_tokenization_args
-    from kd_lightning.stages import build_model
-    from kd_lightning.train import build_module
+    from kd_lightning.run.builders import build_model
+    from kd_lightning.run.distill import build_module
 
     torch.set_num_threads(1)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

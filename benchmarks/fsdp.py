@@ -3,7 +3,7 @@
 A KD training step (forward KL, 0.5 KD + 0.5 CE, AdamW) with a 57M-parameter Llama-style teacher
 (hidden 768, 8 layers) and an 8.6M-parameter student (hidden 256, 8 layers), byte vocabulary (259),
 batch 4 x 128 tokens per process, random ids (only cost matters), one torch thread per process.
-`strategy=fsdp` shards student and frozen teacher per block (kd_lightning/sharding.py);
+`strategy=fsdp` shards student and frozen teacher per block (kd_lightning/infra/sharding.py);
 `fsdp-keep` is the same with `student_reshard_after_forward=false` (student blocks stay gathered
 from forward to backward); DDP replicates both.
 
@@ -58,7 +58,7 @@ def worker(strategy_name: str, devices: int, args: argparse.Namespace, out: Path
     from kd_lightning.losses import forward_kl
     from kd_lightning.models import build_causal_lm
     from kd_lightning.module import DistillationModule
-    from kd_lightning.sharding import ShardedDataParallel
+    from kd_lightning.infra.sharding import ShardedDataParallel
 
     torch.set_num_threads(1)
     steps, warmup, VOCAB = args.steps, args.warmup, args.vocab

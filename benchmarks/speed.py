@@ -66,10 +66,10 @@ def lm_vocabulary() -> Any:
 
 
 def build_kd_module(cfg: Any, num_teachers: int = 1, device: str = "cpu") -> Any:
-    """The KD module `kd_lightning.train` builds from `cfg`, with `num_teachers` copies of the
+    """The KD module `kd_lightning.run.distill` builds from `cfg`, with `num_teachers` copies of the
     configured teacher (seeds seed, seed+1, ...) and its optimizer as `module.bench_optimizer`."""
-    from kd_lightning.stages import build_model
-    from kd_lightning.train import build_module
+    from kd_lightning.run.builders import build_model
+    from kd_lightning.run.distill import build_module
 
     vocabulary, seed = lm_vocabulary(), int(cfg.seed)
     teachers = {f"{cfg.teacher.name}{k or ''}": build_model(cfg.teacher.model, vocabulary, seed + k) for k in range(num_teachers)}

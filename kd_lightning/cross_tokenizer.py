@@ -49,7 +49,7 @@ def teacher_tokenization_args(datamodule: Any, cache_dir: str, reuse_teacher_out
         raise ValueError("teacher_outputs.reuse=true is not supported across tokenizers (the store is keyed by one "
                          "tokenization); set teacher_outputs.reuse=false")
     from kd_lightning.losses.align import shared_vocab_map
-    from kd_lightning.model_cache import cache_root
+    from kd_lightning.infra.model_cache import cache_root
 
     vocab_map = shared_vocab_map(datamodule.tokenizer, datamodule.teacher_tokenizer,
                                  cache_dir=str(cache_root(cache_dir) / "vocab_maps"))

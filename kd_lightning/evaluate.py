@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassCalibrationError
 
-from kd_lightning.distributed import all_reduce_sums, is_distributed
+from kd_lightning.infra.distributed import all_reduce_sums, is_distributed
 from kd_lightning.tasks import Task, task_named
 
 ECE_BINS = 15

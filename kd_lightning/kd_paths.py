@@ -38,7 +38,7 @@ from kd_lightning.losses.common import all_finite
 from kd_lightning.losses.cross_vocab import cross_token_targets
 from kd_lightning.losses.fast import KDTerms, fast_chunked_kd_terms, fast_kd_terms, fast_sparse_kd_terms, supports_fast
 from kd_lightning.losses.sparse import SparseTargets
-from kd_lightning.sharding import is_fsdp, reshard_frozen
+from kd_lightning.infra.sharding import is_fsdp, reshard_frozen
 
 if TYPE_CHECKING:
     from kd_lightning.module import DistillationModule

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kd_lightning.sharding import is_fsdp
+from kd_lightning.infra.sharding import is_fsdp
 
 
 def hidden_and_head(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, nn.Module]:

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from typing_extensions import override
 
-from kd_lightning.atomic import atomic_write_text
+from kd_lightning.infra.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 

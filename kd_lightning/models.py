@@ -2,7 +2,7 @@
 `from_pretrained`, and small torch classifiers for classic KD on tabular data.
 
 Every builder takes the data's `vocab_size` (or `num_features`/`num_classes`) at call time, so model
-configs stay independent of the dataset config; `kd_lightning.train` passes them in.
+configs stay independent of the dataset config; `kd_lightning.run.distill` passes them in.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ Builder = TypeVar("Builder", bound=Callable[..., Any])
 
 
 def builds(task: str) -> Callable[[Builder], Builder]:
-    """Mark a builder with the task its models serve (read by `kd_lightning.config.check_config`,
+    """Mark a builder with the task its models serve (read by `kd_lightning.run.settings.check_config`,
     which thereby refuses a classifier student on text data before anything is built)."""
 
     def mark(builder: Builder) -> Builder:

@@ -27,7 +27,7 @@ from kd_lightning.data.step_tokens import STEP_TOKENS_KEY, token_share
 from kd_lightning.interface import TeacherWeightFn
 from kd_lightning.kd_paths import StepTerms, choose_path, loss_keywords, teacher_side
 from kd_lightning.losses.align import VocabMap
-from kd_lightning.sharding import ShardedDataParallel, reshard_frozen, shard_distillation
+from kd_lightning.infra.sharding import ShardedDataParallel, reshard_frozen, shard_distillation
 from kd_lightning.tasks import task_of_model
 
 LossFn = Callable[..., Tensor]
@@ -298,7 +298,7 @@ class DistillationModule(LightningModule):
         They are the callback's to synchronise: DDP is told to leave them out of its gradient buckets
         (else the callback's own backward, outside DDP's forward, would leave the buckets they share
         with student parameters half-reduced: student gradients not averaged over processes), and
-        FSDP keeps them whole and replicated (`kd_lightning.sharding.shard_distillation`)."""
+        FSDP keeps them whole and replicated (`kd_lightning.infra.sharding.shard_distillation`)."""
         teacher = self.teachers[teacher_name]
         wanted = {id(p) for p in parameters}
         for key, param in teacher.named_parameters():

@@ -1,7 +1,7 @@
 """`kd-report <multirun dir>`: the runs of a Hydra multirun as one table, mean ± std per method, a plot.
 
 Every job directory of a sweep (`python train.py -m ...`) holds `.hydra/overrides.yaml`,
-`.hydra/config.yaml`, `summary.json` (held-out metrics written by `kd_lightning.train.distill`) and
+`.hydra/config.yaml`, `summary.json` (held-out metrics written by `kd_lightning.run.distill.distill`) and
 `csv/metrics.csv` (the CSV logger); a TAKD chain (`stage=takd`) reports its last stage and
 sums the fit time of its stages. A run's *method* is the set of command-line overrides that differ
 across the runs, seed left out (e.g. `loss=skew_kl`), so the same code reports any sweep preset.

@@ -71,7 +71,7 @@ class RecordSteps(L.Callback):
         self.pending += float(outputs["loss"])
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
-        from kd_lightning.sharding import full_tensor
+        from kd_lightning.infra.sharding import full_tensor
 
         self.grads.append([full_tensor(p.grad).clone() for p in pl_module.student.parameters()])
         self.step_tokens.append(int(pl_module.trainer.callback_metrics.get("train/step_tokens", torch.tensor(-1))))
@@ -169,7 +169,7 @@ def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, acc
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)
     trainer.fit(module, datamodule=TinyLMData(batch_size, rows), ckpt_path=resume_from, weights_only=True)
-    from kd_lightning.sharding import full_state_dict, is_sharded
+    from kd_lightning.infra.sharding import full_state_dict, is_sharded
 
     teacher = module.teachers["teacher"]
     store = getattr(teacher, "store", None)
@@ -196,7 +196,7 @@ if __name__ == "__main__":
     rows = every_token_counted() if "rows=full" in extras else None
 
     def make_strategy() -> Any:
-        from kd_lightning.sharding import ShardedDataParallel
+        from kd_lightning.infra.sharding import ShardedDataParallel
 
         if strategy == "fsdp":  # "keep": student blocks stay gathered from forward to backward
             return ShardedDataParallel(student_reshard_after_forward="keep" not in extras)

@@ -1,4 +1,4 @@
-"""Atomic writes (`kd_lightning.atomic`), checked loads (`kd_lightning.safeload`), and the cache on top."""
+"""Atomic writes (`kd_lightning.infra.atomic`), checked loads (`kd_lightning.infra.safeload`), and the cache on top."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.atomic import (atomic_directory, atomic_write_json, atomic_write_text,
+from kd_lightning.infra.atomic import (atomic_directory, atomic_write_json, atomic_write_text,
                                  clean_stale_temporaries)
-from kd_lightning.model_cache import is_complete, write_atomically
-from kd_lightning.safeload import (FIX_TARGETS, DamagedFileError, check_safetensors_dir, checkpoint_problem,
+from kd_lightning.infra.model_cache import is_complete, write_atomically
+from kd_lightning.infra.safeload import (FIX_TARGETS, DamagedFileError, check_safetensors_dir, checkpoint_problem,
                                    load_safetensors_checked, safe_open_checked)
 
 

@@ -17,7 +17,7 @@ from kd_lightning.callbacks.temperature import dts_scale
 from kd_lightning.losses import forward_kl, taid
 from kd_lightning.models import build_mlp
 from kd_lightning.module import DistillationModule
-from kd_lightning.pipeline import run
+from kd_lightning.run.pipeline import run
 from tests.conftest import column, metrics_csv
 from tests.helpers import SHORT, V, fake_trainer, tiny_lm
 

@@ -1,4 +1,4 @@
-"""The validation layer (`kd_lightning.checks`): each bad value is named by its config key, before compute."""
+"""The validation layer (`kd_lightning.run.checks`): each bad value is named by its config key, before compute."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kd_lightning.checks import (ConfigError, check_seq_len_fits, check_training_text, check_writable,
-                                 learnable_token_counts, validate_config)
+from kd_lightning.data.checks import check_training_text, learnable_token_counts
+from kd_lightning.errors import ConfigError
+from kd_lightning.run.checks import check_seq_len_fits, check_writable, validate_config
 
 BAD_VALUES = {
     "distill.kd_weight=-0.5": r"distill.kd_weight=-0.5: must be >= 0",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_lightning.pipeline import run
+from kd_lightning.run.pipeline import run
 from tests.conftest import CONF, REPO, TINY_LM_DATA, TINY_TEACHER, TINY_TRAINER
 
 GROUPS = ["dataset", "teacher", "student", "loss", "temperature", "strategy", "logger", "callbacks", "experiment"]

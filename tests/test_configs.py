@@ -11,7 +11,7 @@ from lightning import Trainer
 from omegaconf import OmegaConf, open_dict
 
 from kd_lightning.models import build_causal_lm, output_size, save_model
-from kd_lightning.stages import build_model
+from kd_lightning.run.builders import build_model
 from tests.conftest import CONF
 
 
@@ -115,7 +115,7 @@ def test_fsdp_options_reach_the_strategy_and_the_sharding(make_cfg, monkeypatch:
     import kd_lightning.module as module_py
     from kd_lightning.losses import forward_kl
     from kd_lightning.module import DistillationModule
-    from kd_lightning.sharding import ShardedDataParallel
+    from kd_lightning.infra.sharding import ShardedDataParallel
     from tests.helpers import tiny_lm
 
     cfg = make_cfg("strategy=fsdp", "trainer.strategy.student_reshard_after_forward=false",

@@ -18,7 +18,7 @@ from kd_lightning.losses.align import token_byte_lengths
 from kd_lightning.evaluate import evaluate
 from kd_lightning.models import build_causal_lm, save_model
 from kd_lightning.module import DistillationModule
-from kd_lightning.pipeline import run
+from kd_lightning.run.pipeline import run
 
 CORPUS = ["def area(radius):\n    return 3.14 * radius ** 2  # café €\n", "print(area(2))  # naïve 😀\n",
           "class Point:\n    def __init__(self, x, y):\n        self.x, self.y = x, y\n"] * 20

@@ -40,7 +40,7 @@ def test_fsdp_run_prints_summary_and_saves_the_ddp_student(tmp_path: Path) -> No
 def test_fsdp_refuses_unshardable_teachers_and_bad_precision() -> None:
     from kd_lightning.losses import forward_kl
     from kd_lightning.module import DistillationModule
-    from kd_lightning.sharding import ShardedDataParallel, shard_distillation
+    from kd_lightning.infra.sharding import ShardedDataParallel, shard_distillation
     from tests.helpers import tiny_lm
 
     wrapped = DistillationModule(tiny_lm(0), torch.nn.Sequential(tiny_lm(1)), forward_kl)

@@ -66,20 +66,20 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_package_has_no_import_circle() -> None:
     graph = import_graph()
-    assert "kd_lightning.pipeline" in graph and "kd_lightning.train" in graph["kd_lightning.pipeline"]
+    assert "kd_lightning.run.pipeline" in graph and "kd_lightning.run.distill" in graph["kd_lightning.run.pipeline"]
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
 
 
 def test_the_cycle_finder_finds_a_planted_circle() -> None:
     graph = import_graph()
-    graph["kd_lightning.config"] = graph["kd_lightning.config"] | {"kd_lightning.pipeline"}  # config -> pipeline -> ... -> config
+    graph["kd_lightning.run.settings"] = graph["kd_lightning.run.settings"] | {"kd_lightning.run.pipeline"}  # config -> pipeline -> ... -> config
     cycle = find_cycle(graph)
-    assert cycle is not None and cycle[0] == cycle[-1] and "kd_lightning.config" in cycle
+    assert cycle is not None and cycle[0] == cycle[-1] and "kd_lightning.run.settings" in cycle
 
 
 def test_stages_are_dispatched_in_one_place_and_config_helpers_are_a_leaf() -> None:
-    from kd_lightning.pipeline import STAGES
+    from kd_lightning.run.pipeline import STAGES
 
     assert set(STAGES) == {"distill", "teacher", "takd", "cache_teacher"}
-    assert not {m for m in import_graph()["kd_lightning.config"] if m.startswith("kd_lightning")}
+    assert not {m for m in import_graph()["kd_lightning.run.settings"] if m.startswith("kd_lightning")}

@@ -16,7 +16,7 @@ from kd_lightning.callbacks.sar import StudentAwareRouter
 from kd_lightning.losses import forward_kl
 from kd_lightning.losses.common import kl_sum, log_probs
 from kd_lightning.module import DistillationModule
-from kd_lightning.stages import augment_teacher
+from kd_lightning.run.builders import augment_teacher
 from kd_lightning.teachers.moe import KnowledgeAugmentedMoE, find_router_gates
 
 VOCAB, HIDDEN, EXPERTS = 40, 32, 4
@@ -200,7 +200,7 @@ def test_ka_and_sar_configs_compose_and_keep_the_moe_cache_key(tmp_path: Path) -
 
 
 def test_ka_teacher_end_to_end(make_cfg) -> None:
-    from kd_lightning.pipeline import run
+    from kd_lightning.run.pipeline import run
     from tests.conftest import column, metrics_csv
 
     cfg = make_cfg("teacher=moe_ka", "distill.teacher_combine=losses", "loss=reverse_kl", "baseline=false",

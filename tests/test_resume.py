@@ -28,7 +28,7 @@ class SigtermAt(Callback):
 
 
 # The killed runs add the test's `+callbacks.kill`, which a resume leaves out: the run record
-# (kd_lightning.runrecord) sees a changed `callbacks` key and refuses unless told. The opt-in is the
+# (kd_lightning.infra.runrecord) sees a changed `callbacks` key and refuses unless told. The opt-in is the
 # honest fix: a callback is part of what a run trains in general, so `callbacks.*` stays compared.
 RESUME = ("resume=auto", "+resume_allow_changes=true")
 
@@ -62,7 +62,7 @@ def test_sigterm_saves_checkpoint_and_resume_auto_continues(tmp_path: Path) -> N
 
 
 def test_same_seed_same_metrics_different_seed_different_run(make_cfg, tmp_path: Path) -> None:
-    from kd_lightning.pipeline import run
+    from kd_lightning.run.pipeline import run
 
     def student_loss(seed: int, name: str) -> float:
         summary = run(make_cfg(f"seed={seed}", "baseline=false", output_dir=tmp_path / name))
@@ -135,7 +135,7 @@ def test_sigkill_resumes_from_last_periodic_checkpoint_and_matches(tmp_path: Pat
 
 
 def test_resume_from_a_missing_checkpoint_fails_clearly(make_cfg, tmp_path: Path) -> None:
-    from kd_lightning.pipeline import run
+    from kd_lightning.run.pipeline import run
 
     with pytest.raises(FileNotFoundError, match="resume=.*no checkpoint at"):
         run(make_cfg(f"resume={tmp_path / 'nope.ckpt'}"))

@@ -1,4 +1,4 @@
-"""Issue #16 wired into the real entry point (`kd_lightning.pipeline.run`): checks before compute,
+"""Issue #16 wired into the real entry point (`kd_lightning.run.pipeline.run`): checks before compute,
 one run per directory, resume keeps its meaning, SIGTERM in teacher pre-training resumes exactly,
 bad training text, positions of a from_pretrained model, a visible held-out evaluation."""
 
@@ -14,10 +14,10 @@ import torch
 from omegaconf import open_dict
 from safetensors.torch import load_file
 
-from kd_lightning.checks import ConfigError
-from kd_lightning.pipeline import run
-from kd_lightning.rundir import RunDirBusyError, RunDirLock
-from kd_lightning.runrecord import ResumeConfigError
+from kd_lightning.errors import ConfigError
+from kd_lightning.run.pipeline import run
+from kd_lightning.infra.rundir import RunDirBusyError, RunDirLock
+from kd_lightning.infra.runrecord import ResumeConfigError
 from tests.conftest import compose_config, tiny_overrides
 from tests.test_resume import SigtermAt
 
@@ -91,7 +91,7 @@ def test_seq_len_beyond_a_pretrained_students_positions_is_refused(make_cfg, tmp
     cfg = make_cfg("student=hf", f"student.model.pretrained={student_dir}", "baseline=false")  # seq_len 64
     # Refused by the checks that run before any data is read or model built (a local model's
     # config.json is read there), not after the teacher's pre-training.
-    from kd_lightning.checks import validate_config
+    from kd_lightning.run.checks import validate_config
 
     with pytest.raises(ConfigError, match=r"dataset\.seq_len=64 exceeds student\.model\.max_position_embeddings=32"):
         validate_config(cfg)
@@ -131,19 +131,19 @@ def test_empty_records_and_a_dominant_document_warn_with_counts(tmp_path: Path) 
 
 
 def kill_trainer_named(monkeypatch: pytest.MonkeyPatch, prefix: str, step: int) -> None:
-    """Every Trainer `kd_lightning.stages.make_trainer` builds for `name=<prefix>...` sends itself
+    """Every Trainer `kd_lightning.run.builders.make_trainer` builds for `name=<prefix>...` sends itself
     SIGTERM after `step` optimiser steps (the pattern of tests/test_resume.py, for stages whose
     Trainer has no `callbacks` config)."""
-    import kd_lightning.stages as stages
+    import kd_lightning.run.builders as builders
 
-    make_trainer = stages.make_trainer
+    make_trainer = builders.make_trainer
 
     def killing(cfg, **kwargs):
         if kwargs["name"].startswith(prefix):
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), SigtermAt(step)]
         return make_trainer(cfg, **kwargs)
 
-    monkeypatch.setattr(stages, "make_trainer", killing)
+    monkeypatch.setattr(builders, "make_trainer", killing)
 
 
 def our_sigterm_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -243,11 +243,11 @@ def _stops(caplog: pytest.LogCaptureFixture, cfg) -> str:
 
 def test_sigterm_in_cache_teacher_and_in_a_takd_stage_exit_143_with_one_line(
         make_cfg, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    import kd_lightning.stages as stages
-    import kd_lightning.takd as takd
+    import kd_lightning.run.cache_teacher as cache_teacher
+    import kd_lightning.run.takd as takd
     from tests.test_takd import TINY_CHAIN
 
-    monkeypatch.setattr(stages, "cache_teacher_targets", sigterm_now)
+    monkeypatch.setattr(cache_teacher, "cache_teacher_targets", sigterm_now)
     line = stops_with_one_sigterm_line(caplog, make_cfg("stage=cache_teacher"))
     assert line.startswith("SIGTERM during stage=cache_teacher: nothing partial was kept")
 
@@ -259,12 +259,12 @@ def test_sigterm_in_cache_teacher_and_in_a_takd_stage_exit_143_with_one_line(
 
 def test_sigterm_after_the_fit_says_what_is_kept_and_resume_auto_finishes(
         make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    import kd_lightning.train as train
+    import kd_lightning.run.distill as distill_stage
 
     out = tmp_path / "run"
     cfg = make_cfg("baseline=false", "trainer.max_steps=2", "trainer.val_check_interval=2", output_dir=out)
     with monkeypatch.context() as patch:
-        patch.setattr(train, "summarize", sigterm_now)
+        patch.setattr(distill_stage, "summarize", sigterm_now)
         line = stops_with_one_sigterm_line(caplog, cfg)
     assert line == (f"SIGTERM during the held-out evaluation and saving: saved {out / 'checkpoints' / 'last.ckpt'}; "
                     "rerun the same command with resume=auto to continue")

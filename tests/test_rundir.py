@@ -1,4 +1,4 @@
-"""The run-directory guard (`kd_lightning.rundir`) and the run record (`kd_lightning.runrecord`)."""
+"""The run-directory guard (`kd_lightning.infra.rundir`) and the run record (`kd_lightning.infra.runrecord`)."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import pytest
 import torch
 import yaml
 
-from kd_lightning.rundir import (ResumeCheckpointError, RunDirBusyError, RunDirLock, find_resume_checkpoint,
+from kd_lightning.infra.rundir import (ResumeCheckpointError, RunDirBusyError, RunDirLock, find_resume_checkpoint,
                                  guard_run_dir)
-from kd_lightning.runrecord import (ResumeConfigError, compare_for_resume, keep_hydra_record, load_run_config,
+from kd_lightning.infra.runrecord import (ResumeConfigError, compare_for_resume, keep_hydra_record, load_run_config,
                                     record_run_config)
 from tests.conftest import REPO
 
 HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from kd_lightning.rundir import RunDirLock
+    from kd_lightning.infra.rundir import RunDirLock
     lock = RunDirLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(60)
@@ -171,7 +171,7 @@ def test_hydra_record_of_the_first_start_is_kept(tmp_path: Path) -> None:
 HYDRA_APP = textwrap.dedent("""
     import hydra
     from hydra.core.hydra_config import HydraConfig
-    from kd_lightning.runrecord import keep_hydra_record
+    from kd_lightning.infra.runrecord import keep_hydra_record
 
     @hydra.main(version_base="1.3", config_path=None, config_name=None)
     def main(cfg):
@@ -196,7 +196,7 @@ def test_real_hydra_start_rewrites_dot_hydra_and_the_original_is_restored(tmp_pa
 
 
 def test_start_run_in_order(tmp_path: Path) -> None:
-    from kd_lightning.rundir import start_run
+    from kd_lightning.infra.rundir import start_run
 
     config = {"seed": 0, "resume": None, "trainer": {"max_steps": 4}}
     first = start_run(tmp_path, None, config)
@@ -224,7 +224,7 @@ def test_start_run_in_order(tmp_path: Path) -> None:
 
 
 def test_refused_start_puts_the_original_hydra_record_back(tmp_path: Path) -> None:
-    from kd_lightning.rundir import start_run
+    from kd_lightning.infra.rundir import start_run
 
     hydra_dir = tmp_path / ".hydra"
     hydra_dir.mkdir()

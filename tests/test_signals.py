@@ -1,4 +1,4 @@
-"""`kd_lightning.signals.exit_on_sigterm`: SIGTERM in any stage -> one line and exit status 143."""
+"""`kd_lightning.infra.signals.exit_on_sigterm`: SIGTERM in any stage -> one line and exit status 143."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from kd_lightning.signals import EXIT_SIGTERM, exit_on_sigterm
+from kd_lightning.infra.signals import EXIT_SIGTERM, exit_on_sigterm
 from tests.conftest import REPO
 
 SCRIPT = textwrap.dedent("""
     import logging, os, signal, sys, time
     import lightning as L, torch
     from torch.utils.data import DataLoader, TensorDataset
-    from kd_lightning.signals import exit_on_sigterm
+    from kd_lightning.infra.signals import exit_on_sigterm
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     mode, out = sys.argv[1], sys.argv[2]

@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from kd_lightning.takd import assistant_model, count_model_parameters, propose_assistant_sizes
-from kd_lightning.pipeline import run
+from kd_lightning.run.takd import assistant_model, count_model_parameters, propose_assistant_sizes
+from kd_lightning.run.pipeline import run
 
 
 def test_proposed_sizes_are_geometric_largest_first() -> None:

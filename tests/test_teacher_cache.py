@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from kd_lightning.losses.sparse import SparseTargets
-from kd_lightning.stages import obtain_teacher
+from kd_lightning.run.builders import obtain_teacher
 from kd_lightning.teachers.store import bytes_per_token, row_keys
-from kd_lightning.pipeline import run
+from kd_lightning.run.pipeline import run
 from tests.conftest import column, compose_config, metrics_csv, tiny_overrides
 
 # Smaller than the shared tiny data so that the teacher's pass over the training split takes ~1 s.

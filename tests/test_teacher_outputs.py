@@ -13,7 +13,7 @@ from kd_lightning.losses import forward_kl, reverse_kl, skew_kl
 from kd_lightning.teachers.encodings import Encoding
 from kd_lightning.teachers.store import TeacherOutputStore, store_identity
 from kd_lightning.teachers.teacher_outputs import MemoizedTeacher, row_keys
-from kd_lightning.pipeline import run
+from kd_lightning.run.pipeline import run
 
 V = 37
 
@@ -163,10 +163,10 @@ def test_reuse_gives_the_same_student_as_running_the_teacher(make_cfg, tmp_path:
 def test_reuse_is_skipped_where_outputs_change(make_cfg, tmp_path: Path, caplog, override: str, reason: str):
     from hydra.utils import instantiate
 
-    from kd_lightning.stages import obtain_teacher
-    from kd_lightning.config import method_callbacks, teacher_configs
+    from kd_lightning.run.builders import obtain_teacher
+    from kd_lightning.run.settings import method_callbacks, teacher_configs
     from kd_lightning.teachers.teacher_outputs import memoize_teachers
-    from kd_lightning.train import teacher_model_configs, teacher_output_context, teacher_output_options
+    from kd_lightning.run.distill import teacher_model_configs, teacher_output_context, teacher_output_options
 
     cfg = make_cfg("teacher_outputs.reuse=true", override)
     datamodule = instantiate(cfg.dataset)
@@ -203,7 +203,7 @@ def test_report_shows_the_teacher_time_saved(tmp_path: Path):
 
 def test_store_directory_separates_teachers_precisions_and_formats(make_cfg):
     from kd_lightning.teachers.store import store_directory, weights_hash
-    from kd_lightning.train import teacher_model_configs, teacher_output_context, teacher_output_options
+    from kd_lightning.run.distill import teacher_model_configs, teacher_output_context, teacher_output_options
 
     def directory(cfg, teacher):
         opts, context = teacher_output_options(cfg), teacher_output_context(cfg, "causal_lm")

@@ -1,4 +1,4 @@
-"""The real entry point (`kd_lightning.train.run` on a composed Hydra config) end to end, tiny."""
+"""The real entry point (`kd_lightning.run.distill.run` on a composed Hydra config) end to end, tiny."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from kd_lightning.models import build_causal_lm, save_model
-from kd_lightning.stages import build_model
-from kd_lightning.pipeline import run
+from kd_lightning.run.builders import build_model
+from kd_lightning.run.pipeline import run
 from tests.conftest import column, metrics_csv
 
 

@@ -17,7 +17,7 @@ from kd_lightning.callbacks.weighting import (
 from kd_lightning.losses import forward_kl
 from kd_lightning.models import MLPClassifier
 from kd_lightning.module import DistillationModule
-from kd_lightning.pipeline import run
+from kd_lightning.run.pipeline import run
 from tests.conftest import column, metrics_csv
 
 B, L, V = 3, 5, 7

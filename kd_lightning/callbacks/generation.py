@@ -21,9 +21,9 @@ from torch import Tensor, nn
 
 from kd_lightning.callbacks.common import total_steps
 from kd_lightning.data.step_tokens import STEP_TOKENS_KEY
-from kd_lightning.distributed import all_reduce_sums, rank_seed
+from kd_lightning.infra.distributed import all_reduce_sums, rank_seed
 from kd_lightning.interface import require_distillation_module
-from kd_lightning.sharding import ShardedDataParallel
+from kd_lightning.infra.sharding import ShardedDataParallel
 from kd_lightning.tasks import IGNORE_INDEX
 
 

@@ -13,7 +13,7 @@ from lightning import Callback, LightningModule, Trainer
 from typing_extensions import override
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from kd_lightning.distributed import all_reduce_sums
+from kd_lightning.infra.distributed import all_reduce_sums
 
 log = logging.getLogger("kd_lightning")
 
@@ -29,7 +29,7 @@ class CheckpointOnSigterm(Callback):
 
     `path` overrides where it goes (a Trainer without ModelCheckpoint, e.g. teacher pre-training).
     It only saves and records the file in `saved`; the stage says so in one line and exits 143:
-    `with kd_lightning.signals.exit_on_sigterm(stage, saved=lambda: callback.saved): trainer.fit(...)`.
+    `with kd_lightning.infra.signals.exit_on_sigterm(stage, saved=lambda: callback.saved): trainer.fit(...)`.
     """
 
     def __init__(self, filename: str = "last.ckpt", path: str | Path | None = None) -> None:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from kd_lightning.interface import DistillationHost, require_distillation_module
 from kd_lightning.losses.common import log_probs
 from kd_lightning.tasks import IGNORE_INDEX
-from kd_lightning.distributed import rank_seeded_generator
+from kd_lightning.infra.distributed import rank_seeded_generator
 
 
 def per_example_mean(values: Tensor, mask: Tensor) -> Tensor:

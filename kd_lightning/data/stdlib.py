@@ -12,7 +12,7 @@ import sysconfig
 from collections.abc import Iterator
 from typing import Any
 
-from kd_lightning.checks import check_training_text, learnable_token_counts
+from kd_lightning.data.checks import check_training_text, learnable_token_counts
 from kd_lightning.data.base import LMDataModule, check_fractions, check_positive, hash_files, split_indices
 from kd_lightning.data.bpe import cached_bpe_tokenizer, read_texts
 from kd_lightning.data.dual import DualTextDataset
@@ -46,7 +46,7 @@ def stdlib_tokenizer(spec: Any, key: str, cache_dir: str, root: str | None, seed
     under ``<cache_dir>/tokenizers``; anything else (a name/path) is returned as is, for
     ``LMDataModule`` to load."""
     if isinstance(spec, str) and spec.startswith("bpe:"):
-        from kd_lightning.model_cache import cache_root
+        from kd_lightning.infra.model_cache import cache_root
 
         size = spec.removeprefix("bpe:")
         if not size.isdigit():

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kd_lightning.distributed import all_reduce_sums
+from kd_lightning.infra.distributed import all_reduce_sums
 
 STEP_TOKENS_KEY = "step_token_count"
 """Batch key of the optimizer step's counted tokens (all micro-batches, all ranks), a 0-d int64 tensor."""

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from kd_lightning.checks import check_training_text, learnable_token_counts
+from kd_lightning.data.checks import check_training_text, learnable_token_counts
 from kd_lightning.data.base import SPLITS, LMDataModule, check_fractions, hash_files, split_indices
 from kd_lightning.data.dual import DualTextDataset
 from kd_lightning.data.packing import LMDataset, encode_pairs, pack_documents

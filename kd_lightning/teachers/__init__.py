@@ -9,6 +9,6 @@
 - `kd_lightning.teachers.teacher_cache`: offline, the whole training split (`stage=cache_teacher`,
   `teacher=cached`).
 
-Building a teacher from its config (pre-training, the `augment:` node) is `kd_lightning.stages`.
+Building a teacher from its config (pre-training, the `augment:` node) is `kd_lightning.run.builders`.
 """
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.distributed import rank_seeded_generator
+from kd_lightning.infra.distributed import rank_seeded_generator
 
 RouterOutput = tuple[Tensor, Tensor, Tensor]
 

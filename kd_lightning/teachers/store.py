@@ -40,10 +40,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from kd_lightning.atomic import TMP_MARK, atomic_write_json, clean_stale_temporaries
+from kd_lightning.infra.atomic import TMP_MARK, atomic_write_json, clean_stale_temporaries
 from kd_lightning.losses.sparse import SparseTargets
-from kd_lightning.model_cache import config_key
-from kd_lightning.safeload import DamagedFileError, safe_open_checked
+from kd_lightning.infra.model_cache import config_key
+from kd_lightning.infra.safeload import DamagedFileError, safe_open_checked
 from kd_lightning.teachers.encodings import Encoding, decode_dense, decode_targets, encode, truncated_rows
 
 log = logging.getLogger("kd_lightning")

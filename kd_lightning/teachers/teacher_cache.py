@@ -33,10 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from kd_lightning.atomic import _pid_alive, atomic_write_json, clean_stale_temporaries
+from kd_lightning.infra.atomic import _pid_alive, atomic_write_json, clean_stale_temporaries
 from kd_lightning.data.tokenizer import tokenizer_identity
 from kd_lightning.losses.sparse import SparseTargets, check_tail_mode
-from kd_lightning.model_cache import cache_root
+from kd_lightning.infra.model_cache import cache_root
 from kd_lightning.models import output_size
 from kd_lightning.tasks import CausalLM
 from kd_lightning.teachers.encodings import Encoding, encoding_from
@@ -146,7 +146,7 @@ def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictCon
         raise ValueError("stage=cache_teacher needs a causal-LM dataset")
     c = cfg.teacher_cache
     encoding = encoding_from(c)
-    # The identity and root of `teacher_outputs.reuse` (kd_lightning.train): with the same encoding a
+    # The identity and root of `teacher_outputs.reuse` (kd_lightning.run.distill): with the same encoding a
     # sweep reads what this stage stored, and this stage skips rows a sweep stored.
     model_config = OmegaConf.to_container(teacher_cfg.model, resolve=True) if teacher_cfg.get("model") is not None else None
     identity = store_identity(weights=weights_hash(teacher), precision=str(cfg.trainer.get("precision")),

@@ -39,9 +39,9 @@ from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutput
 from typing_extensions import override
 
-from kd_lightning.distributed import all_reduce_sums, is_distributed
+from kd_lightning.infra.distributed import all_reduce_sums, is_distributed
 from kd_lightning.models import output_size
-from kd_lightning.sharding import is_fsdp
+from kd_lightning.infra.sharding import is_fsdp
 from kd_lightning.teachers.encodings import Encoding
 from kd_lightning.teachers.store import TeacherOutputStore, row_keys, store_directory, store_identity, weights_hash
 

@@ -7,7 +7,7 @@
   checkpoints unless `resume` is set.
 - `find_resume_checkpoint(checkpoint_dir)`: for `resume=auto`, `last.ckpt` when it loads, else the
   newest valid `step*.ckpt`; a damaged file is named with what is wrong.
-- `start_run(...)`: all of the above plus the run record (`kd_lightning.runrecord`) in one call, for
+- `start_run(...)`: all of the above plus the run record (`kd_lightning.infra.runrecord`) in one call, for
   the start of a run (rank 0, before any compute).
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from kd_lightning.runrecord import compare_for_resume, keep_hydra_record, load_run_config, record_run_config
-from kd_lightning.safeload import checkpoint_problem
+from kd_lightning.infra.runrecord import compare_for_resume, keep_hydra_record, load_run_config, record_run_config
+from kd_lightning.infra.safeload import checkpoint_problem
 
 log = logging.getLogger("kd_lightning")
 

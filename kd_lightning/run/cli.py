@@ -1,16 +1,16 @@
-"""`kd-train` / `python train.py`: the Hydra entry point (thin; `kd_lightning.pipeline.run` does the work)."""
+"""`kd-train` / `python train.py`: the Hydra entry point (thin; `kd_lightning.run.pipeline.run` does the work)."""
 
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
 
-from kd_lightning.config import CONFIG_DIR
+from kd_lightning.run.settings import CONFIG_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from kd_lightning.pipeline import run  # imported here, not at the top: `--help` stays fast
+    from kd_lightning.run.pipeline import run  # imported here, not at the top: `--help` stays fast
 
     # Sweepers that optimise (hydra-optuna-sweeper, +sweep=optuna) minimise what the task returns:
     # the last validation loss, never the held-out test loss.

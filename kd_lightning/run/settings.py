@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 """The repository's `conf/` (next to this package in an editable install)."""
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kd_lightning.atomic import atomic_directory, atomic_write_json, clean_stale_temporaries
+from kd_lightning.infra.atomic import atomic_directory, atomic_write_json, clean_stale_temporaries
 
 CACHE_VERSION = 1
 

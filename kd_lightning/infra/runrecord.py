@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from kd_lightning.atomic import atomic_directory, atomic_write_text
+from kd_lightning.infra.atomic import atomic_directory, atomic_write_text
 
 RUN_CONFIG_NAME = "run_config.yaml"
 HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")

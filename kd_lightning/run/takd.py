@@ -1,7 +1,7 @@
 """TAKD: distil through a chain of teacher assistants, teacher -> TA_1 -> ... -> TA_n -> student.
 
 "Improved Knowledge Distillation via Teacher Assistant" (Mirzadeh et al., AAAI 2020). Every stage is
-an ordinary `kd_lightning.train.distill` on a derived config: stage 1 distils the first assistant from
+an ordinary `kd_lightning.run.distill.distill` on a derived config: stage 1 distils the first assistant from
 the configured teacher, stage i+1 distils the next model from stage i's saved student directory.
 `python train.py experiment=takd` runs the chain (stage=takd) with the `takd:` node:
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +31,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from kd_lightning.atomic import atomic_write_text
-from kd_lightning.config import teacher_configs
+from kd_lightning.infra.atomic import atomic_write_text
+from kd_lightning.run.settings import teacher_configs
 from kd_lightning.evaluate import print_summary
 from kd_lightning.models import builds, count_parameters, load_model
-from kd_lightning.rundir import CHECKPOINT_DIR, guard_run_dir, resolve_resume
-from kd_lightning.signals import exit_on_sigterm
-from kd_lightning.stages import model_kwargs
-from kd_lightning.train import distill
+from kd_lightning.infra.rundir import CHECKPOINT_DIR, guard_run_dir, resolve_resume
+from kd_lightning.infra.signals import exit_on_sigterm
+from kd_lightning.run.builders import model_kwargs
+from kd_lightning.run.distill import distill
 
 log = logging.getLogger("kd_lightning")
 
@@ -134,7 +135,7 @@ def saved_student_teacher(name: str, student_dir: str, task: str) -> dict[str, A
         model = {"_target_": "kd_lightning.models.from_pretrained", "pretrained": student_dir,
                  "torch_dtype": None, "trust_remote_code": False}
     else:
-        model = {"_target_": "kd_lightning.takd.load_saved_model", "directory": student_dir}
+        model = {"_target_": "kd_lightning.run.takd.load_saved_model", "directory": student_dir}
     return {"name": name, "model": model, "pretrain": None}
 
 
@@ -169,9 +170,9 @@ def run_stage(stage_cfg: DictConfig, datamodule: Any, label: str) -> dict[str, A
     return distill(stage_cfg, datamodule, ckpt_path=checkpoint)
 
 
-def run_chain(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+def run_chain(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """`stage=takd`: run (or resume) the whole chain on one data module; returns the chain summary
-    (empty on non-zero DDP ranks)."""
+    (empty on non-zero DDP ranks). `ckpt_path` is unused: each link resumes from its own directory."""
     if cfg.get("takd") is None:
         raise ValueError("stage=takd needs a `takd:` node (use experiment=takd)")
     if cfg.resume not in (None, "auto"):

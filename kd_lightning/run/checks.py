@@ -6,9 +6,9 @@ writes it (`distill.kd_weight`, not an internal argument), the bad value and wha
 - `validate_config(cfg)`: numbers and paths of the composed config (call first thing in a run);
 - `check_seq_len_fits(...)`: `dataset.seq_len` against a model's positions (after the model config
   is known);
-- `check_writable(path, key)`: the output and cache directories (before any compute);
-- `check_training_text(...)`: empty records, nothing to learn, one document dominating a split
-  (after the data is read, before training).
+- `check_writable(path, key)`: the output and cache directories (before any compute).
+
+The data's own checks (empty records, one document dominating a split) are `kd_lightning.data.checks`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.errors import ConfigError
 
 # Loss parameters that must lie in [0, 1] (conf/loss/*.yaml): skew_kl / skew_reverse_kl `alpha`,
 # gjsd `beta`, akl `mu`. Today the loss checks them at its first call, inside the training step.
@@ -29,10 +30,6 @@ UNIT_INTERVAL_LOSS_PARAMS = ("alpha", "beta", "mu")
 # Temperature-schedule values that must be > 0 (conf/temperature/*.yaml callbacks).
 POSITIVE_TEMPERATURE_KEYS = ("start", "end", "initial", "t_min", "t_max")
 POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key, the value and the fix."""
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -80,7 +77,7 @@ def validate_config(cfg: DictConfig) -> None:
         check_local_pretrained(key, value)
     if seq_len is not None:
         # A local saved model's positions are known from its config.json before anything is loaded;
-        # a hub id is checked once its config is fetched (kd_lightning.stages).
+        # a hub id is checked once its config is fetched (kd_lightning.run.builders).
         for key, value in _pretrained_keys(cfg):
             config_file = Path(os.path.expanduser(str(value))) / "config.json"
             if _looks_local(str(value)) and config_file.is_file():
@@ -230,37 +227,3 @@ def check_writable(path: str | os.PathLike[str], key: str) -> Path:
         raise ConfigError(f"{key}={str(path)!r}: cannot write there ({error.strerror or error}); "
                           f"set {key} to a writable directory") from error
     return directory
-
-
-def check_training_text(key: str, token_counts: Sequence[int], *, split: str = "train",
-                        names: Sequence[str] | None = None, empty_warn_fraction: float = 0.1,
-                        dominance: float = 0.5) -> None:
-    """Sanity of a split's text: `token_counts[i]` is the number of tokens that record/document i
-    contributes to the loss (its response tokens in prompt/response mode).
-
-    - no token at all: `ConfigError` (nothing to learn), naming `key` (e.g. `dataset.paths=[...]`);
-    - more than `empty_warn_fraction` of the records empty (or whitespace only): a warning with counts;
-    - one document holding more than `dominance` of the split's tokens: a warning naming it."""
-    total, count = sum(token_counts), len(token_counts)
-    if total == 0:
-        raise ConfigError(f"{key}: every one of the {count} {split} records is empty or whitespace only (0 tokens to "
-                          "learn from); check the data and the text/response field")
-    empty = sum(1 for n in token_counts if n == 0)
-    if count and empty / count > empty_warn_fraction:
-        rank_zero_warn(f"{key}: {empty} of {count} {split} records ({empty / count:.0%}) are empty or whitespace "
-                       "only and contribute nothing")
-    if count > 1:
-        largest = max(range(count), key=lambda i: token_counts[i])
-        share = token_counts[largest] / total
-        if share > dominance:
-            name = names[largest] if names is not None else f"record {largest}"
-            rank_zero_warn(f"{key}: {name} holds {share:.0%} of the {split} split's {total} tokens; "
-                           "the split is mostly one document")
-
-
-
-def learnable_token_counts(texts: Sequence[str], token_ids: Sequence[Sequence[int]]) -> list[int]:
-    """Per record, the tokens `check_training_text` counts: those of its text (the response in
-    prompt/response mode), 0 when the text is empty or whitespace only (whose few tokens teach
-    nothing but where the spaces go)."""
-    return [0 if not text.strip() else len(ids) for text, ids in zip(texts, token_ids, strict=True)]

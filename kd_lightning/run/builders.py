@@ -16,17 +16,17 @@ from torch import nn
 from transformers import get_cosine_schedule_with_warmup
 
 from kd_lightning.callbacks.interrupt import CheckpointOnSigterm
-from kd_lightning.checks import check_seq_len_fits
-from kd_lightning.config import CONFIG_DIR, teacher_configs
-from kd_lightning.model_cache import cache_root, config_key, is_complete, write_atomically
+from kd_lightning.run.checks import check_seq_len_fits
+from kd_lightning.run.settings import CONFIG_DIR
+from kd_lightning.infra.model_cache import cache_root, config_key, is_complete, write_atomically
 from kd_lightning.models import load_model, save_model
 from kd_lightning.module import DistillationModule
-from kd_lightning.rundir import CHECKPOINT_DIR, resume_requested
-from kd_lightning.safeload import checkpoint_problem
-from kd_lightning.sharding import unsharded
-from kd_lightning.signals import exit_on_sigterm
+from kd_lightning.infra.rundir import CHECKPOINT_DIR, resume_requested
+from kd_lightning.infra.safeload import checkpoint_problem
+from kd_lightning.infra.sharding import unsharded
+from kd_lightning.infra.signals import exit_on_sigterm
 from kd_lightning.tasks import task_named
-from kd_lightning.teachers.teacher_cache import cache_teacher_targets, load_cached_teacher
+from kd_lightning.teachers.teacher_cache import load_cached_teacher
 
 log = logging.getLogger("kd_lightning")
 
@@ -201,23 +201,3 @@ def obtain_baseline(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, bool]:
 
 def _warmup_cosine(warmup_steps: int) -> Any:
     return partial(get_cosine_schedule_with_warmup, num_warmup_steps=warmup_steps)
-
-
-# ------------------------------------------------------------------------------ stages
-def teacher_stage(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
-    """`stage=teacher`: pre-train and cache the teacher(s), then stop."""
-    teachers = [str(t.name) for t in teacher_configs(cfg) if obtain_teacher(cfg, t, datamodule) is not None]
-    log.info("Teacher(s) ready: %s", ", ".join(teachers))
-    return {"teachers": teachers}
-
-
-def cache_teacher_stage(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
-    """`stage=cache_teacher`: the (single) teacher's offline sparse targets for the training split."""
-    configs = teacher_configs(cfg)
-    if len(configs) != 1:
-        raise ValueError(f"stage=cache_teacher caches one teacher, got {[str(t.name) for t in configs]}")
-    teacher = obtain_teacher(cfg, configs[0], datamodule)
-    with exit_on_sigterm("stage=cache_teacher"):  # its parts are written whole or not at all
-        directory = cache_teacher_targets(cfg, datamodule, configs[0], teacher)
-    log.info("Teacher targets at %s; train with: teacher=cached loss=sparse_kl teacher_cache.dir=%s", directory, directory)
-    return {"teacher_targets": str(directory)}

@@ -1,9 +1,10 @@
 """One entry point for every stage: process settings, seed, data, checks, then the chosen stage.
 
-    python train.py stage=<name>    ->    kd_lightning.cli.main    ->    run(cfg)    ->    STAGES[name]
+    python train.py stage=<name>    ->    kd_lightning.run.cli.main    ->    run(cfg)    ->    STAGES[name]
 
-Each stage is a function `(cfg, datamodule) -> summary dict`, and the data module is built once per
-run here. The stages import downwards only (train, stages, takd, teacher_cache), never this module.
+Each stage is one file of this package with one signature, `(cfg, datamodule, ckpt_path=None) ->
+summary dict`; the data module is built once per run here. The stages import downwards only
+(builders, settings, checks), never this module.
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.checks import check_writable, validate_config
-from kd_lightning.config import check_config
-from kd_lightning.distributed import is_global_zero
-from kd_lightning.rundir import CHECKPOINT_DIR, RunDirLock, resolve_resume, start_run
-from kd_lightning.signals import EXIT_SIGTERM
-from kd_lightning.stages import cache_teacher_stage, teacher_stage
-from kd_lightning.takd import run_chain
-from kd_lightning.train import distill
+from kd_lightning.run.checks import check_writable, validate_config
+from kd_lightning.run.settings import check_config
+from kd_lightning.infra.distributed import is_global_zero
+from kd_lightning.infra.rundir import CHECKPOINT_DIR, RunDirLock, resolve_resume, start_run
+from kd_lightning.infra.signals import EXIT_SIGTERM
+from kd_lightning.run.cache_teacher import cache_teacher_stage
+from kd_lightning.run.distill import distill
+from kd_lightning.run.takd import run_chain
+from kd_lightning.run.teacher import teacher_stage
 
 log = logging.getLogger("kd_lightning")
 
-Stage = Callable[[DictConfig, Any], dict[str, Any]]
+Stage = Callable[..., dict[str, Any]]  # (cfg, datamodule, ckpt_path=None) -> summary
 STAGES: dict[str, Stage] = {
     "distill": distill,  # the default: teachers -> student (+ CE-only baseline) -> summary
     "teacher": teacher_stage,  # only pre-train and cache the teacher(s)
@@ -71,7 +73,7 @@ def close_experiment_loggers() -> None:
 def begin_run(cfg: DictConfig, output_dir: Path) -> tuple[RunDirLock | None, Path | None]:
     """Before any compute: on rank 0 take the run directory's lock, refuse to overwrite a finished or
     checkpointed run, record the config (a resume must keep its meaning) and find the checkpoint to
-    continue from (`kd_lightning.rundir.start_run`); other DDP ranks only find the checkpoint.
+    continue from (`kd_lightning.infra.rundir.start_run`); other DDP ranks only find the checkpoint.
     Returns (the lock to hold for the whole run, the checkpoint)."""
     if not is_global_zero():
         return None, resolve_resume(cfg.resume, output_dir / CHECKPOINT_DIR)[0]
@@ -100,8 +102,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         check_config(cfg, datamodule.task)
         stage = STAGES[str(cfg.stage)]
         # Only the distillation stage continues from <output_dir>/checkpoints; the CE-trained stages
-        # find their own partial checkpoints (stages.obtain_ce_model), TAKD stages theirs (takd.run_stage).
-        summary = stage(cfg, datamodule, ckpt_path=checkpoint) if stage is distill else stage(cfg, datamodule)
+        # find their own partial checkpoints (builders.obtain_ce_model), TAKD stages theirs (takd.run_stage).
+        summary = stage(cfg, datamodule, ckpt_path=checkpoint)
     except BaseException as error:
         # SIGTERM (exit 143) has already said what was saved, in one line
         if not isinstance(error, SystemExit) or error.code not in (0, None, EXIT_SIGTERM):

@@ -1,5 +1,5 @@
 """The distillation stage: config -> teachers, student, `DistillationModule` -> `Trainer.fit` -> saved
-student + summary. `kd_lightning.pipeline.run` dispatches here for `stage=distill`, and a TAKD chain
+student + summary. `kd_lightning.run.pipeline.run` dispatches here for `stage=distill`, and a TAKD chain
 calls `distill` once per link.
 """
 
@@ -16,18 +16,18 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.atomic import atomic_directory, atomic_write_text
+from kd_lightning.infra.atomic import atomic_directory, atomic_write_text
 from kd_lightning.callbacks.interrupt import CheckpointOnSigterm
 from kd_lightning.callbacks.timing import FitTimer
-from kd_lightning.config import method_callbacks, teacher_configs
+from kd_lightning.run.settings import method_callbacks, teacher_configs
 from kd_lightning.cross_tokenizer import byte_lengths_of, refuse_foreign_tokens, teacher_batches, teacher_tokenization_args
 from kd_lightning.evaluate import evaluate, print_summary, with_progress
-from kd_lightning.model_cache import cache_root
-from kd_lightning.signals import exit_on_sigterm
+from kd_lightning.infra.model_cache import cache_root
+from kd_lightning.infra.signals import exit_on_sigterm
 from kd_lightning.models import count_parameters, output_size, save_model
 from kd_lightning.module import DistillationModule
-from kd_lightning.sharding import unsharded
-from kd_lightning.stages import build_model, check_model_positions, make_trainer, obtain_baseline, obtain_teacher
+from kd_lightning.infra.sharding import unsharded
+from kd_lightning.run.builders import build_model, check_model_positions, make_trainer, obtain_baseline, obtain_teacher
 from kd_lightning.tasks import task_named
 from kd_lightning.teachers.encodings import encoding_from
 from kd_lightning.teachers.teacher_outputs import RunContext, TeacherOutputOptions, TeacherOutputsFlush, memoize_teachers
