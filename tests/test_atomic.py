@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.infra.atomic import (atomic_directory, atomic_write_json, atomic_write_text,
+from kd_lightning.infra.atomic import (atomic_directory, atomic_write_file, atomic_write_json, atomic_write_text,
                                  clean_stale_temporaries)
 from kd_lightning.infra.model_cache import is_complete, write_atomically
 from kd_lightning.infra.safeload import (FIX_TARGETS, DamagedFileError, check_safetensors_dir, checkpoint_problem,
@@ -39,6 +39,29 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temporary(tmp_path: Path
     assert json.loads(target.read_text()) == {"a": [1, 2], "b": 1}
     assert (tmp_path / "note.txt").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["note.txt", "sub"]
+
+
+def test_atomic_write_file_hands_the_writer_a_hidden_temporary(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    seen: list[Path] = []
+
+    def write(temporary: Path) -> None:
+        seen.append(temporary)
+        save_file({"w": torch.arange(4)}, str(temporary), metadata={"k": "v"})
+
+    target = atomic_write_file(tmp_path / "part-1.safetensors", write)
+    assert seen[0].parent == tmp_path and seen[0].name.startswith(f".part-1.safetensors.tmp-{os.getpid()}-")
+    assert torch.equal(load_file(target)["w"], torch.arange(4))
+
+    def half_written(temporary: Path) -> None:
+        temporary.write_bytes(b"half")
+        raise RuntimeError("writer died")
+
+    with pytest.raises(RuntimeError, match="writer died"):
+        atomic_write_file(target, half_written)
+    assert torch.equal(load_file(target)["w"], torch.arange(4))  # the old file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["part-1.safetensors"]
 
 
 def test_atomic_write_failure_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

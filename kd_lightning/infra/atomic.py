@@ -18,7 +18,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,23 +45,41 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write `data` to `path` atomically: temp file in the same directory, fsync, `os.replace`."""
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_file(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """`write(temporary)` writes the whole file at the path it is given (a hidden sibling of `path`,
+    not yet existing), e.g. ``lambda tmp: save_file(tensors, str(tmp))``; then fsync and `os.replace`
+    it over `path`. On any exception the temporary is removed and `path` is untouched."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), dir=target.parent)
+    temporary = target.parent / f"{_temp_prefix(target)}{uuid.uuid4().hex[:8]}"
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
+        write(temporary)
+        _fsync_file(temporary)
+        os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
+            os.unlink(temporary)
         raise
     _fsync_directory(target.parent)
     return target
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` atomically (`atomic_write_file`)."""
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "xb") as handle:
+            handle.write(data)
+
+    return atomic_write_file(path, write)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
