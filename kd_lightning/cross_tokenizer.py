@@ -48,7 +48,7 @@ def teacher_tokenization_args(datamodule: Any, cache_dir: str, reuse_teacher_out
     if reuse_teacher_outputs:
         raise ValueError("teacher_outputs.reuse=true is not supported across tokenizers (the store is keyed by one "
                          "tokenization); set teacher_outputs.reuse=false")
-    from kd_lightning.losses.align import shared_vocab_map
+    from kd_lightning.data.vocab_map import shared_vocab_map
     from kd_lightning.infra.model_cache import cache_root
 
     vocab_map = shared_vocab_map(datamodule.tokenizer, datamodule.teacher_tokenizer,
@@ -79,7 +79,7 @@ def byte_lengths_of(datamodule: Any) -> tuple[Tensor | None, Tensor | None]:
     classification), for held-out loss in nats per byte."""
     if getattr(datamodule, "task", None) != "causal_lm":
         return None, None
-    from kd_lightning.losses.align import token_byte_lengths
+    from kd_lightning.data.vocab_map import token_byte_lengths
 
     student = token_byte_lengths(datamodule.tokenizer)
     return student, token_byte_lengths(datamodule.teacher_tokenizer) if datamodule.dual else student

@@ -7,8 +7,9 @@ import torch
 
 from kd_lightning.data.bpe import train_bpe
 from kd_lightning.data.tokenizer import byte_tokenizer
-from kd_lightning.losses import align
-from kd_lightning.losses.align import SpanGroup, VocabMap, shared_vocab_map, span_groups, token_cuts
+from kd_lightning.data import vocab_map
+from kd_lightning.data.vocab_map import shared_vocab_map
+from kd_lightning.losses.align import SpanGroup, VocabMap, span_groups, token_cuts
 
 SAMPLE = ["def area(radius):\n    return 3.14 * radius ** 2  # café €\n", "print(area(2))\n"] * 20
 
@@ -80,8 +81,8 @@ def test_vocab_map_of_a_tokenizer_with_itself_is_the_identity(bpe):
 def test_vocab_map_is_cached_in_memory_and_on_disk(bpe, tmp_path, monkeypatch):
     first = shared_vocab_map(byte_tokenizer(), bpe, cache_dir=str(tmp_path))
     assert shared_vocab_map(byte_tokenizer(), bpe) is first
-    monkeypatch.setattr(align, "_VOCAB_MAPS", {})
-    monkeypatch.setattr(align, "token_bytes", lambda tokenizer: pytest.fail("rebuilt instead of loaded"))
+    monkeypatch.setattr(vocab_map, "_VOCAB_MAPS", {})
+    monkeypatch.setattr(vocab_map, "token_bytes", lambda tokenizer: pytest.fail("rebuilt instead of loaded"))
     loaded = shared_vocab_map(byte_tokenizer(), bpe, cache_dir=str(tmp_path))
     assert isinstance(loaded, VocabMap) and torch.equal(loaded.student_ids, first.student_ids)
     assert len(list(tmp_path.glob("vocab-map-*.pt"))) == 1
@@ -100,3 +101,16 @@ def test_vocab_map_normalises_sentencepiece_spaces(bpe):
     pairs = {metaspace.convert_ids_to_tokens(s): bpe.convert_ids_to_tokens(t)
              for s, t in zip(mapping.student_ids.tolist(), mapping.teacher_ids.tolist())}
     assert pairs["▁radius"] == "Ġradius" and pairs["</s>"] == "</s>"
+
+
+def test_a_damaged_vocab_map_file_is_rebuilt_and_rewritten(bpe, tmp_path, monkeypatch, caplog):
+    first = shared_vocab_map(byte_tokenizer(), bpe, cache_dir=str(tmp_path))
+    (path,) = tmp_path.glob("vocab-map-*.pt")
+    path.write_bytes(path.read_bytes()[:20])  # a copy that stopped half-way
+    monkeypatch.setattr(vocab_map, "_VOCAB_MAPS", {})
+    with caplog.at_level("WARNING", logger="kd_lightning"):
+        rebuilt = shared_vocab_map(byte_tokenizer(), bpe, cache_dir=str(tmp_path))
+    assert "unreadable vocabulary map" in caplog.text and torch.equal(rebuilt.student_ids, first.student_ids)
+    student_ids, _ = torch.load(path, weights_only=True)  # rewritten whole, and weights-only loadable
+    assert torch.equal(student_ids, first.student_ids)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left behind

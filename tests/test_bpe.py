@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kd_lightning.data.bpe import cached_bpe_tokenizer, train_bpe
-from kd_lightning.losses.align import token_bytes
+from kd_lightning.data.vocab_map import token_bytes
 
 SAMPLE = [
     "def area(radius):\n    return 3.14159 * radius ** 2  # café\n",

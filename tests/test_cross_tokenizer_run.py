@@ -14,7 +14,7 @@ from conftest import column, metrics_csv
 from kd_lightning.data.bpe import train_bpe
 from kd_lightning.data.text import TextFilesDataModule
 from kd_lightning.data.tokenizer import byte_tokenizer
-from kd_lightning.losses.align import token_byte_lengths
+from kd_lightning.data.vocab_map import token_byte_lengths
 from kd_lightning.evaluate import evaluate
 from kd_lightning.models import build_causal_lm, save_model
 from kd_lightning.module import DistillationModule

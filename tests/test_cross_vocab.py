@@ -219,7 +219,7 @@ def dual_batch(student_tokenizer, teacher_tokenizer, texts):
 def test_end_to_end_on_real_tokenizers():
     from kd_lightning.data.bpe import train_bpe
     from kd_lightning.data.tokenizer import byte_tokenizer
-    from kd_lightning.losses.align import shared_vocab_map
+    from kd_lightning.data.vocab_map import shared_vocab_map
 
     corpus = ["def area(radius):\n    return 3.14 * radius ** 2  # café €\n", "print(area(2))\n"] * 20
     bpe = train_bpe(corpus, 330)

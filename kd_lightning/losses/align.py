@@ -1,7 +1,10 @@
-"""Aligning two tokenizations of the same text: character-span groups and a shared vocabulary.
+"""Aligning two tokenizations of the same text: character-span groups and the shared-vocabulary map.
 
-Pure Python/torch (no Lightning, no tokenizer calls in the hot path). Offsets are **character**
-offsets into the text (Python ``str`` indices, what fast tokenizers return with
+Pure Python/torch: functions of offsets and tensors, no tokenizer, no file, no cache. Building a
+:class:`VocabMap` from two tokenizers (and caching it on disk) is the data side's job
+(:func:`kd_lightning.data.vocab_map.shared_vocab_map`).
+
+Offsets are **character** offsets into the text (Python ``str`` indices, what fast tokenizers return with
 ``return_offsets_mapping=True``), one ``(start, end)`` per token; ``kd_lightning.data.dual`` produces
 them for every tokenizer, including the byte tokenizer. Tokens that cover only part of a character
 (a byte-level token holding 2 of the 3 bytes of "€") carry the whole character's span, so several
@@ -15,10 +18,8 @@ cross-tokenizer mode of TRL's GOLD trainer; the code here is written from that d
 
 from __future__ import annotations
 
-import hashlib
-import os
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -104,7 +105,8 @@ def span_groups(student_offsets: Offsets, teacher_offsets: Offsets) -> list[Span
 # Shared vocabulary
 # ----------------------------------------------------------------------------------------------
 class VocabMap(NamedTuple):
-    """Token ``student_ids[k]`` and token ``teacher_ids[k]`` stand for the same byte string."""
+    """Token ``student_ids[k]`` and token ``teacher_ids[k]`` stand for the same byte string
+    (built by :func:`kd_lightning.data.vocab_map.shared_vocab_map`)."""
 
     student_ids: Tensor  # [K] int64
     teacher_ids: Tensor  # [K] int64
@@ -115,132 +117,3 @@ class VocabMap(NamedTuple):
         keep = self.student_ids < student_vocab_size
         table[self.student_ids[keep]] = torch.arange(len(self.student_ids))[keep]
         return table
-
-
-def _byte_level_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's byte -> printable character table (byte-level BPE writes ``Ġ`` for 0x20)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
-
-
-def _backend_kinds(tokenizer: Any) -> tuple[str | None, str | None]:
-    import json
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None, None
-    spec = json.loads(backend.to_str())
-    decoder = spec.get("decoder") or {}
-    kinds = [decoder.get("type")] + [step.get("type") for step in decoder.get("decoders", []) or []]
-    model = (spec.get("model") or {}).get("type")
-    return ("ByteLevel" if "ByteLevel" in kinds else "Metaspace" if "Metaspace" in kinds else None), model
-
-
-def token_bytes(tokenizer: Any) -> dict[int, bytes]:
-    """The UTF-8 byte string each ordinary token stands for, by id; special tokens are keyed by role.
-
-    Normalisation, so that equal text gives equal keys whatever the tokenizer's spelling:
-    byte-level BPE (GPT-2 style, ``Ġ`` = space) is mapped back through its byte table; SentencePiece
-    style (``▁`` = space, ``<0xNN>`` byte fallback) is mapped to spaces and bytes; the byte tokenizer
-    (ByT5) maps id ``b + 3`` to byte ``b``; anything else is its token string in UTF-8. EOS and BOS
-    become the keys ``b"<eos>"`` / ``b"<bos>"`` on both sides (they match each other whatever they
-    are called); other special tokens (pad, unk, added control tokens) are left out. A
-    SentencePiece word-initial ``▁`` is a space even where the tokenizer invented it (prefix space at
-    the start of a text): such a token then fails the exact-match check in ``span_kl`` and falls back
-    to ULD, which is the safe side.
-    """
-    from kd_lightning.data.tokenizer import BYTE_OFFSET, is_byte_tokenizer
-
-    special_roles = {tokenizer.eos_token_id: b"<eos>", tokenizer.bos_token_id: b"<bos>"}
-    special_ids = set(getattr(tokenizer, "all_special_ids", []))
-    found: dict[int, bytes] = {}
-    if is_byte_tokenizer(tokenizer):
-        found = {byte + BYTE_OFFSET: bytes([byte]) for byte in range(256)}
-    else:
-        kind, _ = _backend_kinds(tokenizer)
-        table = _byte_level_decoder() if kind == "ByteLevel" else None
-        for token, token_id in tokenizer.get_vocab().items():
-            if token_id in special_ids:
-                continue
-            if table is not None:
-                if all(char in table for char in token):
-                    found[token_id] = bytes(table[char] for char in token)
-                continue
-            if kind == "Metaspace" and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
-                found[token_id] = bytes([int(token[3:5], 16)])
-                continue
-            found[token_id] = (token.replace("\u2581", " ") if kind == "Metaspace" else token).encode("utf-8")
-    for token_id, role in special_roles.items():
-        if token_id is not None:
-            found[int(token_id)] = role
-    return found
-
-
-def token_byte_lengths(tokenizer: Any) -> Tensor:
-    """``[V]`` LongTensor: UTF-8 bytes of text each id stands for; EOS counts 1 (the document
-    separator), other special tokens 0.
-
-    Used for held-out loss in nats per byte (token NLL summed / bytes covered), comparable across
-    tokenizers; with the byte tokenizer every counted token is one byte, so nats/byte == nats/token.
-    Byte-level BPE tokens that hold part of a character carry their own bytes, so the lengths of a
-    text's tokens sum to its UTF-8 length.
-    """
-    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
-    for token_id, value in token_bytes(tokenizer).items():
-        if token_id < len(lengths):
-            lengths[token_id] = len(value)
-    for token_id, count in ((tokenizer.bos_token_id, 0), (tokenizer.eos_token_id, 1)):
-        if token_id is not None:
-            lengths[int(token_id)] = count
-    return lengths
-
-
-_VOCAB_MAPS: dict[tuple[str, str], VocabMap] = {}
-
-
-def shared_vocab_map(student_tokenizer: Any, teacher_tokenizer: Any, cache_dir: str | None = None) -> VocabMap:
-    """Pairs of ids, one per side, whose byte strings (:func:`token_bytes`) are equal; sorted by student id.
-
-    When one side spells the same bytes with several ids, the smallest id is kept. Built once per
-    tokenizer pair: cached in memory by both tokenizers' identities
-    (:func:`~kd_lightning.data.tokenizer.tokenizer_identity`) and, with ``cache_dir``, in a
-    ``vocab-map-<key>.pt`` file there (written to a temporary name, then ``os.replace``).
-    """
-    from kd_lightning.data.tokenizer import tokenizer_identity
-
-    key = (tokenizer_identity(student_tokenizer), tokenizer_identity(teacher_tokenizer))
-    path = None
-    if cache_dir is not None:
-        digest = hashlib.sha256("|".join(key).encode("utf-8")).hexdigest()[:16]
-        path = os.path.join(cache_dir, f"vocab-map-{digest}.pt")
-    if key not in _VOCAB_MAPS and path is not None and os.path.isfile(path):
-        _VOCAB_MAPS[key] = VocabMap(*torch.load(path))
-    if key not in _VOCAB_MAPS:
-        _VOCAB_MAPS[key] = _build_vocab_map(student_tokenizer, teacher_tokenizer)
-    result = _VOCAB_MAPS[key]
-    if path is not None and not os.path.isfile(path):
-        os.makedirs(cache_dir, exist_ok=True)
-        staging = f"{path}.{os.getpid()}.tmp"
-        torch.save((result.student_ids, result.teacher_ids), staging)
-        os.replace(staging, path)
-    return result
-
-
-def _build_vocab_map(student_tokenizer: Any, teacher_tokenizer: Any) -> VocabMap:
-    teacher_by_bytes: dict[bytes, int] = {}
-    for token_id, value in sorted(token_bytes(teacher_tokenizer).items()):
-        teacher_by_bytes.setdefault(value, token_id)
-    pairs: dict[bytes, tuple[int, int]] = {}
-    for token_id, value in sorted(token_bytes(student_tokenizer).items()):
-        if value in teacher_by_bytes and value not in pairs:
-            pairs[value] = (token_id, teacher_by_bytes[value])
-    ordered = sorted(pairs.values())
-    return VocabMap(torch.tensor([s for s, _ in ordered], dtype=torch.long).reshape(-1),
-                    torch.tensor([t for _, t in ordered], dtype=torch.long).reshape(-1))

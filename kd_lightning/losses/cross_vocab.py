@@ -224,7 +224,7 @@ def span_kl(
     if targets.vocab_map is None or targets.student_labels is None or targets.student_offsets is None \
             or targets.teacher_offsets is None:
         raise ValueError("span_kl needs targets with student_labels, both offsets and a vocab_map "
-                         "(kd_lightning.losses.align.shared_vocab_map)")
+                         "(kd_lightning.data.vocab_map.shared_vocab_map)")
     positions = student_logits.shape[:-1]
     student_mask = torch.ones(positions, dtype=torch.bool) if mask is None else mask.bool().cpu()
     exact, fallback, fallback_positions = _group_terms(student_mask, targets, student_logits.shape[-1])

@@ -1,0 +1,155 @@
+"""What each token id stands for in bytes, and the shared vocabulary of two tokenizers.
+
+The data side of cross-tokenizer distillation: reads tokenizers, caches the shared-vocabulary map on
+disk. The losses only receive the result, a :class:`~kd_lightning.losses.align.VocabMap` of tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kd_lightning.data.tokenizer import BYTE_OFFSET, is_byte_tokenizer, tokenizer_identity
+from kd_lightning.infra.atomic import atomic_write_file
+from kd_lightning.losses.align import VocabMap
+
+log = logging.getLogger("kd_lightning")
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte -> printable character table (byte-level BPE writes ``Ġ`` for 0x20)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def _backend_kinds(tokenizer: Any) -> tuple[str | None, str | None]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None, None
+    spec = json.loads(backend.to_str())
+    decoder = spec.get("decoder") or {}
+    kinds = [decoder.get("type")] + [step.get("type") for step in decoder.get("decoders", []) or []]
+    model = (spec.get("model") or {}).get("type")
+    return ("ByteLevel" if "ByteLevel" in kinds else "Metaspace" if "Metaspace" in kinds else None), model
+
+
+def token_bytes(tokenizer: Any) -> dict[int, bytes]:
+    """The UTF-8 byte string each ordinary token stands for, by id; special tokens are keyed by role.
+
+    Normalisation, so that equal text gives equal keys whatever the tokenizer's spelling:
+    byte-level BPE (GPT-2 style, ``Ġ`` = space) is mapped back through its byte table; SentencePiece
+    style (``▁`` = space, ``<0xNN>`` byte fallback) is mapped to spaces and bytes; the byte tokenizer
+    (ByT5) maps id ``b + 3`` to byte ``b``; anything else is its token string in UTF-8. EOS and BOS
+    become the keys ``b"<eos>"`` / ``b"<bos>"`` on both sides (they match each other whatever they
+    are called); other special tokens (pad, unk, added control tokens) are left out. A
+    SentencePiece word-initial ``▁`` is a space even where the tokenizer invented it (prefix space at
+    the start of a text): such a token then fails the exact-match check in ``span_kl`` and falls back
+    to ULD, which is the safe side.
+    """
+    special_roles = {tokenizer.eos_token_id: b"<eos>", tokenizer.bos_token_id: b"<bos>"}
+    special_ids = set(getattr(tokenizer, "all_special_ids", []))
+    found: dict[int, bytes] = {}
+    if is_byte_tokenizer(tokenizer):
+        found = {byte + BYTE_OFFSET: bytes([byte]) for byte in range(256)}
+    else:
+        kind, _ = _backend_kinds(tokenizer)
+        table = _byte_level_decoder() if kind == "ByteLevel" else None
+        for token, token_id in tokenizer.get_vocab().items():
+            if token_id in special_ids:
+                continue
+            if table is not None:
+                if all(char in table for char in token):
+                    found[token_id] = bytes(table[char] for char in token)
+                continue
+            if kind == "Metaspace" and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+                found[token_id] = bytes([int(token[3:5], 16)])
+                continue
+            found[token_id] = (token.replace("\u2581", " ") if kind == "Metaspace" else token).encode("utf-8")
+    for token_id, role in special_roles.items():
+        if token_id is not None:
+            found[int(token_id)] = role
+    return found
+
+
+def token_byte_lengths(tokenizer: Any) -> Tensor:
+    """``[V]`` LongTensor: UTF-8 bytes of text each id stands for; EOS counts 1 (the document
+    separator), other special tokens 0.
+
+    Used for held-out loss in nats per byte (token NLL summed / bytes covered), comparable across
+    tokenizers; with the byte tokenizer every counted token is one byte, so nats/byte == nats/token.
+    Byte-level BPE tokens that hold part of a character carry their own bytes, so the lengths of a
+    text's tokens sum to its UTF-8 length.
+    """
+    lengths = torch.zeros(len(tokenizer), dtype=torch.long)
+    for token_id, value in token_bytes(tokenizer).items():
+        if token_id < len(lengths):
+            lengths[token_id] = len(value)
+    for token_id, count in ((tokenizer.bos_token_id, 0), (tokenizer.eos_token_id, 1)):
+        if token_id is not None:
+            lengths[int(token_id)] = count
+    return lengths
+
+
+def build_vocab_map(student_tokenizer: Any, teacher_tokenizer: Any) -> VocabMap:
+    """Pairs of ids, one per side, whose byte strings (:func:`token_bytes`) are equal; sorted by
+    student id. When one side spells the same bytes with several ids, the smallest id is kept."""
+    teacher_by_bytes: dict[bytes, int] = {}
+    for token_id, value in sorted(token_bytes(teacher_tokenizer).items()):
+        teacher_by_bytes.setdefault(value, token_id)
+    pairs: dict[bytes, tuple[int, int]] = {}
+    for token_id, value in sorted(token_bytes(student_tokenizer).items()):
+        if value in teacher_by_bytes and value not in pairs:
+            pairs[value] = (token_id, teacher_by_bytes[value])
+    ordered = sorted(pairs.values())
+    return VocabMap(torch.tensor([s for s, _ in ordered], dtype=torch.long).reshape(-1),
+                    torch.tensor([t for _, t in ordered], dtype=torch.long).reshape(-1))
+
+
+def _load_vocab_map(path: Path) -> VocabMap | None:
+    """The map saved at `path` (a weights-only load: two int64 tensors), None when it is unreadable."""
+    try:
+        student_ids, teacher_ids = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged cache file: it is rebuilt and rewritten
+        log.warning("%s: unreadable vocabulary map (%s: %s); rebuilding it", path, type(error).__name__, error)
+        return None
+    return VocabMap(student_ids, teacher_ids)
+
+
+# Maps built in this process, by both tokenizers' identities: a sweep of runs builds each pair once.
+_VOCAB_MAPS: dict[tuple[str, str], VocabMap] = {}
+
+
+def shared_vocab_map(student_tokenizer: Any, teacher_tokenizer: Any, cache_dir: str | None = None) -> VocabMap:
+    """:func:`build_vocab_map` once per tokenizer pair: cached in memory by both tokenizers'
+    identities (:func:`~kd_lightning.data.tokenizer.tokenizer_identity`) and, with ``cache_dir``, in
+    a ``vocab-map-<key>.pt`` file there (written atomically, loaded weights-only)."""
+    key = (tokenizer_identity(student_tokenizer), tokenizer_identity(teacher_tokenizer))
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256("|".join(key).encode("utf-8")).hexdigest()[:16]
+        path = Path(cache_dir) / f"vocab-map-{digest}.pt"
+    damaged = False
+    if key not in _VOCAB_MAPS and path is not None and path.is_file():
+        loaded = _load_vocab_map(path)
+        damaged = loaded is None
+        if loaded is not None:
+            _VOCAB_MAPS[key] = loaded
+    if key not in _VOCAB_MAPS:
+        _VOCAB_MAPS[key] = build_vocab_map(student_tokenizer, teacher_tokenizer)
+    result = _VOCAB_MAPS[key]
+    if path is not None and (damaged or not path.is_file()):
+        atomic_write_file(path, lambda temporary: torch.save((result.student_ids, result.teacher_ids), temporary))
+    return result
