@@ -15,10 +15,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from kd_lightning.infra.atomic import atomic_directory
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -81,28 +82,20 @@ def cached_bpe_tokenizer(
     The directory is ``<cache_dir>/bpe-<vocab_size>-<key>``, where the key hashes
     ``corpus_fingerprint`` (the caller's identity of the training texts, e.g. a data module's
     ``fingerprint()``), the size and the options. ``texts_fn`` is only called on a miss. The
-    tokenizer is saved with ``save_pretrained`` into a temporary sibling directory and renamed into
-    place with ``os.replace``, so a crash or a concurrent trainer never leaves a half-written cache;
-    the result loads with ``AutoTokenizer.from_pretrained(path)``.
+    tokenizer is saved with ``save_pretrained`` into a hidden sibling directory and renamed into
+    place (:func:`~kd_lightning.infra.atomic.atomic_directory`), so a crash or a concurrent trainer
+    never leaves a half-written cache; the result loads with ``AutoTokenizer.from_pretrained(path)``.
     """
     from transformers import AutoTokenizer
 
     key = bpe_cache_key(corpus_fingerprint, vocab_size, min_frequency=min_frequency)
-    target = os.path.join(os.fspath(cache_dir), f"bpe-{vocab_size}-{key}")
-    if not os.path.isfile(os.path.join(target, "tokenizer.json")):
-        os.makedirs(os.fspath(cache_dir), exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".bpe-{vocab_size}-", dir=os.fspath(cache_dir))
-        try:
+    target = Path(cache_dir) / f"bpe-{vocab_size}-{key}"
+    if not (target / "tokenizer.json").is_file():
+        # A directory without tokenizer.json is damaged: replace it. Else a trainer that finished
+        # first while this one trained keeps its (identical) tokenizer.
+        with atomic_directory(target, replace=target.exists()) as staging:
             train_bpe(texts_fn(), vocab_size, min_frequency=min_frequency).save_pretrained(staging)
-            try:
-                os.replace(staging, target)
-            except OSError:
-                # Another process finished first (the target is a non-empty directory): keep theirs.
-                if not os.path.isfile(os.path.join(target, "tokenizer.json")):
-                    raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return AutoTokenizer.from_pretrained(target)
+    return AutoTokenizer.from_pretrained(str(target))
 
 
 def read_texts(paths: Iterable[str]) -> Iterable[str]:

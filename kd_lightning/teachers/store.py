@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from kd_lightning.infra.atomic import TMP_MARK, atomic_write_json, clean_stale_temporaries
+from kd_lightning.infra.atomic import atomic_write_file, atomic_write_json, clean_stale_temporaries
 from kd_lightning.losses.sparse import SparseTargets
 from kd_lightning.infra.model_cache import config_key
 from kd_lightning.infra.safeload import DamagedFileError, safe_open_checked
@@ -286,13 +286,8 @@ class TeacherOutputStore:
                 break
             meta = {"format_version": str(FORMAT_VERSION), "encoding": json.dumps(self.encoding.identity(), sort_keys=True),
                     "seconds_per_row": repr(sum(r[1] for r in rows) / len(rows))}
-            name = f"part-{uuid.uuid4().hex}.safetensors"
-            tmp = self.directory / f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            try:
-                save_file(tensors, str(tmp), metadata=meta)
-                os.replace(tmp, self.directory / name)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_write_file(self.directory / f"part-{uuid.uuid4().hex}.safetensors",
+                              lambda temporary: save_file(tensors, str(temporary), metadata=meta))
             self.stats["stored_rows"] += len(keys)
         self._buffer.clear()
         self.scan()
