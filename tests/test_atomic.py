@@ -15,8 +15,7 @@ import torch
 from kd_lightning.infra.atomic import (atomic_directory, atomic_write_file, atomic_write_json, atomic_write_text,
                                  clean_stale_temporaries)
 from kd_lightning.infra.model_cache import is_complete, write_atomically
-from kd_lightning.infra.safeload import (FIX_TARGETS, DamagedFileError, check_safetensors_dir, checkpoint_problem,
-                                   load_safetensors_checked, safe_open_checked)
+from kd_lightning.infra.safeload import DamagedFileError, checkpoint_problem, safe_open_checked
 
 
 def dead_pid() -> int:
@@ -136,23 +135,23 @@ def test_damaged_safetensors_names_the_file_and_the_fix(tmp_path: Path) -> None:
 
     good = tmp_path / "part-0.safetensors"
     save_file({"logp": torch.zeros(64)}, str(good))
-    assert torch.equal(load_safetensors_checked(good)["logp"], torch.zeros(64))
     with safe_open_checked(good) as handle:
         assert list(handle.keys()) == ["logp"]
+        assert torch.equal(handle.get_tensor("logp"), torch.zeros(64))
     truncated = tmp_path / "part-1.safetensors"
     truncated.write_bytes(good.read_bytes()[:-40])
     with pytest.raises(DamagedFileError, match=r"part-1\.safetensors is not a readable safetensors file .*"
                                                r"truncated or damaged; delete it; it will be recomputed"):
-        load_safetensors_checked(truncated)
+        with safe_open_checked(truncated):
+            pass
     garbage = tmp_path / "shard-0.safetensors"
     garbage.write_bytes(b"not a safetensors file")
     with pytest.raises(DamagedFileError, match="shard-0.safetensors.*re-run stage=cache_teacher"):
-        with safe_open_checked(garbage, fix=FIX_TARGETS):
+        with safe_open_checked(garbage, fix="delete the directory and re-run stage=cache_teacher"):
             pass
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        load_safetensors_checked(tmp_path / "nope.safetensors")
-    with pytest.raises(DamagedFileError, match="part-1.safetensors"):
-        check_safetensors_dir(tmp_path)  # a cache entry with one truncated weight file
+        with safe_open_checked(tmp_path / "nope.safetensors"):
+            pass
 
 
 def test_checkpoint_problem_detects_truncated_garbage_and_unsafe(tmp_path: Path) -> None:

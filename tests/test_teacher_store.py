@@ -54,6 +54,15 @@ def test_bytes_per_token_at_32k_from_the_files(tmp_path: Path, encoding: Encodin
         assert expected <= 200
 
 
+def test_written_counts_rows_on_disk_not_buffered_ones(tmp_path: Path) -> None:
+    store = make_store(tmp_path, 64, Encoding("topk", k=4), flush_rows=100)
+    store.put(keys(3), peaked_logits(3, 2, 64), 0.0)
+    assert not store.written(keys(3)) and not store.missing(keys(3))  # buffered: stored, not yet written
+    store.flush()
+    assert store.written(keys(3)) and not store.written(keys(4))
+    assert sorted(p.name.startswith("part-") for p in tmp_path.iterdir()) == [False, True]  # manifest, 1 part
+
+
 def test_ids_use_int32_above_65536(tmp_path: Path) -> None:
     store = make_store(tmp_path, 70000, Encoding("topk", k=4))
     store.put(keys(1), peaked_logits(1, 2, 70000), 0.0)

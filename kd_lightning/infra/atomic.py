@@ -141,7 +141,8 @@ def _move_into_place(staging: Path, target: Path, *, replace: bool) -> None:
     _fsync_directory(target.parent)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True while a process with this pid exists on this host (whoever owns it)."""
     if pid <= 0:
         return False
     try:
@@ -184,7 +185,7 @@ def clean_stale_temporaries(parent: str | os.PathLike[str], prefix: str = "", *,
         if not entry.name.startswith(f".{prefix}"):
             continue
         owner = _owner_pid(entry.name)
-        if owner is None or _pid_alive(owner[0]):
+        if owner is None or pid_alive(owner[0]):
             continue
         try:
             if now - entry.lstat().st_mtime < min_age_seconds:

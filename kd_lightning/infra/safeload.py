@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-# What to do about a damaged file, by what the file is.
+# What to do about a damaged cache file (callers with other files pass their own `fix`).
 FIX_CACHE = "delete it; it will be recomputed on the next run"
-FIX_TARGETS = "delete the directory and re-run stage=cache_teacher"
 
 
 class DamagedFileError(RuntimeError):
@@ -38,20 +37,6 @@ def _safetensors_error(path: Path, error: BaseException, fix: str) -> DamagedFil
     size = path.stat().st_size if path.exists() else 0
     return DamagedFileError(f"{path} is not a readable safetensors file ({size} bytes, {_describe(error)}): "
                             f"it is truncated or damaged; {fix}")
-
-
-def load_safetensors_checked(path: str | os.PathLike[str], fix: str = FIX_CACHE, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """`safetensors.torch.load_file(path)`, raising `DamagedFileError` naming `path` and `fix`
-    instead of the library's bare header error. A missing file stays `FileNotFoundError`."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        return load_file(str(path), device=device)
-    except Exception as error:  # SafetensorError is a Rust exception without a stable import path
-        raise _safetensors_error(path, error, fix) from error
 
 
 @contextmanager
@@ -70,15 +55,6 @@ def safe_open_checked(path: str | os.PathLike[str], fix: str = FIX_CACHE, framew
         raise _safetensors_error(path, error, fix) from error
     with handle as opened:
         yield opened
-
-
-def check_safetensors_dir(directory: str | os.PathLike[str], fix: str = FIX_CACHE) -> None:
-    """Before `from_pretrained(directory)` of a cache entry (a cached teacher or baseline): every
-    `*.safetensors` in it has a whole header and the size the header promises (`safe_open` checks
-    both without reading tensor data); else `DamagedFileError` naming the file and `fix`."""
-    for path in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open_checked(path, fix=fix):
-            pass
 
 
 def sharded_checkpoint_problem(path: Path) -> str | None:

@@ -183,6 +183,10 @@ class TeacherOutputStore:
     def __len__(self) -> int:
         return len(self._index) + sum(k not in self._index for k in self._buffer)
 
+    def written(self, keys: list[bytes]) -> bool:
+        """True when every key's row is in a part on disk (as of the last `scan`; buffered rows do not count)."""
+        return all(key in self._index for key in keys)
+
     def open_parts(self) -> int:
         """Parts memory-mapped right now (bounded by `max_open_parts`)."""
         return len(self._open)

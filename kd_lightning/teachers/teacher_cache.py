@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutput
 
-from kd_lightning.infra.atomic import _pid_alive, atomic_write_json, clean_stale_temporaries
+from kd_lightning.infra.atomic import atomic_write_json, clean_stale_temporaries, pid_alive
 from kd_lightning.data.tokenizer import tokenizer_identity
 from kd_lightning.losses.sparse import SparseTargets, check_tail_mode
 from kd_lightning.infra.model_cache import cache_root
@@ -82,7 +82,7 @@ def _stale(path: Path, owner: tuple[int, str] | None, timeout_s: float) -> str |
     except FileNotFoundError:
         return None
     if owner is not None and owner[1] == socket.gethostname():
-        return None if _pid_alive(owner[0]) else f"its writer (pid {owner[0]} on this host) has exited"
+        return None if pid_alive(owner[0]) else f"its writer (pid {owner[0]} on this host) has exited"
     if age <= timeout_s:
         return None
     who = f"pid {owner[0]} on host {owner[1]}" if owner is not None else "a writer that never wrote its name"
@@ -193,7 +193,7 @@ def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictCon
         store.flush()
 
     def done(chunk: int) -> bool:
-        return not [k for k in chunk_keys(chunk) if k not in store._index]
+        return store.written(chunk_keys(chunk))
 
     log.info("Storing teacher '%s' outputs (%s) for %d training samples at %s", teacher_cfg.name,
              encoding.identity(), len(dataset), directory)
