@@ -51,6 +51,7 @@ class LinearTemperature(_StepSchedule):
     """Linear schedule `T(s) = start + (end − start)·s/(S − 1)`: exactly `start` at the first step
     and `end` at the last of S = `trainer.max_steps` steps."""
 
+    @override
     def temperature_at(self, fraction: float) -> float:
         return (1.0 - fraction) * self.start + fraction * self.end  # exact at both ends
 
@@ -59,6 +60,7 @@ class CosineTemperature(_StepSchedule):
     """Cosine schedule `T(s) = end + (start − end)·½(1 + cos(π·s/(S − 1)))`: `start` at the first
     step, `end` at the last, flat at both ends."""
 
+    @override
     def temperature_at(self, fraction: float) -> float:
         return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * fraction))
 

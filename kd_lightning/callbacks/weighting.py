@@ -82,6 +82,7 @@ class ConfidenceWeighting(TeacherWeighting):
     w_k = (1 − H_k / Σ_j H_j) / (K − 1), H_k the teacher's mean predictive entropy on the example;
     more confident (lower-entropy) teachers get more weight. Equal weights when Σ_j H_j = 0."""
 
+    @override
     def weights(self, stats: dict[str, Tensor]) -> Tensor:
         entropy = stats["teacher_entropy"]
         k = entropy.shape[-1]
@@ -97,6 +98,7 @@ class CAMKDWeighting(TeacherWeighting):
     2022): w_k = (1 − softmax_k(CE_k)) / (K − 1), CE_k the teacher's cross-entropy against the
     labels on the example; a teacher that is wrong gets less weight (K = 2: softmax(−CE))."""
 
+    @override
     def weights(self, stats: dict[str, Tensor]) -> Tensor:
         ce = stats["teacher_ce"]
         k = ce.shape[-1]
@@ -120,6 +122,7 @@ class PerformanceGapWeighting(TeacherWeighting):
             raise ValueError(f"PerformanceGapWeighting: fallback={fallback!r} must be 'equal' or 'softmax'")
         self.temperature, self.margin, self.fallback = float(temperature), float(margin), fallback
 
+    @override
     def weights(self, stats: dict[str, Tensor]) -> Tensor:
         ce = stats["teacher_ce"]
         active = ce < (stats["student_ce"] - self.margin).unsqueeze(-1)
@@ -185,6 +188,7 @@ class ReinforcedWeighting(TeacherWeighting):
                 self._generator_state = None
         return self.generator
 
+    @override
     def weights(self, stats: dict[str, Tensor]) -> Tensor:
         states = self.features(stats)
         probs = self.selection_probs(states)

@@ -43,6 +43,7 @@ class DictDataset(Dataset):
     def __len__(self) -> int:
         return len(next(iter(self.tensors.values())))
 
+    @override
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {name: tensor[index] for name, tensor in self.tensors.items()}
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from typing_extensions import override
 
 from kd_lightning.data.base import BaseDataModule, DictDataset, check_fractions
 
@@ -47,6 +48,7 @@ class DigitsDataModule(BaseDataModule):
         self.num_features, self.num_classes = NUM_FEATURES, NUM_CLASSES
         self.tokenizer = None
 
+    @override
     def _load(self) -> dict[str, DictDataset]:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -63,6 +65,7 @@ class DigitsDataModule(BaseDataModule):
             for split, order in (("train", train), ("val", val), ("test", test))
         }
 
+    @override
     def _identity(self) -> dict[str, Any]:
         # The data ship inside scikit-learn and do not change; only the split does.
         return {"val_fraction": self.val_fraction, "test_fraction": self.test_fraction, "seed": self.seed}

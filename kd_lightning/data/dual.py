@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from typing_extensions import override
 
 from kd_lightning.data.packing import IGNORE_INDEX
 from kd_lightning.data.tokenizer import encode_bytes, eos_id, is_byte_tokenizer, pad_id
@@ -163,6 +164,7 @@ class DualTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @override
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.samples[index]
 

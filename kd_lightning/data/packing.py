@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from typing_extensions import override
 
 from kd_lightning.tasks import IGNORE_INDEX
 
@@ -36,6 +37,7 @@ class LMDataset(Dataset):
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    @override
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         input_ids = self.input_ids[index].long()
         length, prompt_length = self.lengths[index], self.prompt_lengths[index]

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from typing_extensions import override
 
 from kd_lightning.data.step_tokens import stamp_step_tokens
 
@@ -29,6 +30,7 @@ class EpochSeededSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.skip = 0  # samples of this rank to skip once, on resume
 
+    @override
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(len(self.dataset), generator=generator)  # type: ignore[arg-type]
@@ -47,6 +49,7 @@ class RankShareSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
         self.num_samples = len(range(rank, len(dataset), num_replicas))  # type: ignore[arg-type]
 
+    @override
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
 
@@ -67,6 +70,7 @@ class ResumableDataLoader(DataLoader):
         self.progress, self.count, self.accumulate = progress, count, accumulate
         self.skipped_batches = 0
 
+    @override
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         done, self.skipped_batches = self.skipped_batches, 0
         return stamp_step_tokens(super().__iter__(), self.accumulate(), self.count, already_done=done)

@@ -12,6 +12,8 @@ import sysconfig
 from collections.abc import Iterator
 from typing import Any
 
+from typing_extensions import override
+
 from kd_lightning.data.checks import check_training_text, learnable_token_counts
 from kd_lightning.data.base import LMDataModule, check_fractions, check_positive, hash_files, split_indices
 from kd_lightning.data.bpe import cached_bpe_tokenizer, read_texts
@@ -116,6 +118,7 @@ class StdlibDataModule(LMDataModule):
         indices = split_indices(len(self.files), fractions, self.seed, what=f"files under {self.root!r}")
         return {split: [self.files[i] for i in order] for split, order in indices.items()}
 
+    @override
     def _load(self) -> dict[str, Any]:
         caps = {"train": self.max_train_tokens, "val": self.max_eval_tokens, "test": self.max_eval_tokens}
         if self.teacher_tokenizer is not None:
@@ -134,6 +137,7 @@ class StdlibDataModule(LMDataModule):
                                     names=files[: len(counts)])
         return splits
 
+    @override
     def _identity(self) -> dict[str, Any]:
         # Hashing the whole corpus takes about 0.15 s; the root path itself is not identity.
         return {

@@ -13,6 +13,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from typing_extensions import override
+
 from kd_lightning.data.checks import check_training_text, learnable_token_counts
 from kd_lightning.data.base import SPLITS, LMDataModule, check_fractions, hash_files, split_indices
 from kd_lightning.data.dual import DualTextDataset
@@ -140,9 +142,11 @@ class TextFilesDataModule(TextLMDataModule):
             for split, value in given.items()
         }
 
+    @override
     def data_key(self) -> str:
         return f"dataset.paths={list(self.hparams.paths) if not isinstance(self.hparams.paths, str) else self.hparams.paths}"
 
+    @override
     def _load(self) -> dict[str, LMDataset]:
         # Everything is read and checked before anything is tokenized.
         records = {
@@ -157,6 +161,7 @@ class TextFilesDataModule(TextLMDataModule):
         }
         return self._assemble(records)
 
+    @override
     def _identity(self) -> dict[str, Any]:
         files = {split: None if paths is None else hash_files(paths) for split, paths in self.files.items()}
         return {"files": files, **self._split_identity()}
@@ -213,6 +218,7 @@ class HFDataModule(TextLMDataModule):
             os.path.exists(os.path.join(self.path, marker)) for marker in ("dataset_dict.json", "state.json")
         )
 
+    @override
     def data_key(self) -> str:
         return f"dataset.path={self.hparams.path!r} (dataset.split={self.splits['split']!r})"
 
@@ -257,6 +263,7 @@ class HFDataModule(TextLMDataModule):
             raise ValueError(f"dataset.{key}={self.splits[key]!r}: split of {self.path!r} is empty")
         return list(zip(*columns))
 
+    @override
     def _load(self) -> dict[str, LMDataset]:
         keys = {"train": "split", "val": "val_split", "test": "test_split"}
         return self._assemble(
@@ -278,6 +285,7 @@ class HFDataModule(TextLMDataModule):
         matches = {match for item in patterns if isinstance(item, str) for match in glob.glob(os.path.expanduser(item))}
         return sorted(match for match in matches if os.path.isfile(match))
 
+    @override
     def _identity(self) -> dict[str, Any]:
         local = self._local_files()
         # Local data is identified by content (moving it keeps the hash); a hub dataset by its name.
