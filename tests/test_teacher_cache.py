@@ -130,10 +130,11 @@ def test_stored_targets_are_the_live_teachers(built, tmp_path: Path, cache_dir: 
     datamodule = hydra.utils.instantiate(cfg.dataset)
     teacher = obtain_teacher(cfg, cfg.teacher, datamodule).eval()  # the session-cached tiny teacher
     datamodule.setup("fit")
+    from kd_lightning.run.settings import teacher_cache_options
     from kd_lightning.teachers.teacher_cache import load_cached_teacher
 
     cfg.teacher_cache.dir = str(built[method])
-    reader = load_cached_teacher(cfg, cfg.teacher_cache, datamodule)
+    reader = load_cached_teacher(teacher_cache_options(cfg), datamodule, sparse=True)
     items = [datamodule.datasets["train"][i] for i in range(10)]
     batch = {k: torch.stack([x[k] for x in items]) for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
@@ -320,3 +321,33 @@ def test_cache_teacher_finishes_past_a_dead_writer_on_another_host(tmp_path: Pat
                     f"teacher_cache.dir={target}")
     run(cfg)
     assert list(target.glob("covers-*.json")) and not list(target.glob(".claim-*"))
+
+
+def test_the_offline_store_takes_typed_options_and_shares_the_online_stores_location(make_cfg, tmp_path: Path) -> None:
+    """`cache_teacher_targets` and `load_cached_teacher` take `TeacherCacheOptions` (frozen), never the
+    config; `teacher_cache.*` and `teacher_outputs.*` with the same encoding find the same store."""
+    import dataclasses
+    import inspect
+
+    from kd_lightning.run.settings import teacher_cache_options, teacher_output_options
+    from kd_lightning.teachers.identity import teacher_store_location
+    from kd_lightning.teachers.teacher_cache import TeacherCacheOptions, cache_teacher_targets, load_cached_teacher
+    from tests.test_teacher_outputs import tiny_lm
+
+    for fn in (cache_teacher_targets, load_cached_teacher):
+        params = inspect.signature(fn).parameters
+        assert "cfg" not in params and params["options"].annotation == "TeacherCacheOptions", fn.__name__
+    same = ("teacher_outputs.encoding=topk", "teacher_outputs.k=12", "teacher_outputs.dtype=uint8",
+            "teacher_cache.method=topk", "teacher_cache.k=12")
+    cfg = make_cfg(*same, "teacher_cache.shard_size=64", "seed=3")
+    options = teacher_cache_options(cfg)
+    assert isinstance(options, TeacherCacheOptions) and options.shard_size == 64 and options.seed == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.seed = 4  # type: ignore[misc]
+    online = teacher_output_options(cfg).store
+    assert online == options.store and options.store.root == str(Path(cfg.paths.cache_dir) / "teacher_outputs")
+    teacher = tiny_lm()
+    assert (teacher_store_location(online, "moe", teacher, None)
+            == teacher_store_location(options.store, "moe", teacher, None))
+    with pytest.raises(ValueError, match="teacher=cached: no store directory given"):
+        load_cached_teacher(dataclasses.replace(options, directory=None), datamodule=None)

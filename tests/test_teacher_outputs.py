@@ -164,9 +164,9 @@ def test_reuse_is_skipped_where_outputs_change(make_cfg, tmp_path: Path, caplog,
     from hydra.utils import instantiate
 
     from kd_lightning.run.builders import obtain_teacher
-    from kd_lightning.run.settings import method_callbacks, teacher_configs
+    from kd_lightning.run.settings import (method_callbacks, teacher_configs, teacher_model_configs,
+                                           teacher_output_context, teacher_output_options)
     from kd_lightning.teachers.teacher_outputs import memoize_teachers
-    from kd_lightning.run.distill import teacher_model_configs, teacher_output_context, teacher_output_options
 
     cfg = make_cfg("teacher_outputs.reuse=true", override)
     datamodule = instantiate(cfg.dataset)
@@ -202,15 +202,12 @@ def test_report_shows_the_teacher_time_saved(tmp_path: Path):
 
 
 def test_store_directory_separates_teachers_precisions_and_formats(make_cfg):
-    from kd_lightning.teachers.store import store_directory, weights_hash
-    from kd_lightning.run.distill import teacher_model_configs, teacher_output_context, teacher_output_options
+    from kd_lightning.run.settings import teacher_model_configs, teacher_output_options
+    from kd_lightning.teachers.identity import teacher_store_location
 
     def directory(cfg, teacher):
-        opts, context = teacher_output_options(cfg), teacher_output_context(cfg, "causal_lm")
-        identity = store_identity(weights=weights_hash(teacher), model_config=teacher_model_configs(cfg)["moe"],
-                                  precision=context.precision, accelerator=context.accelerator, vocab_size=V,
-                                  encoding=opts.encoding)
-        return store_directory(opts.root, str(cfg.teacher.name), identity)
+        opts = teacher_output_options(cfg)
+        return teacher_store_location(opts.store, str(cfg.teacher.name), teacher, teacher_model_configs(cfg)["moe"])[0]
 
     cfg = make_cfg("teacher_outputs.reuse=true")
     teacher = tiny_lm()

@@ -1,20 +1,21 @@
-"""Config-level helpers: where the configs live, which teachers a config names, and the checks that
-run before any compute. A leaf of the package: it imports nothing from `kd_lightning`, so the CLI,
-the stages and the builders can all use it without an import circle (and `--help` stays fast).
+"""The config readers: which teachers a config names, and the typed options (frozen dataclasses)
+that the code below the run layer receives instead of the Hydra config.
 
-Library code below the stages never sees the Hydra config: it gets typed arguments built here or in
-the stage functions.
+A leaf of the run package (it imports no other `kd_lightning.run` module), so the stages, builders
+and checks can all use it without an import circle. The refusals are in `kd_lightning.run.checks`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-"""The repository's `conf/` (next to this package in an editable install)."""
+from kd_lightning.infra.model_cache import cache_root
+from kd_lightning.teachers.encodings import Encoding
+from kd_lightning.teachers.identity import StoreOptions
+from kd_lightning.teachers.teacher_cache import DEFAULT_CLAIM_TIMEOUT_S, TeacherCacheOptions
+from kd_lightning.teachers.teacher_outputs import RunContext, TeacherOutputOptions
 
 
 def teacher_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -76,6 +77,56 @@ def check_strategy(strategy: str, accelerator: str) -> None:
             raise RuntimeError("strategy=deepspeed needs the extra: pip install -e '.[deepspeed]'") from err
 
 
+def encoding_options(node: Any) -> Encoding:
+    """The `Encoding` of a store node (`teacher_outputs:` or `teacher_cache:`): `encoding`, `dtype`,
+    `k`, `num_draws`, `temperature` (dtype null: float32 for `full`, else uint8)."""
+    name = node.get("encoding") or node.get("method") or "full"
+    default_dtype = "float32" if name == "full" else "uint8"
+    return Encoding(name=str(name), dtype=str(node.get("dtype") or default_dtype), k=int(node.get("k") or 32),
+                    num_draws=int(node.get("num_draws") or 32), temperature=float(node.get("temperature") or 1.0))
+
+
+def store_options(cfg: DictConfig, node: Any) -> StoreOptions:
+    """Where teacher stores live and what keys them, with the encoding of `node`: the one root
+    (`teacher_outputs.dir`, by default `<paths.cache_dir>/teacher_outputs`) of `teacher_outputs.reuse`,
+    `stage=cache_teacher` and `teacher=cached`."""
+    root = (cfg.get("teacher_outputs") or {}).get("dir") or cache_root(cfg.paths.cache_dir) / "teacher_outputs"
+    return StoreOptions(root=str(root), encoding=encoding_options(node), precision=str(cfg.trainer.get("precision")),
+                        accelerator=str(cfg.trainer.get("accelerator")))
+
+
+def teacher_output_options(cfg: DictConfig) -> TeacherOutputOptions:
+    """`teacher_outputs:` typed."""
+    node = cfg.get("teacher_outputs") or {}
+    return TeacherOutputOptions(reuse=bool(node.get("reuse", False)), store=store_options(cfg, node),
+                                flush_rows=int(node.get("flush_rows", 1024)), max_gb=float(node.get("max_gb", 20)))
+
+
+def teacher_output_context(cfg: DictConfig, task: str) -> RunContext:
+    """What else decides whether a teacher's outputs can be reused in this run."""
+    return RunContext(task=task, chunked=bool(cfg.loss.get("chunk_size")))
+
+
+def teacher_cache_options(cfg: DictConfig, directory: Any = None) -> TeacherCacheOptions:
+    """`teacher_cache:` typed; `directory` (a `teacher=cached` teacher's `dir`) replaces `teacher_cache.dir`."""
+    node = cfg.teacher_cache
+    chosen = directory if directory is not None else node.get("dir")
+    return TeacherCacheOptions(store=store_options(cfg, node), directory=str(chosen) if chosen else None,
+                               shard_size=int(node.get("shard_size") or 4096),
+                               claim_timeout_s=float(node.get("claim_timeout_s") or DEFAULT_CLAIM_TIMEOUT_S),
+                               tail=str(node.get("tail") or "uniform"), seed=int(cfg.seed))
+
+
+def model_config(teacher_cfg: DictConfig) -> Any:
+    """A teacher's resolved model config as plain data (part of its store's identity), None if absent."""
+    return OmegaConf.to_container(teacher_cfg.model, resolve=True) if teacher_cfg.get("model") is not None else None
+
+
+def teacher_model_configs(cfg: DictConfig) -> dict[str, Any]:
+    """Each teacher's resolved model config, by name."""
+    return {str(t.name): model_config(t) for t in teacher_configs(cfg)}
+
+
 def method_callbacks(cfg: DictConfig) -> list[Any]:
     """The method's callbacks: the `callbacks` group, then the temperature schedule and the loss's
     own schedule (TAID), each chosen by its group."""
@@ -88,4 +139,6 @@ def method_callbacks(cfg: DictConfig) -> list[Any]:
     return callbacks
 
 
-__all__ = ["CONFIG_DIR", "builder_task", "check_config", "check_strategy", "method_callbacks", "teacher_configs"]
+__all__ = ["builder_task", "check_config", "check_strategy", "encoding_options", "method_callbacks", "model_config",
+           "store_options", "teacher_cache_options", "teacher_configs", "teacher_model_configs", "teacher_output_context",
+           "teacher_output_options"]

@@ -81,15 +81,6 @@ class Encoding:
         return params
 
 
-def encoding_from(node: Any) -> Encoding:
-    """An `Encoding` from a config node (`teacher_outputs:` or `teacher_cache:`): `encoding` (or the
-    older `method`), `dtype`, `k`, `num_draws`, `temperature`."""
-    name = node.get("encoding") or node.get("method") or "full"
-    default_dtype = "float32" if name == "full" else "uint8"
-    return Encoding(name=str(name), dtype=str(node.get("dtype") or default_dtype), k=int(node.get("k") or 32),
-                    num_draws=int(node.get("num_draws") or 32), temperature=float(node.get("temperature") or 1.0))
-
-
 def id_dtype(vocab_size: int) -> torch.dtype:
     """The smallest integer type that holds every id of the vocabulary."""
     return torch.uint16 if vocab_size <= 65536 else torch.int32
@@ -180,5 +171,5 @@ def decode_dense(encoding: Encoding, tensors: dict[str, Tensor], vocab_size: int
     return out.scatter_(-1, ids, probs.log().masked_fill(probs == 0, float("-inf")))
 
 
-__all__ = ["ENCODINGS", "Encoding", "encoding_from", "decode_dense", "decode_sparse", "decode_targets", "encode", "id_dtype",
+__all__ = ["ENCODINGS", "Encoding", "decode_dense", "decode_sparse", "decode_targets", "encode", "id_dtype",
            "truncated_rows"]
