@@ -10,7 +10,7 @@ tiny student built from conf/), times
   (b) the student's CE-only training step (the no-KD baseline's code path), backward, optimizer step;
 
 interleaved (a, b, a, b, ...) and prints medians and the ratio (a) / (b) (target <= 1.05). The targets
-are the store's encoding (`teacher_cache.*` of conf/train.yaml: method, k, num_draws, dtype) of the
+are the store's encoding (`teacher_cache.*` of conf/train.yaml: encoding, k, num_draws, dtype) of the
 random-init MoE teacher on that batch: only their shape matters for time. Also printed: the store's
 bytes per token (from the files) and its write throughput.
 

@@ -18,10 +18,10 @@ from kd_lightning.run.pipeline import run
 V = 37
 
 
-def make_store(directory: Path, vocab: int = V, name: str = "full", dtype: str = "float32", k: int = 32,
+def make_store(directory: Path, vocab: int = V, encoding: str = "full", dtype: str = "float32", k: int = 32,
                **kwargs) -> TeacherOutputStore:
     identity = store_identity(weights="w", model_config=None, precision="32-true", accelerator="cpu",
-                              vocab_size=vocab, encoding=Encoding(name, dtype, k=k))
+                              vocab_size=vocab, encoding=Encoding(encoding, dtype, k=k))
     return TeacherOutputStore(directory, identity, **kwargs)
 
 
@@ -94,7 +94,7 @@ def test_float16_store_gives_the_same_losses_within_tolerance(tmp_path: Path):
 def test_topk_store_spreads_the_rest_uniformly(tmp_path: Path):
     teacher = tiny_lm()
     b = batch(4)
-    memo = MemoizedTeacher(teacher, make_store(tmp_path, name="topk", k=5))
+    memo = MemoizedTeacher(teacher, make_store(tmp_path, encoding="topk", k=5))
     memo(**b)
     stored = memo(**b).logits
     exact = torch.log_softmax(teacher(**b).logits, -1)
@@ -110,7 +110,7 @@ def test_bad_options_and_mismatched_directory_fail_clearly(tmp_path: Path):
     with pytest.raises(ValueError, match="dtype='int8' for encoding=full"):
         make_store(tmp_path, dtype="int8")
     with pytest.raises(ValueError, match="k=0: must be >= 1"):
-        make_store(tmp_path, name="topk", k=0)
+        make_store(tmp_path, encoding="topk", k=0)
     store = make_store(tmp_path)
     MemoizedTeacher(tiny_lm(), store)(**batch(0))
     store.flush()

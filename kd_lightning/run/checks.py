@@ -30,6 +30,10 @@ UNIT_INTERVAL_LOSS_PARAMS = ("alpha", "beta", "mu")
 # Temperature-schedule values that must be > 0 (conf/temperature/*.yaml callbacks).
 POSITIVE_TEMPERATURE_KEYS = ("start", "end", "initial", "t_min", "t_max")
 POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# Old keys -> their names now: one concept, one name (`encoding` of a teacher's sparse or stored
+# distribution, docs/methods.md). An old key in a config or on the command line is refused.
+RENAMED_KEYS = {"teacher_cache.method": "teacher_cache.encoding", "teacher_outputs.method": "teacher_outputs.encoding",
+                "loss.fn.method": "loss.fn.encoding"}
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -59,6 +63,7 @@ def _number(cfg: DictConfig, key: str, integer: bool = False) -> float | int | N
 
 def validate_config(cfg: DictConfig) -> None:
     """Check the composed config before any data is read or model built; raise `ConfigError`."""
+    check_renamed_keys(cfg)
     _check_weights(cfg)
     max_steps = _number(cfg, "trainer.max_steps", integer=True)
     if max_steps is not None and (max_steps == 0 or max_steps < -1):
@@ -86,6 +91,29 @@ def validate_config(cfg: DictConfig) -> None:
             model_config = _get(cfg, f"{model_key}.config")
             if isinstance(model_config, DictConfig):
                 check_seq_len_fits(f"{model_key}.config", seq_len, model_config)
+
+
+def _renamed(key: str, value: Any) -> ConfigError:
+    new = RENAMED_KEYS[key]
+    return ConfigError(f"{key}={value!r}: the key is now {new}; pass {new}={value} instead")
+
+
+def check_renamed_keys(cfg: DictConfig) -> None:
+    """Refuse a renamed key (`RENAMED_KEYS`) in the composed config (a user's file, `+key=`)."""
+    for old in RENAMED_KEYS:
+        value = _get(cfg, old)
+        if value is not None:
+            raise _renamed(old, value)
+
+
+def check_renamed_overrides(overrides: list[str]) -> None:
+    """Refuse a renamed key on the command line (`teacher_cache.method=topk`) before Hydra composes,
+    which would only say that the key is not in the config."""
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        key = key.lstrip("+~")
+        if equals and key in RENAMED_KEYS:
+            raise _renamed(key, value)
 
 
 def _check_weights(cfg: DictConfig) -> None:
@@ -119,9 +147,9 @@ def _check_loss_params(cfg: DictConfig) -> None:
     value_form = _get(cfg, "loss.fn.value_form")
     if value_form is not None and value_form not in ("kl", "ce"):
         raise ConfigError(f"loss.fn.value_form={value_form!r}: must be 'kl' or 'ce'")
-    method = _get(cfg, "loss.fn.method")
-    if method is not None and method not in ("sample", "topk"):
-        raise ConfigError(f"loss.fn.method={method!r}: must be 'sample' or 'topk'")
+    encoding = _get(cfg, "loss.fn.encoding")
+    if encoding is not None and encoding not in ("sample", "topk"):
+        raise ConfigError(f"loss.fn.encoding={encoding!r}: must be 'sample' or 'topk'")
     for name in ("num_draws", "k"):
         count = _number(cfg, f"loss.fn.{name}", integer=True)
         if count is not None and count < 1:

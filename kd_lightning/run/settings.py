@@ -80,9 +80,9 @@ def check_strategy(strategy: str, accelerator: str) -> None:
 def encoding_options(node: Any) -> Encoding:
     """The `Encoding` of a store node (`teacher_outputs:` or `teacher_cache:`): `encoding`, `dtype`,
     `k`, `num_draws`, `temperature` (dtype null: float32 for `full`, else uint8)."""
-    name = node.get("encoding") or node.get("method") or "full"
-    default_dtype = "float32" if name == "full" else "uint8"
-    return Encoding(name=str(name), dtype=str(node.get("dtype") or default_dtype), k=int(node.get("k") or 32),
+    encoding = str(node.get("encoding") or "full")
+    default_dtype = "float32" if encoding == "full" else "uint8"
+    return Encoding(encoding=encoding, dtype=str(node.get("dtype") or default_dtype), k=int(node.get("k") or 32),
                     num_draws=int(node.get("num_draws") or 32), temperature=float(node.get("temperature") or 1.0))
 
 

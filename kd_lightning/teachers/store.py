@@ -113,7 +113,7 @@ class TeacherOutputStore:
             self.directory.mkdir(parents=True, exist_ok=True)
             check_manifest(self.directory, identity, what=what)
         self.identity = identity
-        self.encoding = Encoding(**identity["encoding"])
+        self.encoding = Encoding.from_identity(identity["encoding"])
         self.vocab_size = int(identity["vocab_size"])
         self.flush_rows, self.max_bytes, self.max_open = int(flush_rows), float(max_gb) * 2**30, max(int(max_open_parts), 1)
         self.damaged, self.damaged_fix = damaged, damaged_fix

@@ -2,7 +2,7 @@
 training split by `stage=cache_teacher`, read by `teacher=cached` (no teacher model at training time).
 
 Anshumann et al. 2025, "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs": the
-teacher's distribution is stored sparsely, as Random-Sampling KD counts (``teacher_cache.method=
+teacher's distribution is stored sparsely, as Random-Sampling KD counts (``teacher_cache.encoding=
 sample``, unbiased) or as its top-k plus the tail's mass (``topk``), or in full (``full``); see
 `kd_lightning.teachers.encodings`. Rows are keyed by their tokens, like the online store, so
 `teacher=cached` reads a batch whatever order the loader gives.
@@ -213,7 +213,7 @@ def cache_teacher_targets(options: TeacherCacheOptions, datamodule: Any, name: s
         return not [k for k in chunk_keys(chunk) if k not in store._index]
 
     log.info("Storing teacher '%s' outputs (%s) for %d training samples at %s", name,
-             encoding.identity(), len(dataset), directory)
+             encoding, len(dataset), directory)
     for chunk in order:
         if _claim(directory, chunk):
             if not done(chunk):
@@ -300,16 +300,16 @@ def load_cached_teacher(options: TeacherCacheOptions, datamodule: Any, *, sparse
             + "; rebuild it with stage=cache_teacher")
     fix = f"re-run stage=cache_teacher with the same settings and teacher_cache.dir={directory}: it replaces the part"
     store = TeacherOutputStore(directory, None, damaged="error", what="teacher=cached", damaged_fix=fix)
-    wanted = options.store.encoding.identity()
-    if store.encoding.identity() != wanted:
-        differ = [k for k in wanted if store.encoding.identity()[k] != wanted[k]]
+    wanted, stored = options.store.encoding.params(), store.encoding.params()
+    if stored != wanted:
+        differ = [k for k in wanted if stored[k] != wanted[k]]
         raise ValueError(f"teacher=cached: cache {directory} was built with " + ", ".join(
-            f"teacher_cache.{'method' if k == 'name' else k}={store.encoding.identity()[k]!r}" for k in differ)
+            f"teacher_cache.{k}={stored[k]!r}" for k in differ)
             + " but this run has " + ", ".join(f"{wanted[k]!r}" for k in differ)
             + "; pass the same teacher_cache.* settings or rebuild it with stage=cache_teacher")
     tail = str(options.tail or "uniform")
-    log.info("Reading teacher targets (%s%s) from %s", store.encoding.identity(),
-             f", tail={tail}" if sparse and store.encoding.name == "topk" else "", directory)
+    log.info("Reading teacher targets (%s%s) from %s", store.encoding,
+             f", tail={tail}" if sparse and store.encoding.encoding == "topk" else "", directory)
     return CachedTeacher(store, sparse, tail)
 
 
