@@ -1,4 +1,4 @@
-"""One entry point for every stage: process settings, seed, data, checks, then the chosen stage.
+"""One entry point for every stage: checks, process settings, run directory, seed, data, then the chosen stage.
 
     python train.py stage=<name>    ->    kd_lightning.run.cli.main    ->    run(cfg)    ->    STAGES[name]
 
@@ -22,8 +22,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.run.checks import check_writable, validate_config
-from kd_lightning.run.settings import check_config
+from kd_lightning.run.checks import check_config, check_writable
 from kd_lightning.infra.distributed import is_global_zero
 from kd_lightning.infra.rundir import CHECKPOINT_DIR, RunDirLock, resolve_resume, start_run
 from kd_lightning.infra.signals import EXIT_SIGTERM
@@ -88,7 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stage; returns its summary (empty on non-zero DDP ranks)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r} is not one of {list(STAGES)}")
-    validate_config(cfg)
+    check_config(cfg)
     quiet_lightning_console()
     set_cpu_threads(cfg.get("cpu_threads"))
     # Teachers are in eval mode by design (frozen); Lightning warns about any eval-mode submodule.
@@ -99,7 +98,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         datamodule = hydra.utils.instantiate(cfg.dataset)
-        check_config(cfg, datamodule.task)
         stage = STAGES[str(cfg.stage)]
         # Only the distillation stage continues from <output_dir>/checkpoints; the CE-trained stages
         # find their own partial checkpoints (builders.obtain_ce_model), TAKD stages theirs (takd.run_stage).
