@@ -14,7 +14,6 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -23,8 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.run.checks import check_config, check_writable
-from kd_lightning.infra.distributed import is_global_zero
-from kd_lightning.infra.rundir import CHECKPOINT_DIR, RunDirLock, resolve_resume, start_run
+from kd_lightning.infra.rundir import begin_run
 from kd_lightning.infra.signals import EXIT_SIGTERM
 from kd_lightning.run.cache_teacher import cache_teacher_stage
 from kd_lightning.run.distill import distill
@@ -69,20 +67,6 @@ def close_experiment_loggers() -> None:
         wandb.finish(exit_code=1)
 
 
-def begin_run(cfg: DictConfig, output_dir: Path) -> tuple[RunDirLock | None, Path | None]:
-    """Before any compute: on rank 0 take the run directory's lock, refuse to overwrite a finished or
-    checkpointed run, record the config (a resume must keep its meaning) and find the checkpoint to
-    continue from (`kd_lightning.infra.rundir.start_run`); other DDP ranks only find the checkpoint.
-    Returns (the lock to hold for the whole run, the checkpoint)."""
-    if not is_global_zero():
-        return None, resolve_resume(cfg.resume, output_dir / CHECKPOINT_DIR)[0]
-    config = OmegaConf.to_container(cfg, resolve=True)
-    started = start_run(output_dir, cfg.resume, config, allow_changes=bool(cfg.get("resume_allow_changes", False)))
-    for note in started.notes:
-        log.info("%s", note)
-    return started.lock, started.checkpoint
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stage; returns its summary (empty on non-zero DDP ranks)."""
     if cfg.stage not in STAGES:
@@ -94,7 +78,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     output_dir = check_writable(cfg.paths.output_dir, "hydra.run.dir")
     check_writable(cfg.paths.cache_dir, "paths.cache_dir")
-    lock, checkpoint = begin_run(cfg, output_dir)
+    # rank 0: the run directory's lock, no overwrite of a finished or checkpointed run, the config
+    # recorded (a resume must keep its meaning) and the checkpoint to continue from
+    lock, checkpoint = begin_run(output_dir, cfg.resume, OmegaConf.to_container(cfg, resolve=True),
+                                 allow_changes=bool(cfg.get("resume_allow_changes", False)))
     try:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         datamodule = hydra.utils.instantiate(cfg.dataset)
