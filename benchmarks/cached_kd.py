@@ -10,7 +10,7 @@ tiny student built from conf/), times
   (b) the student's CE-only training step (the no-KD baseline's code path), backward, optimizer step;
 
 interleaved (a, b, a, b, ...) and prints medians and the ratio (a) / (b) (target <= 1.05). The targets
-are the store's encoding (`teacher_cache.*` of conf/train.yaml: method, k, num_draws, dtype) of the
+are the store's encoding (`teacher_cache.*` of conf/train.yaml: encoding, k, num_draws, dtype) of the
 random-init MoE teacher on that batch: only their shape matters for time. Also printed: the store's
 bytes per token (from the files) and its write throughput.
 
@@ -39,13 +39,13 @@ def cached_teacher(cfg, batch: dict[str, torch.Tensor], directory: Path):
     """A `CachedTeacher` reading the teacher store (memory-mapped parts) filled with the batch's rows;
     returns it and the store's write throughput (rows/s, encoding + part write)."""
     from kd_lightning.run.builders import build_model
-    from kd_lightning.teachers.encodings import encoding_from
+    from kd_lightning.run.settings import encoding_options
     from kd_lightning.teachers.store import TeacherOutputStore, row_keys, store_identity
     from kd_lightning.teachers.teacher_cache import CachedTeacher
 
     teacher = build_model(cfg.teacher.model, lm_vocabulary(), int(cfg.seed)).eval()
     identity = store_identity(weights="bench", model_config=None, precision="32-true", accelerator="cpu",
-                              vocab_size=lm_vocabulary().vocab_size, encoding=encoding_from(cfg.teacher_cache))
+                              vocab_size=lm_vocabulary().vocab_size, encoding=encoding_options(cfg.teacher_cache))
     writer = TeacherOutputStore(directory, identity)
     with torch.no_grad():
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -73,7 +73,7 @@ def step_cost(arm: str, cache: Path, steps: int = 20, warmup: int = 3) -> float:
     from hydra import compose, initialize_config_dir
 
     sys.path.insert(0, str(ROOT))
-    from kd_lightning.run.settings import CONFIG_DIR
+    from kd_lightning.run import CONFIG_DIR
     from kd_lightning.cross_tokenizer import teacher_tokenization_args
     from kd_lightning.run.builders import build_model
     from kd_lightning.run.distill import build_module

@@ -62,7 +62,7 @@ def arm(name: str) -> tuple[str, str | None]:
         return base, suffix
     if name not in ENCODINGS:
         raise ValueError(f"unknown arm {name!r}: an encoding of {list(ENCODINGS)}, topk ones optionally with -{'/-'.join(TAILS)}")
-    return name, ("uniform" if ENCODINGS[name].name == "topk" else None)
+    return name, ("uniform" if ENCODINGS[name].encoding == "topk" else None)
 
 
 def windows(tokenizer, files: list[str], max_tokens: int, seq_len: int) -> tuple[torch.Tensor, int]:
@@ -232,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 step_times[name].append(train(student, student_data, steps, batch, seed, online))
             else:
                 store_name, tail = arm(name)
-                if ENCODINGS[store_name].name == "full":
+                if ENCODINGS[store_name].encoding == "full":
                     step_times[name].append(train(student, student_data, steps, batch, seed, from_store(stores[store_name])))
                 else:
                     step_times[name].append(train(student, student_data, steps, batch, seed,

@@ -22,7 +22,7 @@ Builder = TypeVar("Builder", bound=Callable[..., Any])
 
 
 def builds(task: str) -> Callable[[Builder], Builder]:
-    """Mark a builder with the task its models serve (read by `kd_lightning.run.settings.check_config`,
+    """Mark a builder with the task its models serve (read by `kd_lightning.run.checks.check_config`,
     which thereby refuses a classifier student on text data before anything is built)."""
 
     def mark(builder: Builder) -> Builder:

@@ -28,6 +28,7 @@ BAD_VALUES = {
     "loss=akl loss.fn.mu=2": r"loss.fn.mu=2: must lie in \[0, 1\]",
     "loss=akl loss.fn.value_form=xx": r"loss.fn.value_form='xx': must be 'kl' or 'ce'",
     "loss=sparse_kl loss.fn.num_draws=0": r"loss.fn.num_draws=0: must be >= 1",
+    "loss=sparse_kl loss.fn.encoding=full": r"loss.fn.encoding='full': must be 'sample' or 'topk'",
     "loss.chunk_size=0": r"loss.chunk_size=0: must be null",
     "dataset.seq_len=2048": r"dataset.seq_len=2048 exceeds student.model.config.max_position_embeddings=1024",
     "student=hf student.model.pretrained=/no/such/model": r"student.model.pretrained='/no/such/model': no such directory",
@@ -53,6 +54,26 @@ def test_bad_value_names_its_key(make_cfg, overrides: str) -> None:
                                        "teacher=hf teacher.model.pretrained=Qwen/Qwen1.5-MoE-A2.7B"])
 def test_the_shipped_configs_pass(make_cfg, overrides: str) -> None:
     validate_config(make_cfg(*overrides.split()))
+
+
+@pytest.mark.parametrize("old, new", [("teacher_cache.method", "teacher_cache.encoding"),
+                                      ("teacher_outputs.method", "teacher_outputs.encoding"),
+                                      ("loss.fn.method", "loss.fn.encoding")])
+def test_a_renamed_key_is_refused_naming_the_new_one(make_cfg, tmp_path: Path, old: str, new: str) -> None:
+    """`encoding` is the one name of a teacher distribution's encoding: the old `method` key is refused
+    before compute, in a composed config (`+key=`, a user's file) and on the command line."""
+    from kd_lightning.run.checks import check_renamed_overrides
+    from kd_lightning.run.pipeline import run
+
+    message = rf"{old}='topk': the key is now {new}; pass {new}=topk instead"
+    extra = ("loss=sparse_kl",) if old.startswith("loss.") else ()
+    with pytest.raises(ConfigError, match=message):
+        run(make_cfg(*extra, f"+{old}=topk"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    for override in (f"{old}=topk", f"+{old}=topk", f"++{old}=topk"):
+        with pytest.raises(ConfigError, match=message):
+            check_renamed_overrides(["stage=distill", override])
+    check_renamed_overrides([f"{new}=topk", "loss=sparse_kl"])
 
 
 def test_pretrained_empty_or_not_a_model_directory(make_cfg, tmp_path: Path) -> None:

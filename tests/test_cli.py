@@ -30,6 +30,13 @@ def test_help_lists_every_group_and_option(tmp_path: Path) -> None:
         assert f"{group}: {', '.join(options)}" in result.stdout, group
 
 
+def test_a_renamed_key_on_the_command_line_names_the_new_one(tmp_path: Path) -> None:
+    result = train_py("teacher_cache.method=topk", cwd=tmp_path, timeout=60)
+    assert result.returncode == 1 and not (tmp_path / "outputs").exists()
+    assert ("ConfigError: teacher_cache.method='topk': the key is now teacher_cache.encoding; pass "
+            "teacher_cache.encoding=topk instead") in result.stderr, result.stderr
+
+
 def test_unknown_option_and_key_fail_with_hydras_message(tmp_path: Path) -> None:
     result = train_py("loss=no_such_loss", cwd=tmp_path, timeout=60)
     assert result.returncode != 0

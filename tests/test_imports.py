@@ -188,7 +188,27 @@ def test_a_planted_package_loop_is_found_and_named() -> None:
 
 
 def test_stages_are_dispatched_in_one_place_and_config_helpers_are_a_leaf() -> None:
+    """The config readers (`run.settings`) import no other module of the run package (they build the
+    typed options of the packages below it); the package itself (`CONFIG_DIR`, what the CLI imports
+    before `--help`) imports nothing from kd_lightning."""
     from kd_lightning.run.pipeline import STAGES
 
     assert set(STAGES) == {"distill", "teacher", "takd", "cache_teacher"}
-    assert not {m for m in import_graph()["kd_lightning.run.settings"] if m.startswith("kd_lightning")}
+    graph = import_graph()
+    assert not {m for m in graph["kd_lightning.run.settings"] if m.startswith("kd_lightning.run")}
+    assert not {m for m in graph["kd_lightning.run"] if m.startswith("kd_lightning")}
+
+
+def test_nothing_below_the_run_layer_reads_the_hydra_config() -> None:
+    """Only `kd_lightning.run` receives the Hydra config: no module below it imports omegaconf."""
+    readers = []
+    for path in PACKAGE.rglob("*.py"):
+        if module_name(path).startswith("kd_lightning.run"):
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name.split(".")[0] in ("omegaconf", "hydra") for name in names):
+                readers.append(module_name(path))
+    assert not readers, f"modules below kd_lightning.run that read the config: {sorted(set(readers))}"

@@ -147,5 +147,5 @@ def test_online_sparse_kl_matches_sparse_kl_on_the_same_draws_and_ignores_masked
     teacher_garbage[~mask] = float("nan")
     again = online_sparse_kl(student, teacher_garbage, mask, num_draws=30, generator=torch.Generator().manual_seed(9))
     assert torch.allclose(got, again)
-    top = online_sparse_kl(student, teacher, None, method="topk", k=4)
+    top = online_sparse_kl(student, teacher, None, encoding="topk", k=4)
     assert torch.allclose(top, sparse_kl(student, topk_targets(teacher, 4)))

@@ -83,3 +83,21 @@ def test_takd_chain_on_digits_mlps(make_cfg, tmp_path: Path) -> None:
     assert summary["task"] == "classification"
     hidden = [s["student"] for s in summary["stages"]]
     assert hidden == ["ta1", "mlp"]
+
+
+def test_each_takd_stage_starts_like_a_run_with_its_lock_record_and_guard(make_cfg, tmp_path: Path, caplog) -> None:
+    """A link's directory is started by `rundir.begin_run`: lock, run record, no fresh start over its
+    checkpoints, and `resume=auto` continues it (its recorded config matches)."""
+    out = tmp_path / "chain"
+    run(make_cfg(*TINY_CHAIN, "baseline=false", output_dir=out))
+    for stage in ("stage1_ta1", "stage2_tiny"):
+        assert (out / stage / "run_config.yaml").is_file() and (out / stage / ".kd_lock").is_file()
+    (out / "summary.json").unlink()  # the chain and its last link unfinished; the link's checkpoints remain
+    (out / "stage2_tiny" / "summary.json").unlink()
+    with pytest.raises(FileExistsError, match="stage1_ta1 already holds a finished run"):  # fresh over a link: refused
+        run(make_cfg(*TINY_CHAIN, "baseline=false", output_dir=out))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kd_lightning"):
+        run(make_cfg(*TINY_CHAIN, "baseline=false", "resume=auto", output_dir=out))
+    assert "stage1_ta1 finished earlier" in caplog.text and "running stage2_tiny" in caplog.text
+    assert (out / "stage2_tiny" / "summary.json").is_file()

@@ -31,13 +31,13 @@ def cache_cfg(tmp: Path, cache_dir: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str, Path]:
-    """One cache per method, built once for the module: {method: directory}."""
+    """One cache per encoding, built once for the module: {encoding: directory}."""
     out = {}
-    for method in ("sample", "topk"):
-        tmp = tmp_path_factory.mktemp(f"cache_{method}")
-        cfg = cache_cfg(tmp, cache_dir, "stage=cache_teacher", f"teacher_cache.method={method}",
+    for encoding in ("sample", "topk"):
+        tmp = tmp_path_factory.mktemp(f"cache_{encoding}")
+        cfg = cache_cfg(tmp, cache_dir, "stage=cache_teacher", f"teacher_cache.encoding={encoding}",
                         f"teacher_cache.dir={tmp / 'targets'}")
-        out[method] = Path(run(cfg)["teacher_targets"])
+        out[encoding] = Path(run(cfg)["teacher_targets"])
     return out
 
 
@@ -91,7 +91,7 @@ def test_sparse_kl_from_topk_targets_uses_the_configured_tail_mode(built, make_c
 
     monkeypatch.setattr(kd_paths, "fast_sparse_kd_terms", spy)
     chosen = () if tail is None else (f"teacher_cache.tail={tail}",)
-    cfg = make_cfg(*DATA, *CACHE, "teacher_cache.method=topk", "teacher=cached", "loss=sparse_kl", *chosen,
+    cfg = make_cfg(*DATA, *CACHE, "teacher_cache.encoding=topk", "teacher=cached", "loss=sparse_kl", *chosen,
                    f"teacher_cache.dir={built['topk']}", "baseline=false")
     run(cfg)
     losses = column(metrics_csv(Path(cfg.paths.output_dir)), "train/kd_loss")
@@ -106,7 +106,7 @@ def test_sparse_kl_from_topk_targets_uses_the_configured_tail_mode(built, make_c
 @pytest.mark.parametrize("loss", ["kl", "reverse_kl", "js"])
 def test_any_dense_loss_trains_from_topk_targets(built, make_cfg, tmp_path: Path, loss: str) -> None:
     """A loss other than sparse_kl reads the store decoded to dense log-probabilities (top-k + tail)."""
-    cfg = make_cfg(*DATA, *CACHE, "teacher_cache.method=topk", "teacher=cached", f"loss={loss}",
+    cfg = make_cfg(*DATA, *CACHE, "teacher_cache.encoding=topk", "teacher=cached", f"loss={loss}",
                    f"teacher_cache.dir={built['topk']}", "baseline=false")
     run(cfg)
     losses = column(metrics_csv(Path(cfg.paths.output_dir)), "train/kd_loss")
@@ -120,20 +120,21 @@ def test_cross_vocab_or_chunked_loss_refuses_cached_targets(built, make_cfg, tmp
                          output_dir=tmp_path / override.replace("=", "_")))
 
 
-@pytest.mark.parametrize("method", ["topk", "sample"])
-def test_stored_targets_are_the_live_teachers(built, tmp_path: Path, cache_dir: Path, method: str) -> None:
+@pytest.mark.parametrize("encoding", ["topk", "sample"])
+def test_stored_targets_are_the_live_teachers(built, tmp_path: Path, cache_dir: Path, encoding: str) -> None:
     import hydra
 
     from kd_lightning.teachers.encodings import QUANT_STEPS_PER_NAT
 
-    cfg = cache_cfg(tmp_path, cache_dir, f"teacher_cache.method={method}")
+    cfg = cache_cfg(tmp_path, cache_dir, f"teacher_cache.encoding={encoding}")
     datamodule = hydra.utils.instantiate(cfg.dataset)
     teacher = obtain_teacher(cfg, cfg.teacher, datamodule).eval()  # the session-cached tiny teacher
     datamodule.setup("fit")
+    from kd_lightning.run.settings import teacher_cache_options
     from kd_lightning.teachers.teacher_cache import load_cached_teacher
 
-    cfg.teacher_cache.dir = str(built[method])
-    reader = load_cached_teacher(cfg, cfg.teacher_cache, datamodule)
+    cfg.teacher_cache.dir = str(built[encoding])
+    reader = load_cached_teacher(teacher_cache_options(cfg), datamodule, sparse=True)
     items = [datamodule.datasets["train"][i] for i in range(10)]
     batch = {k: torch.stack([x[k] for x in items]) for k in ("input_ids", "attention_mask")}
     with torch.no_grad():
@@ -142,7 +143,7 @@ def test_stored_targets_are_the_live_teachers(built, tmp_path: Path, cache_dir: 
     probs = dense(targets, datamodule.vocab_size)
     tail = 0.0 if targets.tail is None else targets.tail
     assert torch.allclose(probs.sum(-1) + tail, torch.ones(10, 63), atol=1e-5)
-    if method == "topk":  # the k largest, within the quantisation step, and the tail's mass (the bucket)
+    if encoding == "topk":  # the k largest, within the quantisation step, and the tail's mass (the bucket)
         top, ids = live.topk(12, dim=-1)
         assert torch.equal(targets.indices.sort(-1).values, ids.sort(-1).values)
         ratio = targets.probs / top
@@ -171,13 +172,13 @@ def test_mismatching_or_missing_cache_fails_before_training(built, make_cfg, tmp
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_targets_of_another_temperature_or_method_are_refused(built, make_cfg, tmp_path: Path) -> None:
+def test_targets_of_another_temperature_or_encoding_are_refused(built, make_cfg, tmp_path: Path) -> None:
     """#16: the store's manifest covers every setting that changes the targets."""
     base = (*DATA, *CACHE, "teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={built['sample']}", "baseline=false")
     with pytest.raises(ValueError, match=r"built with teacher_cache.temperature=1.0 but this run has 2.0"):
         run(make_cfg(*base, "teacher_cache.temperature=2.0", output_dir=tmp_path / "t"))
-    with pytest.raises(ValueError, match=r"teacher_cache.method='sample'.*but this run has 'topk'"):
-        run(make_cfg(*base, "teacher_cache.method=topk", output_dir=tmp_path / "m"))
+    with pytest.raises(ValueError, match=r"teacher_cache.encoding='sample'.*but this run has 'topk'"):
+        run(make_cfg(*base, "teacher_cache.encoding=topk", output_dir=tmp_path / "m"))
     with pytest.raises(ValueError, match=r"teacher_cache.num_draws=12.* but this run has 24"):
         run(make_cfg(*base, "teacher_cache.num_draws=24", output_dir=tmp_path / "n"))
 
@@ -189,7 +190,7 @@ def test_cache_into_an_existing_empty_directory_writes_its_targets(tmp_path: Pat
     run(cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", f"teacher_cache.dir={target}"))
     assert list(target.glob("part-*.safetensors")) and list(target.glob("covers-*.json"))
     with pytest.raises(ValueError, match=r"holds teacher outputs built with other settings \(encoding"):
-        run(cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", "teacher_cache.method=topk", f"teacher_cache.dir={target}"))
+        run(cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", "teacher_cache.encoding=topk", f"teacher_cache.dir={target}"))
 
 
 def test_damaged_part_is_named_then_recomputed(built, make_cfg, tmp_path: Path, cache_dir: Path) -> None:
@@ -201,10 +202,10 @@ def test_damaged_part_is_named_then_recomputed(built, make_cfg, tmp_path: Path, 
     part = sorted(directory.glob("part-*.safetensors"))[0]
     part.write_bytes(part.read_bytes()[:100])
     with pytest.raises(RuntimeError, match=rf"{part.name} is not a readable safetensors file .*re-run stage=cache_teacher"):
-        run(make_cfg(*DATA, *CACHE, "teacher=cached", "loss=sparse_kl", "teacher_cache.method=topk",
+        run(make_cfg(*DATA, *CACHE, "teacher=cached", "loss=sparse_kl", "teacher_cache.encoding=topk",
                      f"teacher_cache.dir={directory}", output_dir=tmp_path / "r"))
     rows = sum(len(p["keys"]) for p in parts(built["topk"]))
-    run(cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", "teacher_cache.method=topk", f"teacher_cache.dir={directory}"))
+    run(cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", "teacher_cache.encoding=topk", f"teacher_cache.dir={directory}"))
     assert not part.exists() and sum(len(p["keys"]) for p in parts(directory)) == rows
 
 
@@ -227,7 +228,7 @@ def _cache_as_rank(tmp: str, cache_dir: str, target: str, rank: int) -> None:
     import os
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    run(cache_cfg(Path(tmp) / f"rank{rank}", Path(cache_dir), "stage=cache_teacher", "teacher_cache.method=topk",
+    run(cache_cfg(Path(tmp) / f"rank{rank}", Path(cache_dir), "stage=cache_teacher", "teacher_cache.encoding=topk",
                   f"teacher_cache.dir={target}"))
 
 
@@ -254,7 +255,7 @@ def test_two_processes_fill_one_store_each_chunk_once(built, tmp_path: Path, cac
 def test_a_sweep_with_the_same_encoding_reads_the_offline_store(make_cfg, tmp_path: Path, cache_dir: Path) -> None:
     """One store, two ways in: rows stage=cache_teacher stored are read by teacher_outputs.reuse."""
     root = tmp_path / "store"
-    common = (*DATA, "teacher_cache.method=topk", "teacher_cache.k=12", f"teacher_outputs.dir={root}")
+    common = (*DATA, "teacher_cache.encoding=topk", "teacher_cache.k=12", f"teacher_outputs.dir={root}")
     offline = Path(run(cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", *common[2:]))["teacher_targets"])
     assert offline.parent == root
     summary = run(make_cfg(*common, "teacher_outputs.reuse=true", "teacher_outputs.encoding=topk", "teacher_outputs.k=12",
@@ -316,7 +317,37 @@ def test_cache_teacher_finishes_past_a_dead_writer_on_another_host(tmp_path: Pat
             raise TimeoutError("still waiting for the foreign claim")
 
     monkeypatch.setattr(tc.time, "sleep", sleep)
-    cfg = cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", "teacher_cache.method=topk", "teacher_cache.claim_timeout_s=60",
+    cfg = cache_cfg(tmp_path, cache_dir, "stage=cache_teacher", "teacher_cache.encoding=topk", "teacher_cache.claim_timeout_s=60",
                     f"teacher_cache.dir={target}")
     run(cfg)
     assert list(target.glob("covers-*.json")) and not list(target.glob(".claim-*"))
+
+
+def test_the_offline_store_takes_typed_options_and_shares_the_online_stores_location(make_cfg, tmp_path: Path) -> None:
+    """`cache_teacher_targets` and `load_cached_teacher` take `TeacherCacheOptions` (frozen), never the
+    config; `teacher_cache.*` and `teacher_outputs.*` with the same encoding find the same store."""
+    import dataclasses
+    import inspect
+
+    from kd_lightning.run.settings import teacher_cache_options, teacher_output_options
+    from kd_lightning.teachers.identity import teacher_store_location
+    from kd_lightning.teachers.teacher_cache import TeacherCacheOptions, cache_teacher_targets, load_cached_teacher
+    from tests.test_teacher_outputs import tiny_lm
+
+    for fn in (cache_teacher_targets, load_cached_teacher):
+        params = inspect.signature(fn).parameters
+        assert "cfg" not in params and params["options"].annotation == "TeacherCacheOptions", fn.__name__
+    same = ("teacher_outputs.encoding=topk", "teacher_outputs.k=12", "teacher_outputs.dtype=uint8",
+            "teacher_cache.encoding=topk", "teacher_cache.k=12")
+    cfg = make_cfg(*same, "teacher_cache.shard_size=64", "seed=3")
+    options = teacher_cache_options(cfg)
+    assert isinstance(options, TeacherCacheOptions) and options.shard_size == 64 and options.seed == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.seed = 4  # type: ignore[misc]
+    online = teacher_output_options(cfg).store
+    assert online == options.store and options.store.root == str(Path(cfg.paths.cache_dir) / "teacher_outputs")
+    teacher = tiny_lm()
+    assert (teacher_store_location(online, "moe", teacher, None)
+            == teacher_store_location(options.store, "moe", teacher, None))
+    with pytest.raises(ValueError, match="teacher=cached: no store directory given"):
+        load_cached_teacher(dataclasses.replace(options, directory=None), datamodule=None)

@@ -18,10 +18,10 @@ from kd_lightning.run.pipeline import run
 V = 37
 
 
-def make_store(directory: Path, vocab: int = V, name: str = "full", dtype: str = "float32", k: int = 32,
+def make_store(directory: Path, vocab: int = V, encoding: str = "full", dtype: str = "float32", k: int = 32,
                **kwargs) -> TeacherOutputStore:
     identity = store_identity(weights="w", model_config=None, precision="32-true", accelerator="cpu",
-                              vocab_size=vocab, encoding=Encoding(name, dtype, k=k))
+                              vocab_size=vocab, encoding=Encoding(encoding, dtype, k=k))
     return TeacherOutputStore(directory, identity, **kwargs)
 
 
@@ -94,7 +94,7 @@ def test_float16_store_gives_the_same_losses_within_tolerance(tmp_path: Path):
 def test_topk_store_spreads_the_rest_uniformly(tmp_path: Path):
     teacher = tiny_lm()
     b = batch(4)
-    memo = MemoizedTeacher(teacher, make_store(tmp_path, name="topk", k=5))
+    memo = MemoizedTeacher(teacher, make_store(tmp_path, encoding="topk", k=5))
     memo(**b)
     stored = memo(**b).logits
     exact = torch.log_softmax(teacher(**b).logits, -1)
@@ -110,7 +110,7 @@ def test_bad_options_and_mismatched_directory_fail_clearly(tmp_path: Path):
     with pytest.raises(ValueError, match="dtype='int8' for encoding=full"):
         make_store(tmp_path, dtype="int8")
     with pytest.raises(ValueError, match="k=0: must be >= 1"):
-        make_store(tmp_path, name="topk", k=0)
+        make_store(tmp_path, encoding="topk", k=0)
     store = make_store(tmp_path)
     MemoizedTeacher(tiny_lm(), store)(**batch(0))
     store.flush()
@@ -164,9 +164,9 @@ def test_reuse_is_skipped_where_outputs_change(make_cfg, tmp_path: Path, caplog,
     from hydra.utils import instantiate
 
     from kd_lightning.run.builders import obtain_teacher
-    from kd_lightning.run.settings import method_callbacks, teacher_configs
+    from kd_lightning.run.settings import (method_callbacks, teacher_configs, teacher_model_configs,
+                                           teacher_output_context, teacher_output_options)
     from kd_lightning.teachers.teacher_outputs import memoize_teachers
-    from kd_lightning.run.distill import teacher_model_configs, teacher_output_context, teacher_output_options
 
     cfg = make_cfg("teacher_outputs.reuse=true", override)
     datamodule = instantiate(cfg.dataset)
@@ -202,15 +202,12 @@ def test_report_shows_the_teacher_time_saved(tmp_path: Path):
 
 
 def test_store_directory_separates_teachers_precisions_and_formats(make_cfg):
-    from kd_lightning.teachers.store import store_directory, weights_hash
-    from kd_lightning.run.distill import teacher_model_configs, teacher_output_context, teacher_output_options
+    from kd_lightning.run.settings import teacher_model_configs, teacher_output_options
+    from kd_lightning.teachers.identity import teacher_store_location
 
     def directory(cfg, teacher):
-        opts, context = teacher_output_options(cfg), teacher_output_context(cfg, "causal_lm")
-        identity = store_identity(weights=weights_hash(teacher), model_config=teacher_model_configs(cfg)["moe"],
-                                  precision=context.precision, accelerator=context.accelerator, vocab_size=V,
-                                  encoding=opts.encoding)
-        return store_directory(opts.root, str(cfg.teacher.name), identity)
+        opts = teacher_output_options(cfg)
+        return teacher_store_location(opts.store, str(cfg.teacher.name), teacher, teacher_model_configs(cfg)["moe"])[0]
 
     cfg = make_cfg("teacher_outputs.reuse=true")
     teacher = tiny_lm()

@@ -50,7 +50,7 @@ def test_bytes_per_token_at_32k_from_the_files(tmp_path: Path, encoding: Encodin
     store.put(keys(2), peaked_logits(2, 4, 32000), 0.0)
     store.flush()
     assert bytes_per_token(tmp_path) == expected
-    if encoding.name != "full":
+    if encoding.encoding != "full":
         assert expected <= 200
 
 

@@ -1,4 +1,4 @@
-"""The real entry point (`kd_lightning.run.distill.run` on a composed Hydra config) end to end, tiny."""
+"""The real entry point (`kd_lightning.run.pipeline.run` on a composed Hydra config) end to end, tiny."""
 
 from __future__ import annotations
 

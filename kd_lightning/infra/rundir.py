@@ -8,7 +8,9 @@
 - `find_resume_checkpoint(checkpoint_dir)`: for `resume=auto`, `last.ckpt` when it loads, else the
   newest valid `step*.ckpt`; a damaged file is named with what is wrong.
 - `start_run(...)`: all of the above plus the run record (`kd_lightning.infra.runrecord`) in one call, for
-  the start of a run (rank 0, before any compute).
+  the start of a run (rank 0, before any compute);
+- `begin_run(...)`: `start_run` on DDP rank 0, only the checkpoint on the other ranks: what a run
+  (`kd_lightning.run.pipeline`) and each stage of a TAKD chain call.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from kd_lightning.infra.distributed import is_global_zero
 from kd_lightning.infra.runrecord import compare_for_resume, keep_hydra_record, load_run_config, record_run_config
 from kd_lightning.infra.safeload import checkpoint_problem
 
@@ -225,6 +228,19 @@ def start_run(output_dir: str | os.PathLike[str], resume: object, config: Mappin
     except BaseException:
         lock.release()
         raise
+
+
+def begin_run(output_dir: str | os.PathLike[str], resume: object, config: Mapping[str, Any], *,
+              allow_changes: bool = False) -> tuple[RunDirLock | None, Path | None]:
+    """Before any compute: on rank 0 `start_run` (the lock, the guard, the run record, the checkpoint;
+    its notes are logged); other DDP ranks only find the checkpoint. Returns (the lock to hold for
+    the whole run, None on other ranks; the checkpoint to continue from)."""
+    if not is_global_zero():
+        return None, resolve_resume(resume, Path(output_dir) / CHECKPOINT_DIR)[0]
+    started = start_run(output_dir, resume, config, allow_changes=allow_changes)
+    for note in started.notes:
+        log.info("%s", note)
+    return started.lock, started.checkpoint
 
 
 def _restore_hydra_record(output_dir: Path) -> None:

@@ -179,7 +179,7 @@ def online_sparse_kl(
     *,
     temperature: float = 1.0,
     reduction: Reduction = "mean",
-    method: str = "sample",
+    encoding: str = "sample",
     num_draws: int = 50,
     k: int = 12,
     value_form: ValueForm = "kl",
@@ -187,8 +187,9 @@ def online_sparse_kl(
 ) -> Tensor:
     """:func:`sparse_kl` with the sparse target built from dense teacher logits in the same step.
 
-    ``method="sample"``: Random-Sampling KD targets from ``num_draws`` draws (unbiased);
-    ``method="topk"``: the ``k`` most likely tokens, renormalised (biased). This reproduces the
+    ``encoding="sample"``: Random-Sampling KD targets from ``num_draws`` draws (unbiased);
+    ``encoding="topk"``: the ``k`` most likely tokens, renormalised (biased): the sparse encodings of
+    the teacher store (`kd_lightning.teachers.encodings`), built each step. This reproduces the
     *training signal* of sparse KD with the standard signature, so it runs with any online teacher;
     it does not save the teacher's forward pass, which only an offline cache of targets does.
     """
@@ -198,10 +199,10 @@ def online_sparse_kl(
         dense = torch.zeros_like(teacher_logits)
         dense[mask] = teacher_logits[mask]
         teacher_logits = dense
-    if method == "sample":
+    if encoding == "sample":
         targets = sample_targets(teacher_logits, num_draws, temperature=temperature, generator=generator)
-    elif method == "topk":
+    elif encoding == "topk":
         targets = topk_targets(teacher_logits, k, temperature=temperature)
     else:
-        raise ValueError(f"method must be 'sample' or 'topk', got {method!r}")
+        raise ValueError(f"encoding must be 'sample' or 'topk', got {encoding!r}")
     return sparse_kl(student_logits, targets, mask, temperature=temperature, reduction=reduction, value_form=value_form)

@@ -7,3 +7,8 @@
 `builders` makes models, trainers, cached teachers and baselines. Everything below this package
 receives typed arguments, never a `DictConfig`.
 """
+
+from pathlib import Path
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+"""The repository's `conf/` (next to this package in an editable install)."""

@@ -17,7 +17,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from kd_lightning.callbacks.interrupt import CheckpointOnSigterm
 from kd_lightning.run.checks import check_seq_len_fits
-from kd_lightning.run.settings import CONFIG_DIR
+from kd_lightning.run import CONFIG_DIR
+from kd_lightning.run.settings import teacher_cache_options
 from kd_lightning.infra.model_cache import cache_root, config_key, is_complete, write_atomically
 from kd_lightning.models import load_model, save_model
 from kd_lightning.module import DistillationModule
@@ -164,7 +165,8 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) ->
     for, and pre-trained on, its own tokenization (`teacher_data()`)."""
     datamodule = datamodule.teacher_data() if hasattr(datamodule, "teacher_data") else datamodule
     if teacher_cfg.get("cached"):  # teacher=cached: stored sparse targets, no model
-        return load_cached_teacher(cfg, teacher_cfg, datamodule)
+        return load_cached_teacher(teacher_cache_options(cfg, teacher_cfg.get("dir")), datamodule,
+                                   sparse=str(cfg.loss.name) == "sparse_kl")
     pretrain = teacher_cfg.get("pretrain")
     if pretrain is None:
         model = build_model(teacher_cfg.model, datamodule, int(cfg.seed))

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from kd_lightning.infra.signals import exit_on_sigterm
 from kd_lightning.run.builders import obtain_teacher
-from kd_lightning.run.settings import teacher_configs
+from kd_lightning.run.settings import model_config, teacher_cache_options, teacher_configs
 from kd_lightning.teachers.teacher_cache import cache_teacher_targets
 
 log = logging.getLogger("kd_lightning")
@@ -22,8 +22,10 @@ def cache_teacher_stage(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.Pa
     configs = teacher_configs(cfg)
     if len(configs) != 1:
         raise ValueError(f"stage=cache_teacher caches one teacher, got {[str(t.name) for t in configs]}")
-    teacher = obtain_teacher(cfg, configs[0], datamodule)
+    teacher_cfg = configs[0]
+    teacher = obtain_teacher(cfg, teacher_cfg, datamodule)
     with exit_on_sigterm("stage=cache_teacher"):
-        directory = cache_teacher_targets(cfg, datamodule, configs[0], teacher)
+        directory = cache_teacher_targets(teacher_cache_options(cfg), datamodule, str(teacher_cfg.name), teacher,
+                                          model_config(teacher_cfg))
     log.info("Teacher targets at %s; train with: teacher=cached loss=sparse_kl teacher_cache.dir=%s", directory, directory)
     return {"teacher_targets": str(directory)}

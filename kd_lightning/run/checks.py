@@ -3,7 +3,10 @@
 Every error is a `ConfigError` (a `ValueError`) with one line naming the config key as the user
 writes it (`distill.kd_weight`, not an internal argument), the bad value and what to do.
 
-- `validate_config(cfg)`: numbers and paths of the composed config (call first thing in a run);
+- `check_config(cfg)`: every refusal of the composed config, before any compute (`pipeline.run`
+  calls it once): `validate_config(cfg)` (numbers and paths), offline teachers, models against the
+  dataset's task, the strategy against this machine;
+- `check_renamed_overrides(argv)`: a renamed key on the command line, before Hydra composes;
 - `check_seq_len_fits(...)`: `dataset.seq_len` against a model's positions (after the model config
   is known);
 - `check_writable(path, key)`: the output and cache directories (before any compute).
@@ -30,6 +33,10 @@ UNIT_INTERVAL_LOSS_PARAMS = ("alpha", "beta", "mu")
 # Temperature-schedule values that must be > 0 (conf/temperature/*.yaml callbacks).
 POSITIVE_TEMPERATURE_KEYS = ("start", "end", "initial", "t_min", "t_max")
 POSITION_LIMIT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# Old keys -> their names now: one concept, one name (`encoding` of a teacher's sparse or stored
+# distribution, docs/methods.md). An old key in a config or on the command line is refused.
+RENAMED_KEYS = {"teacher_cache.method": "teacher_cache.encoding", "teacher_outputs.method": "teacher_outputs.encoding",
+                "loss.fn.method": "loss.fn.encoding"}
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -57,8 +64,64 @@ def _number(cfg: DictConfig, key: str, integer: bool = False) -> float | int | N
     return value
 
 
+def target_task(node: DictConfig | None) -> str | None:
+    """The `task` attribute of what a config node's `_target_` names: the task a model builder makes
+    models for (`kd_lightning.models.builds`), or a data module class's task; None if unknown."""
+    if node is None or node.get("_target_") is None:
+        return None
+    from hydra.utils import get_method
+
+    try:
+        return getattr(get_method(str(node._target_)), "task", None)
+    except Exception:  # a wrong _target_ is reported by instantiate, with Hydra's own message
+        return None
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Every refusal of a composed config, before any compute (`pipeline.run` calls it once):
+    `validate_config`, then the run's shape: offline teachers, models against the dataset's task,
+    the strategy against this machine."""
+    from kd_lightning.run.settings import teacher_configs  # not at the top: the CLI imports this module before --help
+
+    validate_config(cfg)
+    teachers = teacher_configs(cfg)
+    cached = [str(t.name) for t in teachers if t.get("cached")]
+    if cached and (cfg.stage == "cache_teacher" or len(teachers) > 1):
+        raise ValueError(f"teacher={cached[0]} (offline targets) is the only teacher of a stage=distill run; "
+                         f"got stage={cfg.stage}, {len(teachers)} teacher(s)")
+    if cached and (cfg.loss.get("cross_vocab") or cfg.loss.get("chunk_size")):
+        raise ValueError(f"teacher={cached[0]} (offline targets) gives teacher log-probabilities, not hidden states or "
+                         f"another vocabulary's tokens: loss={cfg.loss.name} with cross_vocab/chunk_size cannot read "
+                         "them; use a same-vocabulary loss without loss.chunk_size (sparse_kl reads sparse targets "
+                         "directly)")
+    task = target_task(cfg.get("dataset"))
+    for key, model_cfg in [("student", cfg.student.model)] + [(f"teacher {t.name}", t.model) for t in teachers]:
+        made_for = target_task(model_cfg)
+        if made_for is not None and task is not None and made_for != task:
+            fix = ("teacher=mlp student=mlp (or experiment=digits)" if task == "classification"
+                   else "a causal LM (teacher=moe|dense|hf, student=tiny|hf)")
+            raise ValueError(f"{key} model {model_cfg._target_} builds {made_for} models but the dataset's task is "
+                             f"{task}; use {fix}")
+    check_strategy(str(cfg.trainer.get("strategy")), str(cfg.trainer.get("accelerator")))
+
+
+def check_strategy(strategy: str, accelerator: str) -> None:
+    """GPU-only strategies refuse to start without a GPU, with the options that do work here."""
+    import torch
+
+    if (strategy.startswith("fsdp") or strategy.startswith("deepspeed") or accelerator == "gpu") and not torch.cuda.is_available():
+        raise RuntimeError(f"strategy={strategy} (accelerator={accelerator}) needs a CUDA GPU and none is visible; "
+                           "use strategy=cpu, ddp, fsdp or bf16 on this machine")
+    if strategy.startswith("deepspeed"):
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as err:
+            raise RuntimeError("strategy=deepspeed needs the extra: pip install -e '.[deepspeed]'") from err
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Check the composed config before any data is read or model built; raise `ConfigError`."""
+    check_renamed_keys(cfg)
     _check_weights(cfg)
     max_steps = _number(cfg, "trainer.max_steps", integer=True)
     if max_steps is not None and (max_steps == 0 or max_steps < -1):
@@ -86,6 +149,29 @@ def validate_config(cfg: DictConfig) -> None:
             model_config = _get(cfg, f"{model_key}.config")
             if isinstance(model_config, DictConfig):
                 check_seq_len_fits(f"{model_key}.config", seq_len, model_config)
+
+
+def _renamed(key: str, value: Any) -> ConfigError:
+    new = RENAMED_KEYS[key]
+    return ConfigError(f"{key}={value!r}: the key is now {new}; pass {new}={value} instead")
+
+
+def check_renamed_keys(cfg: DictConfig) -> None:
+    """Refuse a renamed key (`RENAMED_KEYS`) in the composed config (a user's file, `+key=`)."""
+    for old in RENAMED_KEYS:
+        value = _get(cfg, old)
+        if value is not None:
+            raise _renamed(old, value)
+
+
+def check_renamed_overrides(overrides: list[str]) -> None:
+    """Refuse a renamed key on the command line (`teacher_cache.method=topk`) before Hydra composes,
+    which would only say that the key is not in the config."""
+    for override in overrides:
+        key, equals, value = override.partition("=")
+        key = key.lstrip("+~")
+        if equals and key in RENAMED_KEYS:
+            raise _renamed(key, value)
 
 
 def _check_weights(cfg: DictConfig) -> None:
@@ -119,9 +205,9 @@ def _check_loss_params(cfg: DictConfig) -> None:
     value_form = _get(cfg, "loss.fn.value_form")
     if value_form is not None and value_form not in ("kl", "ce"):
         raise ConfigError(f"loss.fn.value_form={value_form!r}: must be 'kl' or 'ce'")
-    method = _get(cfg, "loss.fn.method")
-    if method is not None and method not in ("sample", "topk"):
-        raise ConfigError(f"loss.fn.method={method!r}: must be 'sample' or 'topk'")
+    encoding = _get(cfg, "loss.fn.encoding")
+    if encoding is not None and encoding not in ("sample", "topk"):
+        raise ConfigError(f"loss.fn.encoding={encoding!r}: must be 'sample' or 'topk'")
     for name in ("num_draws", "k"):
         count = _number(cfg, f"loss.fn.{name}", integer=True)
         if count is not None and count < 1:

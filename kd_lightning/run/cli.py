@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from kd_lightning.run.settings import CONFIG_DIR
+from kd_lightning.run import CONFIG_DIR
+
+
+def main() -> None:
+    """Refuse a renamed key on the command line (one line, exit status 1), then hand over to Hydra."""
+    from kd_lightning.errors import ConfigError
+    from kd_lightning.run.checks import check_renamed_overrides  # light: omegaconf and the errors module
+
+    try:
+        check_renamed_overrides(sys.argv[1:])
+    except ConfigError as error:
+        sys.exit(f"ConfigError: {error}")
+    hydra_main()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     from kd_lightning.run.pipeline import run  # imported here, not at the top: `--help` stays fast
 
     # Sweepers that optimise (hydra-optuna-sweeper, +sweep=optuna) minimise what the task returns:

@@ -14,23 +14,22 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from kd_lightning.infra.atomic import atomic_directory, atomic_write_text
 from kd_lightning.callbacks.interrupt import CheckpointOnSigterm
 from kd_lightning.callbacks.timing import FitTimer
-from kd_lightning.run.settings import method_callbacks, teacher_configs
+from kd_lightning.run.settings import (method_callbacks, teacher_configs, teacher_model_configs, teacher_output_context,
+                                       teacher_output_options)
 from kd_lightning.cross_tokenizer import byte_lengths_of, refuse_foreign_tokens, teacher_batches, teacher_tokenization_args
 from kd_lightning.evaluate import evaluate, print_summary, with_progress
-from kd_lightning.infra.model_cache import cache_root
 from kd_lightning.infra.signals import exit_on_sigterm
 from kd_lightning.models import count_parameters, output_size, save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.infra.sharding import unsharded
 from kd_lightning.run.builders import build_model, check_model_positions, make_trainer, obtain_baseline, obtain_teacher
 from kd_lightning.tasks import task_named
-from kd_lightning.teachers.encodings import encoding_from
-from kd_lightning.teachers.teacher_outputs import RunContext, TeacherOutputOptions, TeacherOutputsFlush, memoize_teachers
+from kd_lightning.teachers.teacher_outputs import TeacherOutputsFlush, memoize_teachers
 
 log = logging.getLogger("kd_lightning")
 
@@ -67,24 +66,6 @@ def check_vocabularies(student: torch.nn.Module, teachers: dict[str, torch.nn.Mo
                              f"{why}. {CROSS_TOKENIZER_OPTIONS}")
 
 
-def teacher_output_options(cfg: DictConfig) -> TeacherOutputOptions:
-    opts = cfg.get("teacher_outputs") or {}
-    root = opts.get("dir") or str(cache_root(cfg.paths.cache_dir) / "teacher_outputs")
-    return TeacherOutputOptions(reuse=bool(opts.get("reuse", False)), root=str(root), encoding=encoding_from(opts),
-                                flush_rows=int(opts.get("flush_rows", 1024)), max_gb=float(opts.get("max_gb", 20)))
-
-
-def teacher_output_context(cfg: DictConfig, task: str) -> RunContext:
-    return RunContext(task=task, chunked=bool(cfg.loss.get("chunk_size")), precision=str(cfg.trainer.get("precision")),
-                      accelerator=str(cfg.trainer.get("accelerator")))
-
-
-def teacher_model_configs(cfg: DictConfig) -> dict[str, Any]:
-    """Each teacher's resolved model config (part of its teacher-output store's identity)."""
-    return {str(t.name): OmegaConf.to_container(t.model, resolve=True) if t.get("model") is not None else None
-            for t in teacher_configs(cfg)}
-
-
 def build_module(cfg: DictConfig, student: torch.nn.Module, teachers: dict[str, torch.nn.Module],
                  **data_args: Any) -> DistillationModule:
     """The LightningModule from its config node (`module:` in conf/train.yaml, a `_target_`), with
@@ -113,9 +94,10 @@ def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] 
                        teacher_tokenizer_size=len(dual) if dual is not None else None)
     extra_callbacks = method_callbacks(cfg)
     # teacher_outputs.reuse: frozen teachers read their outputs from a store shared by the runs of a sweep
-    teachers = memoize_teachers(teacher_output_options(cfg), teachers, teacher_model_configs(cfg),
-                                teacher_output_context(cfg, datamodule.task), extra_callbacks)
-    data_args = teacher_tokenization_args(datamodule, cfg.paths.cache_dir, teacher_output_options(cfg).reuse)
+    outputs = teacher_output_options(cfg)
+    teachers = memoize_teachers(outputs, teachers, teacher_model_configs(cfg), teacher_output_context(cfg, datamodule.task),
+                                extra_callbacks)
+    data_args = teacher_tokenization_args(datamodule, cfg.paths.cache_dir, outputs.reuse)
     module = build_module(cfg, student, teachers, **data_args)
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     timer, stores = FitTimer(), TeacherOutputsFlush(teachers)

@@ -1,4 +1,4 @@
-"""One entry point for every stage: process settings, seed, data, checks, then the chosen stage.
+"""One entry point for every stage: checks, process settings, run directory, seed, data, then the chosen stage.
 
     python train.py stage=<name>    ->    kd_lightning.run.cli.main    ->    run(cfg)    ->    STAGES[name]
 
@@ -14,7 +14,6 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -22,10 +21,8 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.run.checks import check_writable, validate_config
-from kd_lightning.run.settings import check_config
-from kd_lightning.infra.distributed import is_global_zero
-from kd_lightning.infra.rundir import CHECKPOINT_DIR, RunDirLock, resolve_resume, start_run
+from kd_lightning.run.checks import check_config, check_writable
+from kd_lightning.infra.rundir import begin_run
 from kd_lightning.infra.signals import EXIT_SIGTERM
 from kd_lightning.run.cache_teacher import cache_teacher_stage
 from kd_lightning.run.distill import distill
@@ -70,36 +67,24 @@ def close_experiment_loggers() -> None:
         wandb.finish(exit_code=1)
 
 
-def begin_run(cfg: DictConfig, output_dir: Path) -> tuple[RunDirLock | None, Path | None]:
-    """Before any compute: on rank 0 take the run directory's lock, refuse to overwrite a finished or
-    checkpointed run, record the config (a resume must keep its meaning) and find the checkpoint to
-    continue from (`kd_lightning.infra.rundir.start_run`); other DDP ranks only find the checkpoint.
-    Returns (the lock to hold for the whole run, the checkpoint)."""
-    if not is_global_zero():
-        return None, resolve_resume(cfg.resume, output_dir / CHECKPOINT_DIR)[0]
-    config = OmegaConf.to_container(cfg, resolve=True)
-    started = start_run(output_dir, cfg.resume, config, allow_changes=bool(cfg.get("resume_allow_changes", False)))
-    for note in started.notes:
-        log.info("%s", note)
-    return started.lock, started.checkpoint
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured stage; returns its summary (empty on non-zero DDP ranks)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r} is not one of {list(STAGES)}")
-    validate_config(cfg)
+    check_config(cfg)
     quiet_lightning_console()
     set_cpu_threads(cfg.get("cpu_threads"))
     # Teachers are in eval mode by design (frozen); Lightning warns about any eval-mode submodule.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     output_dir = check_writable(cfg.paths.output_dir, "hydra.run.dir")
     check_writable(cfg.paths.cache_dir, "paths.cache_dir")
-    lock, checkpoint = begin_run(cfg, output_dir)
+    # rank 0: the run directory's lock, no overwrite of a finished or checkpointed run, the config
+    # recorded (a resume must keep its meaning) and the checkpoint to continue from
+    lock, checkpoint = begin_run(output_dir, cfg.resume, OmegaConf.to_container(cfg, resolve=True),
+                                 allow_changes=bool(cfg.get("resume_allow_changes", False)))
     try:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         datamodule = hydra.utils.instantiate(cfg.dataset)
-        check_config(cfg, datamodule.task)
         stage = STAGES[str(cfg.stage)]
         # Only the distillation stage continues from <output_dir>/checkpoints; the CE-trained stages
         # find their own partial checkpoints (builders.obtain_ce_model), TAKD stages theirs (takd.run_stage).

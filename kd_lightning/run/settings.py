@@ -1,20 +1,21 @@
-"""Config-level helpers: where the configs live, which teachers a config names, and the checks that
-run before any compute. A leaf of the package: it imports nothing from `kd_lightning`, so the CLI,
-the stages and the builders can all use it without an import circle (and `--help` stays fast).
+"""The config readers: which teachers a config names, and the typed options (frozen dataclasses)
+that the code below the run layer receives instead of the Hydra config.
 
-Library code below the stages never sees the Hydra config: it gets typed arguments built here or in
-the stage functions.
+A leaf of the run package (it imports no other `kd_lightning.run` module), so the stages, builders
+and checks can all use it without an import circle. The refusals are in `kd_lightning.run.checks`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-"""The repository's `conf/` (next to this package in an editable install)."""
+from kd_lightning.infra.model_cache import cache_root
+from kd_lightning.teachers.encodings import Encoding
+from kd_lightning.teachers.identity import StoreOptions
+from kd_lightning.teachers.teacher_cache import DEFAULT_CLAIM_TIMEOUT_S, TeacherCacheOptions
+from kd_lightning.teachers.teacher_outputs import RunContext, TeacherOutputOptions
 
 
 def teacher_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -27,53 +28,54 @@ def teacher_configs(cfg: DictConfig) -> list[DictConfig]:
     return configs
 
 
-def builder_task(model_cfg: DictConfig | None) -> str | None:
-    """The task a model config's builder makes models for (its `task` attribute), None if unknown."""
-    if model_cfg is None or model_cfg.get("_target_") is None:
-        return None
-    from hydra.utils import get_method
-
-    try:
-        builder = get_method(str(model_cfg._target_))
-    except Exception:  # a wrong _target_ is reported by instantiate, with Hydra's own message
-        return None
-    return getattr(builder, "task", None)
+def encoding_options(node: Any) -> Encoding:
+    """The `Encoding` of a store node (`teacher_outputs:` or `teacher_cache:`): `encoding`, `dtype`,
+    `k`, `num_draws`, `temperature` (dtype null: float32 for `full`, else uint8)."""
+    encoding = str(node.get("encoding") or "full")
+    default_dtype = "float32" if encoding == "full" else "uint8"
+    return Encoding(encoding=encoding, dtype=str(node.get("dtype") or default_dtype), k=int(node.get("k") or 32),
+                    num_draws=int(node.get("num_draws") or 32), temperature=float(node.get("temperature") or 1.0))
 
 
-def check_config(cfg: DictConfig, task: str) -> None:
-    """Fail before any compute, naming the offending key and value."""
-    teachers = teacher_configs(cfg)
-    cached = [str(t.name) for t in teachers if t.get("cached")]
-    if cached and (cfg.stage == "cache_teacher" or len(teachers) > 1):
-        raise ValueError(f"teacher={cached[0]} (offline targets) is the only teacher of a stage=distill run; "
-                         f"got stage={cfg.stage}, {len(teachers)} teacher(s)")
-    if cached and (cfg.loss.get("cross_vocab") or cfg.loss.get("chunk_size")):
-        raise ValueError(f"teacher={cached[0]} (offline targets) gives teacher log-probabilities, not hidden states or "
-                         f"another vocabulary's tokens: loss={cfg.loss.name} with cross_vocab/chunk_size cannot read "
-                         "them; use a same-vocabulary loss without loss.chunk_size (sparse_kl reads sparse targets "
-                         "directly)")
-    for key, model_cfg in [("student", cfg.student.model)] + [(f"teacher {t.name}", t.model) for t in teachers]:
-        made_for = builder_task(model_cfg)
-        if made_for is not None and made_for != task:
-            fix = ("teacher=mlp student=mlp (or experiment=digits)" if task == "classification"
-                   else "a causal LM (teacher=moe|dense|hf, student=tiny|hf)")
-            raise ValueError(f"{key} model {model_cfg._target_} builds {made_for} models but the dataset's task is "
-                             f"{task}; use {fix}")
-    check_strategy(str(cfg.trainer.get("strategy")), str(cfg.trainer.get("accelerator")))
+def store_options(cfg: DictConfig, node: Any) -> StoreOptions:
+    """Where teacher stores live and what keys them, with the encoding of `node`: the one root
+    (`teacher_outputs.dir`, by default `<paths.cache_dir>/teacher_outputs`) of `teacher_outputs.reuse`,
+    `stage=cache_teacher` and `teacher=cached`."""
+    root = (cfg.get("teacher_outputs") or {}).get("dir") or cache_root(cfg.paths.cache_dir) / "teacher_outputs"
+    return StoreOptions(root=str(root), encoding=encoding_options(node), precision=str(cfg.trainer.get("precision")),
+                        accelerator=str(cfg.trainer.get("accelerator")))
 
 
-def check_strategy(strategy: str, accelerator: str) -> None:
-    """GPU-only strategies refuse to start without a GPU, with the options that do work here."""
-    import torch
+def teacher_output_options(cfg: DictConfig) -> TeacherOutputOptions:
+    """`teacher_outputs:` typed."""
+    node = cfg.get("teacher_outputs") or {}
+    return TeacherOutputOptions(reuse=bool(node.get("reuse", False)), store=store_options(cfg, node),
+                                flush_rows=int(node.get("flush_rows", 1024)), max_gb=float(node.get("max_gb", 20)))
 
-    if (strategy.startswith("fsdp") or strategy.startswith("deepspeed") or accelerator == "gpu") and not torch.cuda.is_available():
-        raise RuntimeError(f"strategy={strategy} (accelerator={accelerator}) needs a CUDA GPU and none is visible; "
-                           "use strategy=cpu, ddp, fsdp or bf16 on this machine")
-    if strategy.startswith("deepspeed"):
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError as err:
-            raise RuntimeError("strategy=deepspeed needs the extra: pip install -e '.[deepspeed]'") from err
+
+def teacher_output_context(cfg: DictConfig, task: str) -> RunContext:
+    """What else decides whether a teacher's outputs can be reused in this run."""
+    return RunContext(task=task, chunked=bool(cfg.loss.get("chunk_size")))
+
+
+def teacher_cache_options(cfg: DictConfig, directory: Any = None) -> TeacherCacheOptions:
+    """`teacher_cache:` typed; `directory` (a `teacher=cached` teacher's `dir`) replaces `teacher_cache.dir`."""
+    node = cfg.teacher_cache
+    chosen = directory if directory is not None else node.get("dir")
+    return TeacherCacheOptions(store=store_options(cfg, node), directory=str(chosen) if chosen else None,
+                               shard_size=int(node.get("shard_size") or 4096),
+                               claim_timeout_s=float(node.get("claim_timeout_s") or DEFAULT_CLAIM_TIMEOUT_S),
+                               tail=str(node.get("tail") or "uniform"), seed=int(cfg.seed))
+
+
+def model_config(teacher_cfg: DictConfig) -> Any:
+    """A teacher's resolved model config as plain data (part of its store's identity), None if absent."""
+    return OmegaConf.to_container(teacher_cfg.model, resolve=True) if teacher_cfg.get("model") is not None else None
+
+
+def teacher_model_configs(cfg: DictConfig) -> dict[str, Any]:
+    """Each teacher's resolved model config, by name."""
+    return {str(t.name): model_config(t) for t in teacher_configs(cfg)}
 
 
 def method_callbacks(cfg: DictConfig) -> list[Any]:
@@ -88,4 +90,6 @@ def method_callbacks(cfg: DictConfig) -> list[Any]:
     return callbacks
 
 
-__all__ = ["CONFIG_DIR", "builder_task", "check_config", "check_strategy", "method_callbacks", "teacher_configs"]
+__all__ = ["encoding_options", "method_callbacks", "model_config",
+           "store_options", "teacher_cache_options", "teacher_configs", "teacher_model_configs", "teacher_output_context",
+           "teacher_output_options"]

@@ -35,7 +35,7 @@ from kd_lightning.infra.atomic import atomic_write_text
 from kd_lightning.run.settings import teacher_configs
 from kd_lightning.evaluate import print_summary
 from kd_lightning.models import builds, count_parameters, load_model
-from kd_lightning.infra.rundir import CHECKPOINT_DIR, guard_run_dir, resolve_resume
+from kd_lightning.infra.rundir import begin_run
 from kd_lightning.infra.signals import exit_on_sigterm
 from kd_lightning.run.builders import model_kwargs
 from kd_lightning.run.distill import distill
@@ -156,18 +156,22 @@ def stage_config(cfg: DictConfig, teacher: dict[str, Any] | DictConfig, student:
 
 
 def run_stage(stage_cfg: DictConfig, datamodule: Any, label: str) -> dict[str, Any]:
-    summary_file = Path(stage_cfg.paths.output_dir) / "summary.json"
+    """One link of the chain in its own run directory, started like any run (`rundir.begin_run`: the
+    lock, no overwrite, the run record, the checkpoint); with `resume=auto` a finished link is read
+    back instead of run again."""
+    output_dir = Path(stage_cfg.paths.output_dir)
+    summary_file = output_dir / "summary.json"
     if stage_cfg.resume == "auto" and summary_file.is_file():
         log.info("TAKD: %s finished earlier (%s): skipping", label, summary_file)
         return json.loads(summary_file.read_text())
     log.info("TAKD: running %s: %s -> %s", label, stage_cfg.teacher.name, stage_cfg.student.name)
-    output_dir = Path(stage_cfg.paths.output_dir)
-    guard_run_dir(output_dir, stage_cfg.resume)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint, notes = resolve_resume(stage_cfg.resume, output_dir / CHECKPOINT_DIR)
-    for note in notes:
-        log.info("TAKD %s: %s", label, note)
-    return distill(stage_cfg, datamodule, ckpt_path=checkpoint)
+    lock, checkpoint = begin_run(output_dir, stage_cfg.resume, OmegaConf.to_container(stage_cfg, resolve=True),
+                                 allow_changes=bool(stage_cfg.get("resume_allow_changes", False)))
+    try:
+        return distill(stage_cfg, datamodule, ckpt_path=checkpoint)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def run_chain(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:

@@ -41,7 +41,8 @@ class Encoding:
     """An encoding and its parameters (all of them are part of the store's key).
 
     Args:
-        name: ``full``, ``topk`` or ``sample``.
+        encoding: ``full``, ``topk`` or ``sample`` (the config's ``teacher_cache.encoding`` /
+            ``teacher_outputs.encoding``).
         dtype: stored values: ``full``: float32|float16; ``topk``: uint8|float16|float32; ``sample``:
             counts are always uint8 (the key is kept for a uniform config).
         k: ids per position (topk, sample).
@@ -49,45 +50,51 @@ class Encoding:
         temperature: the teacher temperature the draws are made at (sample; 1.0 for the others).
     """
 
-    name: str = "full"
+    encoding: str = "full"
     dtype: str = "float32"
     k: int = 32
     num_draws: int = 32
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.name not in ENCODINGS:
-            raise ValueError(f"teacher store encoding={self.name!r}: must be one of {list(ENCODINGS)}")
+        if self.encoding not in ENCODINGS:
+            raise ValueError(f"teacher store encoding={self.encoding!r}: must be one of {list(ENCODINGS)}")
         allowed = {"full": ("float32", "float16"), "topk": ("uint8", "float16", "float32"),
-                   "sample": ("uint8", "float16", "float32")}[self.name]
+                   "sample": ("uint8", "float16", "float32")}[self.encoding]
         if self.dtype not in allowed:
-            raise ValueError(f"teacher store dtype={self.dtype!r} for encoding={self.name}: must be one of {list(allowed)}")
-        if self.name != "full" and int(self.k) < 1:
+            raise ValueError(f"teacher store dtype={self.dtype!r} for encoding={self.encoding}: must be one of {list(allowed)}")
+        if self.encoding != "full" and int(self.k) < 1:
             raise ValueError(f"teacher store k={self.k!r}: must be >= 1")
-        if self.name == "sample" and not 1 <= int(self.num_draws) <= 255:
+        if self.encoding == "sample" and not 1 <= int(self.num_draws) <= 255:
             raise ValueError(f"teacher store num_draws={self.num_draws!r}: must lie in 1..255 (counts are uint8)")
         if float(self.temperature) <= 0:
             raise ValueError(f"teacher store temperature={self.temperature!r}: must be > 0")
 
-    def identity(self) -> dict[str, object]:
-        """The parameters that change what is stored (unused ones normalised away)."""
+    def params(self) -> dict[str, object]:
+        """The parameters that change what is stored (unused ones normalised away), by field name."""
         params = asdict(self)
-        if self.name == "full":
+        if self.encoding == "full":
             params.update(k=None, num_draws=None, temperature=1.0)
-        elif self.name == "topk":
+        elif self.encoding == "topk":
             params.update(num_draws=None, temperature=1.0)
         else:
             params.update(dtype="uint8")
         return params
 
+    def identity(self) -> dict[str, object]:
+        """`params()` as a store's manifest and parts record them (format 2 calls the encoding
+        `name`; kept, so stores written before stay valid and their hashed directories unchanged)."""
+        params = self.params()
+        return {("name" if key == "encoding" else key): value for key, value in params.items()}
 
-def encoding_from(node: Any) -> Encoding:
-    """An `Encoding` from a config node (`teacher_outputs:` or `teacher_cache:`): `encoding` (or the
-    older `method`), `dtype`, `k`, `num_draws`, `temperature`."""
-    name = node.get("encoding") or node.get("method") or "full"
-    default_dtype = "float32" if name == "full" else "uint8"
-    return Encoding(name=str(name), dtype=str(node.get("dtype") or default_dtype), k=int(node.get("k") or 32),
-                    num_draws=int(node.get("num_draws") or 32), temperature=float(node.get("temperature") or 1.0))
+    @classmethod
+    def from_identity(cls, stored: dict[str, Any]) -> Encoding:
+        """The `Encoding` a manifest records (`identity()`)."""
+        fields = {("encoding" if key == "name" else key): value for key, value in stored.items()}
+        return cls(**fields)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{key}={value}" for key, value in self.params().items() if value is not None)
 
 
 def id_dtype(vocab_size: int) -> torch.dtype:
@@ -98,10 +105,10 @@ def id_dtype(vocab_size: int) -> torch.dtype:
 def encode(encoding: Encoding, logprobs: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
     """Tensors [rows, L, ...] for teacher log-probabilities [rows, L, V] (float32, T = 1)."""
     vocab = logprobs.shape[-1]
-    if encoding.name == "full":
+    if encoding.encoding == "full":
         return {"values": logprobs.to(VALUE_DTYPES[encoding.dtype])}
     k = min(int(encoding.k), vocab)
-    if encoding.name == "topk":
+    if encoding.encoding == "topk":
         values, ids = logprobs.topk(k, dim=-1)
         tail = (1.0 - values.exp().sum(-1)).clamp_min(0.0)
         out = {"ids": ids.to(id_dtype(vocab)), "tail": tail.to(torch.float16)}
@@ -120,7 +127,7 @@ def encode(encoding: Encoding, logprobs: Tensor, generator: torch.Generator | No
 
 def truncated_rows(encoding: Encoding, tensors: dict[str, Tensor]) -> int:
     """Rows of a `sample` encoding whose draws did not all fit in k ids (their k most drawn kept)."""
-    if encoding.name != "sample":
+    if encoding.encoding != "sample":
         return 0
     return int((tensors["counts"].sum(-1, dtype=torch.int32) < int(encoding.num_draws)).sum())
 
@@ -128,7 +135,7 @@ def truncated_rows(encoding: Encoding, tensors: dict[str, Tensor]) -> int:
 def decode_sparse(encoding: Encoding, tensors: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     """(ids long [..., k], probs float32 [..., k], tail float32 [...]) with Σ probs + tail = 1."""
     ids = tensors["ids"].long()
-    if encoding.name == "sample":
+    if encoding.encoding == "sample":
         counts = tensors["counts"].float()
         probs = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
         return ids, probs, torch.zeros(probs.shape[:-1])
@@ -149,11 +156,11 @@ def decode_targets(encoding: Encoding, tensors: dict[str, Tensor], tail: str = "
     bin or a uniform spread; ``drop``: the tail is dropped and the head renormalised (the common,
     biased Top-K variant; the behaviour before the bucket existed)."""
     check_tail_mode(tail)
-    if encoding.name == "full":
+    if encoding.encoding == "full":
         logprobs = tensors["values"].float()
         ids = torch.arange(logprobs.shape[-1]).expand_as(logprobs)
         return SparseTargets(ids, logprobs.exp())
-    if encoding.name == "sample":  # count / (sum of counts): already sums to 1
+    if encoding.encoding == "sample":  # count / (sum of counts): already sums to 1
         counts = tensors["counts"].float()
         return SparseTargets(tensors["ids"].long(), counts.div_(counts.sum(-1, keepdim=True).clamp_min_(1.0)))
     ids, probs, rest = decode_sparse(encoding, tensors)
@@ -167,10 +174,10 @@ def decode_dense(encoding: Encoding, tensors: dict[str, Tensor], vocab_size: int
 
     topk: log p at the k ids and log(tail / (V - k)) elsewhere; sample: log p̂ at the drawn ids and
     -inf (probability 0) elsewhere, which every dense loss handles (a token the teacher rules out)."""
-    if encoding.name == "full":
+    if encoding.encoding == "full":
         return tensors["values"].float()
     ids, probs, tail = decode_sparse(encoding, tensors)
-    if encoding.name == "sample":
+    if encoding.encoding == "sample":
         rest = torch.full((*ids.shape[:-1], 1), float("-inf"))
     else:
         others = max(vocab_size - ids.shape[-1], 1)
@@ -180,5 +187,5 @@ def decode_dense(encoding: Encoding, tensors: dict[str, Tensor], vocab_size: int
     return out.scatter_(-1, ids, probs.log().masked_fill(probs == 0, float("-inf")))
 
 
-__all__ = ["ENCODINGS", "Encoding", "encoding_from", "decode_dense", "decode_sparse", "decode_targets", "encode", "id_dtype",
+__all__ = ["ENCODINGS", "Encoding", "decode_dense", "decode_sparse", "decode_targets", "encode", "id_dtype",
            "truncated_rows"]

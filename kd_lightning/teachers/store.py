@@ -38,17 +38,16 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import Tensor
 
 from kd_lightning.infra.atomic import atomic_write_file, atomic_write_json, clean_stale_temporaries
 from kd_lightning.losses.sparse import SparseTargets
-from kd_lightning.infra.model_cache import config_key
 from kd_lightning.infra.safeload import DamagedFileError, safe_open_checked
 from kd_lightning.teachers.encodings import Encoding, decode_dense, decode_targets, encode, truncated_rows
+from kd_lightning.teachers.identity import FORMAT_VERSION, store_directory, store_identity, weights_hash
 
 log = logging.getLogger("kd_lightning")
 
-FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 
 
@@ -64,28 +63,6 @@ def row_keys(input_ids: Tensor, attention_mask: Tensor | None) -> list[bytes]:
         h.update(b"\0" if mask is None else mask[i].tobytes())
         keys.append(h.digest())
     return keys
-
-
-def weights_hash(model: nn.Module) -> str:
-    """sha256[:16] of the teacher's parameters and buffers (names, shapes, dtypes, bytes)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}\0".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
-def store_identity(*, weights: str, model_config: Any, precision: str, accelerator: str, vocab_size: int,
-                   encoding: Encoding) -> dict[str, Any]:
-    """Everything that changes the stored outputs (the store's key and manifest)."""
-    return {"format_version": FORMAT_VERSION, "weights": weights, "config": model_config, "precision": precision,
-            "accelerator": accelerator, "vocab_size": int(vocab_size), "encoding": encoding.identity()}
-
-
-def store_directory(root: str | os.PathLike[str], name: str, identity: dict[str, Any]) -> Path:
-    """`<root>/<name>-<hash of the identity>`."""
-    return Path(os.path.expanduser(str(root))) / f"{name}-{config_key(identity)}"
 
 
 def check_manifest(directory: Path, identity: dict[str, Any], *, what: str) -> None:
@@ -136,7 +113,7 @@ class TeacherOutputStore:
             self.directory.mkdir(parents=True, exist_ok=True)
             check_manifest(self.directory, identity, what=what)
         self.identity = identity
-        self.encoding = Encoding(**identity["encoding"])
+        self.encoding = Encoding.from_identity(identity["encoding"])
         self.vocab_size = int(identity["vocab_size"])
         self.flush_rows, self.max_bytes, self.max_open = int(flush_rows), float(max_gb) * 2**30, max(int(max_open_parts), 1)
         self.damaged, self.damaged_fix = damaged, damaged_fix

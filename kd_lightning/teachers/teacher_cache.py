@@ -2,7 +2,7 @@
 training split by `stage=cache_teacher`, read by `teacher=cached` (no teacher model at training time).
 
 Anshumann et al. 2025, "Sparse Logit Sampling: Accelerating Knowledge Distillation in LLMs": the
-teacher's distribution is stored sparsely, as Random-Sampling KD counts (``teacher_cache.method=
+teacher's distribution is stored sparsely, as Random-Sampling KD counts (``teacher_cache.encoding=
 sample``, unbiased) or as its top-k plus the tail's mass (``topk``), or in full (``full``); see
 `kd_lightning.teachers.encodings`. Rows are keyed by their tokens, like the online store, so
 `teacher=cached` reads a batch whatever order the loader gives.
@@ -25,22 +25,21 @@ import logging
 import os
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from kd_lightning.infra.atomic import atomic_write_json, clean_stale_temporaries, pid_alive
 from kd_lightning.data.tokenizer import tokenizer_identity
 from kd_lightning.losses.sparse import SparseTargets, check_tail_mode
-from kd_lightning.infra.model_cache import cache_root
-from kd_lightning.models import output_size
 from kd_lightning.tasks import CausalLM
-from kd_lightning.teachers.encodings import Encoding, encoding_from
-from kd_lightning.teachers.store import TeacherOutputStore, row_keys, store_directory, store_identity, weights_hash
+from kd_lightning.teachers.encodings import Encoding
+from kd_lightning.teachers.identity import StoreOptions, teacher_store_location
+from kd_lightning.teachers.store import TeacherOutputStore, row_keys
 
 log = logging.getLogger("kd_lightning")
 
@@ -139,23 +138,41 @@ def _heartbeat(directory: Path, chunk: int) -> None:
         pass
 
 
+@dataclass(frozen=True)
+class TeacherCacheOptions:
+    """`teacher_cache:` of the config, typed (see conf/train.yaml for each key's meaning).
+
+    Args:
+        store: the store's root, encoding, precision and accelerator (the encoding is
+            `teacher_cache.*`'s), shared with `teacher_outputs.reuse`.
+        directory: the store (`teacher_cache.dir`, or `teacher.dir` for `teacher=cached`); None: the
+            hashed directory under `store.root` that `teacher_outputs.reuse` also uses.
+        shard_size: training samples per part and per chunk a writer claims.
+        claim_timeout_s: a claim whose heartbeat is older than this is taken over (other hosts).
+        tail: how `sparse_kl` reads a topk store's tail mass (`bucket`, `uniform`, `drop`).
+        seed: the run's seed; each chunk's draws are seeded by (seed, chunk).
+    """
+
+    store: StoreOptions = StoreOptions()
+    directory: str | None = None
+    shard_size: int = 4096
+    claim_timeout_s: float = DEFAULT_CLAIM_TIMEOUT_S
+    tail: str = "uniform"
+    seed: int = 0
+
+
 @torch.no_grad()
-def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictConfig, teacher: nn.Module) -> Path:
-    """`stage=cache_teacher`: store the teacher's outputs for every training sample; returns the store."""
+def cache_teacher_targets(options: TeacherCacheOptions, datamodule: Any, name: str, teacher: nn.Module,
+                          model_config: Any = None) -> Path:
+    """`stage=cache_teacher`: store teacher `name`'s outputs for every training sample; returns the
+    store. `model_config` is the teacher's resolved model config (part of the store's identity)."""
     if datamodule.task != "causal_lm":
         raise ValueError("stage=cache_teacher needs a causal-LM dataset")
-    c = cfg.teacher_cache
-    encoding = encoding_from(c)
-    # The identity and root of `teacher_outputs.reuse` (kd_lightning.run.distill): with the same encoding a
-    # sweep reads what this stage stored, and this stage skips rows a sweep stored.
-    model_config = OmegaConf.to_container(teacher_cfg.model, resolve=True) if teacher_cfg.get("model") is not None else None
-    identity = store_identity(weights=weights_hash(teacher), precision=str(cfg.trainer.get("precision")),
-                              model_config=model_config, accelerator=str(cfg.trainer.get("accelerator")),
-                              vocab_size=output_size(teacher), encoding=encoding)
-    root = (cfg.get("teacher_outputs") or {}).get("dir") or cache_root(cfg.paths.cache_dir) / "teacher_outputs"
-    directory = Path(str(c.dir)).expanduser() if c.dir else store_directory(root, str(teacher_cfg.name), identity)
+    encoding = options.store.encoding
+    hashed, identity = teacher_store_location(options.store, name, teacher, model_config)
+    directory = Path(options.directory).expanduser() if options.directory else hashed
     clean_stale_temporaries(directory.parent, prefix=directory.name)  # an earlier layout's staging folders
-    shard = int(c.shard_size)
+    shard = int(options.shard_size)
     store = TeacherOutputStore(directory, identity, flush_rows=shard + 1, what="stage=cache_teacher")
     datamodule.setup("fit")
     dataset = datamodule.datasets["train"]
@@ -165,7 +182,7 @@ def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictCon
             log.info("Teacher targets already stored at %s", directory)
             return directory
         covers_path(directory, covers["data_fingerprint"]).unlink()  # recompute what the damaged parts held
-    device = torch.device("cuda" if torch.cuda.is_available() and str(cfg.trainer.get("accelerator")) != "cpu" else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and options.store.accelerator != "cpu" else "cpu")
     teacher = teacher.to(device).eval()
     chunks = [list(range(s, min(s + shard, len(dataset)))) for s in range(0, len(dataset), shard)]
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -176,10 +193,10 @@ def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictCon
         items = [dataset[i] for i in chunks[chunk]]
         return row_keys(torch.stack([x["input_ids"] for x in items]), torch.stack([x["attention_mask"] for x in items]))
 
-    timeout_s = float(c.get("claim_timeout_s") or DEFAULT_CLAIM_TIMEOUT_S)
+    timeout_s = float(options.claim_timeout_s or DEFAULT_CLAIM_TIMEOUT_S)
 
     def compute(chunk: int) -> None:
-        store.generator.manual_seed(int(cfg.seed) * 1_000_003 + chunk)
+        store.generator.manual_seed(int(options.seed) * 1_000_003 + chunk)
         beat = time.monotonic()
         for start in range(0, len(chunks[chunk]), batch_size):
             if time.monotonic() - beat >= HEARTBEAT_S:
@@ -195,8 +212,8 @@ def cache_teacher_targets(cfg: DictConfig, datamodule: Any, teacher_cfg: DictCon
     def done(chunk: int) -> bool:
         return store.written(chunk_keys(chunk))
 
-    log.info("Storing teacher '%s' outputs (%s) for %d training samples at %s", teacher_cfg.name,
-             encoding.identity(), len(dataset), directory)
+    log.info("Storing teacher '%s' outputs (%s) for %d training samples at %s", name,
+             encoding, len(dataset), directory)
     for chunk in order:
         if _claim(directory, chunk):
             if not done(chunk):
@@ -261,12 +278,14 @@ class CachedTeacher(nn.Module):
         return CausalLMOutput(logits=logprobs.to(input_ids.device, non_blocking=True))
 
 
-def load_cached_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) -> CachedTeacher:
-    """The `teacher=cached` reader; fails before training when the store does not fit this run."""
-    if not teacher_cfg.get("dir"):
+def load_cached_teacher(options: TeacherCacheOptions, datamodule: Any, *, sparse: bool = False) -> CachedTeacher:
+    """The `teacher=cached` reader of the store at `options.directory`; fails before training when the
+    store does not fit this run (its data or `options.store.encoding`). `sparse`: the loss reads
+    sparse targets (`sparse_kl`), with `options.tail` for a topk store's tail."""
+    if not options.directory:
         raise ValueError(f"teacher=cached: no store directory given; pass teacher_cache.dir=<dir> (or teacher.dir=) "
                          f"as printed by stage=cache_teacher; build one with: {BUILD.format(dir='<dir>')}")
-    directory = Path(str(teacher_cfg.dir)).expanduser()
+    directory = Path(str(options.directory)).expanduser()
     datamodule.setup("fit")
     covers = coverage(datamodule, len(datamodule.datasets["train"]))
     records = sorted(directory.glob("covers-*.json"))
@@ -281,18 +300,17 @@ def load_cached_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: An
             + "; rebuild it with stage=cache_teacher")
     fix = f"re-run stage=cache_teacher with the same settings and teacher_cache.dir={directory}: it replaces the part"
     store = TeacherOutputStore(directory, None, damaged="error", what="teacher=cached", damaged_fix=fix)
-    wanted = encoding_from(cfg.teacher_cache).identity()
-    if store.encoding.identity() != wanted:
-        differ = [k for k in wanted if store.encoding.identity()[k] != wanted[k]]
+    wanted, stored = options.store.encoding.params(), store.encoding.params()
+    if stored != wanted:
+        differ = [k for k in wanted if stored[k] != wanted[k]]
         raise ValueError(f"teacher=cached: cache {directory} was built with " + ", ".join(
-            f"teacher_cache.{'method' if k == 'name' else k}={store.encoding.identity()[k]!r}" for k in differ)
+            f"teacher_cache.{k}={stored[k]!r}" for k in differ)
             + " but this run has " + ", ".join(f"{wanted[k]!r}" for k in differ)
             + "; pass the same teacher_cache.* settings or rebuild it with stage=cache_teacher")
-    sparse = "sparse_kl" == str(cfg.loss.name)
-    tail = str(cfg.teacher_cache.get("tail") or "uniform")
-    log.info("Reading teacher targets (%s%s) from %s", store.encoding.identity(),
-             f", tail={tail}" if sparse and store.encoding.name == "topk" else "", directory)
+    tail = str(options.tail or "uniform")
+    log.info("Reading teacher targets (%s%s) from %s", store.encoding,
+             f", tail={tail}" if sparse and store.encoding.encoding == "topk" else "", directory)
     return CachedTeacher(store, sparse, tail)
 
 
-__all__ = ["CachedTeacher", "Encoding", "cache_teacher_targets", "coverage", "load_cached_teacher"]
+__all__ = ["CachedTeacher", "Encoding", "TeacherCacheOptions", "cache_teacher_targets", "coverage", "load_cached_teacher"]

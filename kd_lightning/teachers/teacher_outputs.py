@@ -40,10 +40,9 @@ from transformers.modeling_outputs import CausalLMOutput
 from typing_extensions import override
 
 from kd_lightning.infra.distributed import all_reduce_sums, is_distributed
-from kd_lightning.models import output_size
 from kd_lightning.infra.sharding import is_fsdp
-from kd_lightning.teachers.encodings import Encoding
-from kd_lightning.teachers.store import TeacherOutputStore, row_keys, store_directory, store_identity, weights_hash
+from kd_lightning.teachers.identity import StoreOptions, teacher_store_location
+from kd_lightning.teachers.store import TeacherOutputStore, row_keys
 
 log = logging.getLogger("kd_lightning")
 
@@ -96,23 +95,22 @@ class MemoizedTeacher(nn.Module):
 
 @dataclass(frozen=True)
 class TeacherOutputOptions:
-    """`teacher_outputs:` of the config, typed (see conf/train.yaml for each key's meaning)."""
+    """`teacher_outputs:` of the config, typed (see conf/train.yaml for each key's meaning); `store`
+    holds the root (`dir`, or <paths.cache_dir>/teacher_outputs), the encoding, precision and
+    accelerator."""
 
     reuse: bool = False
-    root: str = "~/.cache/kd_lightning/teacher_outputs"  # `dir`, or <paths.cache_dir>/teacher_outputs
-    encoding: Encoding = Encoding()
+    store: StoreOptions = StoreOptions()
     flush_rows: int = 1024
     max_gb: float = 20.0
 
 
 @dataclass(frozen=True)
 class RunContext:
-    """What else decides whether and where a run's teacher outputs can be stored."""
+    """What else decides whether a run's teacher outputs can be stored."""
 
     task: str
     chunked: bool  # `loss.chunk_size` is set: the chunked path reads hidden states, not logits
-    precision: str  # trainer precision and accelerator change the teacher's numbers
-    accelerator: str
 
 
 def why_not_reusable(context: RunContext, teacher: nn.Module, callbacks: list[Any]) -> str | None:
@@ -145,13 +143,11 @@ def memoize_teachers(opts: TeacherOutputOptions, teachers: dict[str, nn.Module],
         if reason:
             log.info("teacher_outputs.reuse: teacher '%s' runs every step: %s", name, reason)
             continue
-        identity = store_identity(weights=weights_hash(teacher), model_config=model_configs.get(name),
-                                  precision=context.precision, accelerator=context.accelerator,
-                                  vocab_size=output_size(teacher), encoding=opts.encoding)
-        store = TeacherOutputStore(store_directory(opts.root, name, identity), identity, flush_rows=opts.flush_rows,
+        directory, identity = teacher_store_location(opts.store, name, teacher, model_configs.get(name))
+        store = TeacherOutputStore(directory, identity, flush_rows=opts.flush_rows,
                                    max_gb=opts.max_gb, what="teacher_outputs")
-        directory = store.directory
-        log.info("teacher_outputs.reuse: teacher '%s' outputs stored at %s (%d rows there)", name, directory, len(store))
+        log.info("teacher_outputs.reuse: teacher '%s' outputs stored at %s (%d rows there)", name, store.directory,
+                 len(store))
         out[name] = MemoizedTeacher(teacher, store)
     return out
 
