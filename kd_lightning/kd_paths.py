@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.lean import chunked_token_ce, hidden_and_head
+from kd_lightning.lean import check_linear_head, hidden_and_head
 from kd_lightning.losses.align import VocabMap
-from kd_lightning.losses.chunked import chunked_distill_loss
+from kd_lightning.losses.chunked import chunked_kd_terms
 from kd_lightning.losses.common import all_finite
 from kd_lightning.losses.cross_vocab import cross_token_targets
-from kd_lightning.losses.fast import KDTerms, fast_chunked_kd_terms, fast_kd_terms, fast_sparse_kd_terms, supports_fast
+from kd_lightning.losses.fast import KDTerms, fast_kd_terms, fast_sparse_kd_terms, supports_fast
 from kd_lightning.losses.sparse import SparseTargets
 from kd_lightning.infra.sharding import is_fsdp, reshard_frozen
 
@@ -184,8 +184,9 @@ class DenseKD:
 
 
 class ChunkedKD:
-    """`loss.chunk_size`: one teacher, both heads applied chunk by chunk to the counted hidden states;
-    the CE is recomputed per chunk in backward (activation checkpointing)."""
+    """`loss.chunk_size`: one teacher, both heads applied chunk by chunk to the counted hidden states
+    (`kd_lightning.losses.chunked.chunked_kd_terms`: KD, CE and statistics from one head matmul per
+    chunk and model, gradients in closed form)."""
 
     def __init__(self, chunk_size: int) -> None:
         if chunk_size < 1:
@@ -195,6 +196,8 @@ class ChunkedKD:
     def check(self, module: DistillationModule) -> None:
         if len(module.teachers) != 1 or module.teacher_weight_fn is not None:
             raise ValueError("loss.chunk_size supports exactly one teacher without a weighting callback")
+        for model in (module.student, *module.teachers.values()):
+            check_linear_head(model)
 
     def __call__(self, module: DistillationModule, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> StepTerms:
         self.check(module)
@@ -209,19 +212,9 @@ class ChunkedKD:
                 t_weight, t_bias = t_weight.detach().clone(), None if t_bias is None else t_bias.detach().clone()
         reshard_frozen(teacher)
         assert module.loss_fn is not None
-        if supports_fast(module.loss_fn):  # one head matmul per chunk and model: KD, CE and statistics together
-            terms = fast_chunked_kd_terms(bound_loss(module), rows, head.weight, head.bias, t_rows, t_weight, t_bias,
-                                          targets, temperature=module.kd_temperature, ce=wants_ce(module),
-                                          chunk_size=self.chunk_size)
-            return fast_step_terms(terms, mask.sum(), module.teacher_weights.to(rows.device), [name])
-        token_ce = chunked_token_ce(rows, head.weight, head.bias, targets, self.chunk_size)
-        with torch.no_grad():
-            teacher_token_ce = chunked_token_ce(t_rows, t_weight, t_bias, targets, self.chunk_size).unsqueeze(0)
-        kd = chunked_distill_loss(rows, head.weight, t_rows, t_weight, None, module.loss_fn,
-                                  chunk_size=self.chunk_size, temperature=module.kd_temperature,
-                                  student_head_bias=head.bias, teacher_head_bias=t_bias, **module.loss_params)
-        ce_sum = token_ce.sum() if wants_ce(module) else None
-        return StepTerms(ce_sum, token_ce.detach(), kd, teacher_token_ce, module.teacher_weights.to(kd.device), [name])
+        terms = chunked_kd_terms(bound_loss(module), rows, head.weight, head.bias, t_rows, t_weight, t_bias, targets,
+                                 temperature=module.kd_temperature, ce=wants_ce(module), chunk_size=self.chunk_size)
+        return fast_step_terms(terms, mask.sum(), module.teacher_weights.to(rows.device), [name])
 
 
 class SparseKD:
