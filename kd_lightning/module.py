@@ -28,7 +28,7 @@ from kd_lightning.interface import TeacherWeightFn
 from kd_lightning.kd_paths import choose_path, teacher_side
 from kd_lightning.losses.align import VocabMap
 from kd_lightning.infra.sharding import ShardedDataParallel, shard_distillation
-from kd_lightning.step import StepInputs, StepTerms, bind_loss, teacher_logits
+from kd_lightning.step import StepInputs, StepTerms, bind_loss, step_statistics, teacher_logits
 from kd_lightning.tasks import task_of_model
 
 LossFn = Callable[..., Tensor]
@@ -202,20 +202,14 @@ class DistillationModule(LightningModule):
 
     def record(self, terms: StepTerms, ce: Tensor, count: Tensor) -> None:
         """Detached statistics for the callbacks (`last_step`, see `kd_lightning.interface`) and logs."""
-        stats: dict[str, Tensor] = {"student_ce": ce.detach(), "token_count": count.detach(),
-                                    "student_token_ce": terms.student_token_ce.detach()}
+        self.last_step = step_statistics(terms, ce, count)
         if terms.kd is not None:
-            stats.update(kd_loss=terms.kd.detach(), teacher_weights=terms.teacher_weights)
             self.log("train/kd_loss", terms.kd, prog_bar=True)
             if len(terms.teacher_names) > 1:
                 for name, w in zip(terms.teacher_names, terms.teacher_weights):
                     self.log(f"train/teacher_weight/{name}", w)
-        if terms.teacher_token_ce is not None:
-            stats.update(teacher_token_ce=terms.teacher_token_ce,
-                         teacher_ce=terms.teacher_token_ce.mean(-1) if count > 0 else terms.teacher_token_ce.sum(-1))
         for key, value in (terms.logs or {}).items():
             self.log(f"train/{key}", value)
-        self.last_step = stats
         self.log("train/ce_loss", ce, prog_bar=not self.teachers)
         self.log("train/temperature", self.kd_temperature)
 

@@ -69,6 +69,19 @@ class StepInputs:
         return teacher_logits(self.task, self.teachers, self.batch if batch is None else batch)
 
 
+def step_statistics(terms: StepTerms, ce: Tensor, count: Tensor) -> dict[str, Tensor]:
+    """The module's `last_step` (see `kd_lightning.interface`): detached statistics of the batch,
+    `ce` its student token-mean CE and `count` its counted tokens."""
+    stats: dict[str, Tensor] = {"student_ce": ce.detach(), "token_count": count.detach(),
+                                "student_token_ce": terms.student_token_ce.detach()}
+    if terms.kd is not None:
+        stats.update(kd_loss=terms.kd.detach(), teacher_weights=terms.teacher_weights)
+    if terms.teacher_token_ce is not None:
+        stats.update(teacher_token_ce=terms.teacher_token_ce,
+                     teacher_ce=terms.teacher_token_ce.mean(-1) if count > 0 else terms.teacher_token_ce.sum(-1))
+    return stats
+
+
 def bind_loss(loss_fn: LossFn | None, loss_params: Mapping[str, Any]) -> LossFn | None:
     """The loss with the parameters callbacks set this step (`loss_params`)."""
     return functools.partial(loss_fn, **loss_params) if loss_fn is not None and loss_params else loss_fn
