@@ -13,7 +13,7 @@ medians; peak RSS delta = peak RSS of the arm's process minus its RSS after buil
   (a) fast:      student forward -> logits -> counted rows selected once (student and teacher,
                  one index_select of the flattened logits each)
                  -> `fast_kd_terms` (ce=False, token CE statistics on) -> backward -> AdamW step
-  (b) chunked:   hidden states -> counted rows -> `fast_chunked_kd_terms` (lm_head fused,
+  (b) chunked:   hidden states -> counted rows -> `chunked_kd_terms` (lm_head fused,
                  --chunk-size rows per head matmul) -> backward -> AdamW step
   (c) reference: today's path: `forward_kl(student, teacher, mask)` + the token CE graph
                  (F.cross_entropy on the counted rows, weight 0), backward, AdamW step
@@ -74,7 +74,7 @@ def build(vocab: int, batch: int, seq: int):
 
 
 def make_step(arm: str, teacher, student, inputs, chunk_size: int):
-    from kd_lightning.losses import fast_chunked_kd_terms, fast_kd_terms, forward_kl
+    from kd_lightning.losses import chunked_kd_terms, fast_kd_terms, forward_kl
 
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     ids, attn, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
@@ -104,7 +104,7 @@ def make_step(arm: str, teacher, student, inputs, chunk_size: int):
     def loss_chunked():
         teacher_rows = teacher_out(hidden_only=True)[:, :-1][mask]
         rows = student.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1][mask]
-        terms = fast_chunked_kd_terms(forward_kl, rows, student.lm_head.weight, None, teacher_rows,
+        terms = chunked_kd_terms(forward_kl, rows, student.lm_head.weight, None, teacher_rows,
                                       teacher.lm_head.weight, None, targets, temperature=1.0, chunk_size=chunk_size)
         return terms.kd_sum / count
 

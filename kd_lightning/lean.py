@@ -1,23 +1,19 @@
-"""The memory-lean training step for causal LMs (`loss.chunk_size` set): the KD term and the CE
-term are computed from final hidden states and the LM head chunk by chunk, so full `[tokens, V]`
-logits never exist for either model.
+"""A causal LM's final hidden states and linear output head, for the chunked LM head
+(`loss.chunk_size`, `kd_lightning.losses.chunked`): full `[tokens, V]` logits are never built.
 
 Assumes `logits = lm_head(last_hidden_state)` (Llama, Mistral, Mixtral, Qwen2/Qwen2-MoE, OLMoE, GPT-2
-...); models that rescale or soft-cap logits after the head are refused.
+...); `check_linear_head` refuses models that rescale or soft-cap logits after the head.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from kd_lightning.infra.sharding import is_fsdp
 
 
-def hidden_and_head(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, nn.Module]:
-    """Final hidden states [B, L, H] (before the head) and the output head of a causal LM."""
+def check_linear_head(model: nn.Module) -> None:
+    """Refuse, naming the model, a causal LM whose logits are not `lm_head(last_hidden_state)`."""
     config = getattr(model, "config", None)
     for key in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
         if getattr(config, key, None) not in (None, 1, 1.0):
@@ -26,6 +22,12 @@ def hidden_and_head(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor,
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise ValueError(f"loss.chunk_size needs a linear LM head, {type(model).__name__} has {type(head).__name__}")
+
+
+def hidden_and_head(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, nn.Linear]:
+    """Final hidden states [B, L, H] (before the head) and the output head of a causal LM (checked
+    once by `check_linear_head`)."""
+    head = model.get_output_embeddings()
     if is_fsdp(model):
         return _hidden_through_root(model, batch), head
     outputs = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
@@ -53,20 +55,3 @@ def _hidden_through_root(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
     finally:
         handle.remove()
     return captured[-1]
-
-
-def _chunk_ce(rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
-    return F.cross_entropy(F.linear(rows, weight, bias).float(), targets, reduction="none")
-
-
-def chunked_token_ce(rows: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_size: int) -> Tensor:
-    """Per-token CE [M] of counted rows [M, H] under the head `rows @ weight.T + bias`; each chunk's
-    logits are recomputed in backward (activation checkpointing) instead of being kept."""
-    pieces = []
-    for start in range(0, rows.shape[0], chunk_size):
-        chunk = slice(start, start + chunk_size)
-        if torch.is_grad_enabled() and rows.requires_grad:
-            pieces.append(checkpoint(_chunk_ce, rows[chunk], weight, bias, targets[chunk], use_reentrant=False))
-        else:
-            pieces.append(_chunk_ce(rows[chunk], weight, bias, targets[chunk]))
-    return torch.cat(pieces) if pieces else rows.new_zeros(0)

@@ -25,9 +25,10 @@ from typing_extensions import override
 
 from kd_lightning.data.step_tokens import STEP_TOKENS_KEY, token_share
 from kd_lightning.interface import TeacherWeightFn
-from kd_lightning.kd_paths import StepTerms, choose_path, loss_keywords, teacher_side
+from kd_lightning.kd_paths import choose_path, teacher_side
 from kd_lightning.losses.align import VocabMap
-from kd_lightning.infra.sharding import ShardedDataParallel, reshard_frozen, shard_distillation
+from kd_lightning.infra.sharding import ShardedDataParallel, shard_distillation
+from kd_lightning.step import StepInputs, StepTerms, bind_loss, step_statistics, teacher_logits
 from kd_lightning.tasks import task_of_model
 
 LossFn = Callable[..., Tensor]
@@ -88,14 +89,8 @@ class DistillationModule(LightningModule):
         vocab_map: VocabMap | None = None,
     ) -> None:
         super().__init__()
-        if teacher_tokenization not in ("shared", "own"):
-            raise ValueError(f"teacher_tokenization must be 'shared' or 'own', got {teacher_tokenization!r}")
         self.teacher_tokenization = teacher_tokenization
-        if nonfinite_teacher not in ("error", "skip"):
-            raise ValueError(f"nonfinite_teacher must be 'error' or 'skip', got {nonfinite_teacher!r}")
         self.nonfinite_teacher = nonfinite_teacher
-        if teacher_combine not in ("mixture", "losses"):
-            raise ValueError(f"teacher_combine must be 'mixture' or 'losses', got {teacher_combine!r}")
         if kd_temperature <= 0:
             raise ValueError(f"kd_temperature must be > 0, got {kd_temperature}")
         self.student = student
@@ -125,9 +120,7 @@ class DistillationModule(LightningModule):
         self.adapter = task_of_model(student)
         self.task = self.adapter.name
         # How a step gets its KD term: decided once, here.
-        if self.teachers and teacher_tokenization == "own":
-            own_tokens_check(loss_fn, len(self.teachers), self.sparse_teacher_name, chunk_size)
-        self.kd_path = choose_path(has_teachers=bool(self.teachers), sparse=self.sparse_teacher_name is not None,
+        self.kd_path = choose_path(loss_fn=loss_fn, num_teachers=len(self.teachers), sparse=self.sparse_teacher_name,
                                    chunk_size=chunk_size, causal_lm=self.task == "causal_lm",
                                    combine=teacher_combine, nonfinite=nonfinite_teacher,
                                    teacher_tokenization=teacher_tokenization, vocab_map=vocab_map)
@@ -167,27 +160,10 @@ class DistillationModule(LightningModule):
     def student_logits(self, batch: dict[str, Tensor]) -> Tensor:
         return self.adapter.logits(self.student, batch)
 
-    @torch.no_grad()
     def teacher_logits(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Logits of every teacher. A stochastic teacher with `num_samples = M > 1` (e.g. MoE
-        knowledge augmentation) is run M times and contributes M entries `name/sample<r>`, each
-        with 1/M of the teacher's weight."""
-        out: dict[str, Tensor] = {}
-        for name, teacher in self.teachers.items():
-            draws = int(getattr(teacher, "num_samples", 1))
-            for r in range(draws):
-                out[name if draws == 1 else f"{name}/sample{r}"] = self.adapter.logits(teacher, batch)
-            reshard_frozen(teacher)
-        return out
-
-    def expand_teacher_weights(self, weights: Tensor) -> Tensor:
-        """Per-teacher weights [..., K] -> per-entry weights of `teacher_logits` (samples split a
-        teacher's weight equally)."""
-        draws = [int(getattr(t, "num_samples", 1)) for t in self.teachers.values()]
-        if all(d == 1 for d in draws):
-            return weights
-        repeats = torch.tensor(draws, device=weights.device)
-        return torch.repeat_interleave(weights / repeats.to(weights.dtype), repeats, dim=-1)
+        """Logits of every teacher, no grad (`kd_lightning.step.teacher_logits`: a stochastic teacher
+        with `num_samples = M > 1` contributes M entries `name/sample<r>`)."""
+        return teacher_logits(self.adapter, self.teachers, batch)
 
     def align(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Logits at position t predict token t+1 in a causal LM; classifiers are already aligned."""
@@ -204,7 +180,7 @@ class DistillationModule(LightningModule):
         count = mask.sum()
         if count == 0:
             warnings.warn(f"step {self.global_step}: every label is masked; loss is 0 for this batch")
-        terms = self.kd_path(self, batch, labels, mask)
+        terms = self.kd_path(self.step_inputs(batch, labels, mask))
         if terms is None:  # skipped (non-finite teacher logits, distill.nonfinite_teacher=skip)
             return None
         ce = (terms.student_token_ce.sum() if terms.ce_sum is None else terms.ce_sum) / count.clamp_min(1)
@@ -218,22 +194,29 @@ class DistillationModule(LightningModule):
         self.log("train/step_tokens", step_tokens.float(), reduce_fx="max")
         return loss * token_share(count, step_tokens, self.trainer.world_size, self.trainer.accumulate_grad_batches)
 
+    def step_inputs(self, batch: dict[str, Tensor], labels: Tensor, mask: Tensor) -> StepInputs:
+        """This step's batch and current settings (what the callbacks set), as the KD path reads them."""
+        return StepInputs(batch, labels, mask, self.adapter, self.student, self.teachers,
+                          bind_loss(self.loss_fn, self.loss_params), self.kd_temperature, self.ce_weight != 0,
+                          self.teacher_weights, self.teacher_weight_fn, self.global_step)
+
     def record(self, terms: StepTerms, ce: Tensor, count: Tensor) -> None:
         """Detached statistics for the callbacks (`last_step`, see `kd_lightning.interface`) and logs."""
-        stats: dict[str, Tensor] = {"student_ce": ce.detach(), "token_count": count.detach(),
-                                    "student_token_ce": terms.student_token_ce.detach()}
+        self.last_step = step_statistics(terms, ce, count)
         if terms.kd is not None:
-            stats.update(kd_loss=terms.kd.detach(), teacher_weights=terms.teacher_weights)
             self.log("train/kd_loss", terms.kd, prog_bar=True)
             if len(terms.teacher_names) > 1:
                 for name, w in zip(terms.teacher_names, terms.teacher_weights):
                     self.log(f"train/teacher_weight/{name}", w)
-        if terms.teacher_token_ce is not None:
-            stats.update(teacher_token_ce=terms.teacher_token_ce,
-                         teacher_ce=terms.teacher_token_ce.mean(-1) if count > 0 else terms.teacher_token_ce.sum(-1))
-        self.last_step = stats
+        for key, value in (terms.logs or {}).items():
+            self.log(f"train/{key}", value)
         self.log("train/ce_loss", ce, prog_bar=not self.teachers)
         self.log("train/temperature", self.kd_temperature)
+
+    @override
+    def setup(self, stage: str) -> None:
+        # After the callbacks' setup, which attach a weighting function (`teacher_weight_fn`).
+        self.kd_path.check(self.student, self.teachers, weighted=self.teacher_weight_fn is not None)
 
     @override
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
@@ -335,16 +318,3 @@ class DistillationModule(LightningModule):
         for key, value in self.state_dict().items():
             if key.startswith("teachers.") and key not in state:
                 state[key] = value
-
-
-def own_tokens_check(loss_fn: LossFn | None, num_teachers: int, sparse_teacher: str | None, chunk_size: int | None) -> None:
-    """`teacher_tokenization="own"` needs one teacher model, a loss that compares two tokenizations
-    and the unchunked path; fail at construction naming what to change."""
-    if num_teachers != 1 or sparse_teacher is not None:
-        raise ValueError("a teacher with its own tokenization must be the only teacher, and a model (not teacher=cached)")
-    if loss_fn is None or "targets" not in loss_keywords(loss_fn):
-        raise ValueError("the teacher reads its own tokenization (dual batches): use a cross-tokenizer loss, "
-                         "loss=uld or loss=span_kl")
-    if chunk_size:
-        raise ValueError(f"loss.chunk_size={chunk_size}: the chunked path cannot align two tokenizations; "
-                         "set loss.chunk_size=null")

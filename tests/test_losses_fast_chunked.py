@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_lightning import losses
-from kd_lightning.losses import SparseTargets, fast_chunked_kd_terms, fast_sparse_kd_terms, sample_targets, topk_targets
+from kd_lightning.losses import SparseTargets, chunked_kd_terms, fast_sparse_kd_terms, sample_targets, topk_targets
 
 
 def heads(vocab: int, rows: int = 21, hidden: int = 8, teacher_hidden: int = 12, bias: bool = True, seed: int = 0):
@@ -47,7 +47,7 @@ def test_fused_matches_reference_values_and_gradients(name, params, T, bias):
     x, w, b, xt, wt, bt, targets, weight = heads(32000 if name == "forward_kl" and bias else 259, bias=bias)
     kd_ref, ce_ref, grads_ref, teacher_ce = reference(fn, x, w, b, xt, wt, bt, targets, weight, T, 0.6, 0.3)
     leaves = [p.float().clone().requires_grad_() for p in (x, w) + ((b,) if bias else ())]
-    terms = fast_chunked_kd_terms(fn, leaves[0], leaves[1], leaves[2] if bias else None, xt.float(), wt.float(),
+    terms = chunked_kd_terms(fn, leaves[0], leaves[1], leaves[2] if bias else None, xt.float(), wt.float(),
                                   None if bt is None else bt.float(), targets, temperature=T,
                                   token_weight=weight.float(), ce=True, chunk_size=4)
     grads = torch.autograd.grad(0.6 * terms.kd_sum + 0.3 * terms.ce_sum, leaves)
@@ -61,18 +61,18 @@ def test_fused_matches_reference_values_and_gradients(name, params, T, bias):
 def test_fused_without_ce_no_grad_and_empty_rows():
     x, w, b, xt, wt, bt, targets, _ = heads(259)
     args = (x.float(), w.float().requires_grad_(), b.float(), xt.float(), wt.float(), bt.float(), targets)
-    terms = fast_chunked_kd_terms(losses.forward_kl, *args, temperature=1.0, chunk_size=5)
+    terms = chunked_kd_terms(losses.forward_kl, *args, temperature=1.0, chunk_size=5)
     assert terms.ce_sum is None
     (grad_w,) = torch.autograd.grad(terms.kd_sum, args[1])
     dense = losses.forward_kl(x.float() @ args[1].T + b.float(), xt.float() @ wt.float().T + bt.float(), reduction="sum")
     torch.testing.assert_close(grad_w, torch.autograd.grad(dense, args[1])[0], rtol=1e-4, atol=1e-6)
     with torch.no_grad():
-        quiet = fast_chunked_kd_terms(losses.forward_kl, *args, temperature=1.0, ce=True, chunk_size=5)
+        quiet = chunked_kd_terms(losses.forward_kl, *args, temperature=1.0, ce=True, chunk_size=5)
     assert quiet.kd_sum.grad_fn is None
     torch.testing.assert_close(quiet.kd_sum, terms.kd_sum.detach())
     empty = [a[:0] if i in (0, 3, 6) else a for i, a in enumerate(args)]
     empty[0] = empty[0].requires_grad_()
-    zero = fast_chunked_kd_terms(losses.forward_kl, *empty, temperature=2.0, ce=True, chunk_size=5)
+    zero = chunked_kd_terms(losses.forward_kl, *empty, temperature=2.0, ce=True, chunk_size=5)
     (zero.kd_sum + zero.ce_sum).backward()
     assert zero.kd_sum.item() == 0.0 and zero.ce_sum.item() == 0.0 and empty[0].grad.shape == (0, 8)
 
@@ -80,7 +80,7 @@ def test_fused_without_ce_no_grad_and_empty_rows():
 def test_fused_half_precision_head_accumulates_in_float32():
     x, w, b, xt, wt, bt, targets, _ = heads(512, bias=False)
     leaves = [x.bfloat16().requires_grad_(), w.bfloat16().requires_grad_()]
-    terms = fast_chunked_kd_terms(losses.forward_kl, leaves[0], leaves[1], None, xt.bfloat16(), wt.bfloat16(), None,
+    terms = chunked_kd_terms(losses.forward_kl, leaves[0], leaves[1], None, xt.bfloat16(), wt.bfloat16(), None,
                                   targets, temperature=1.0, ce=True, chunk_size=8)
     (terms.kd_sum + terms.ce_sum).backward()
     assert leaves[1].grad.dtype == torch.bfloat16 and terms.kd_sum.dtype == torch.float32

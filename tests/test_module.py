@@ -270,7 +270,7 @@ def test_ce_weight_zero_builds_no_ce_graph_and_keeps_the_statistics() -> None:
     batch = lm_batch()
     labels = module.adapter.labels(batch)
     mask = module.adapter.mask(labels)
-    terms = module.kd_path(module, batch, labels, mask)
+    terms = module.kd_path(module.step_inputs(batch, labels, mask))
     assert terms.ce_sum is None and not terms.student_token_ce.requires_grad
     want = F.cross_entropy(module.student_logits(batch)[:, :-1][mask].float(), labels[mask], reduction="none")
     assert torch.allclose(terms.student_token_ce, want.detach(), rtol=1e-5, atol=1e-6)

@@ -16,7 +16,7 @@ Token-level divergence contract::
 """
 
 from kd_lightning.losses.adaptive import adaptive_kl, taid
-from kd_lightning.losses.chunked import chunked_distill_loss
+from kd_lightning.losses.chunked import chunked_distill_loss, chunked_kd_terms
 from kd_lightning.losses.common import log_probs, masked_mean
 from kd_lightning.losses.cross_vocab import CrossTokenTargets, cross_token_targets, span_kl, uld, uld_index_aligned
 from kd_lightning.losses.divergences import (
@@ -28,20 +28,20 @@ from kd_lightning.losses.divergences import (
     skew_reverse_kl,
     total_variation,
 )
-from kd_lightning.losses.fast import KDTerms, fast_chunked_kd_terms, fast_kd_terms, fast_sparse_kd_terms, supports_fast
+from kd_lightning.losses.fast import KDTerms, fast_kd_terms, fast_sparse_kd_terms, supports_fast
 from kd_lightning.losses.features import hint_mse, make_projection, rkd_angle, rkd_distance
 from kd_lightning.losses.sparse import SparseTargets, online_sparse_kl, sample_targets, sparse_kl, topk_targets
 
 __all__ = [
     "CrossTokenTargets",
     "KDTerms",
-    "fast_chunked_kd_terms",
     "fast_kd_terms",
     "fast_sparse_kd_terms",
     "supports_fast",
     "SparseTargets",
     "adaptive_kl",
     "chunked_distill_loss",
+    "chunked_kd_terms",
     "cross_token_targets",
     "forward_kl",
     "generalized_jsd",

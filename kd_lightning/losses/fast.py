@@ -13,10 +13,6 @@ API (rows are the counted positions, already selected by the caller; sums, not m
     supports_fast(loss_fn) -> bool
     fast_kd_terms(loss_fn, student_logits [M, V], teacher_logits [M, V], targets [M] | None, *,
                   temperature, token_weight [M] | None = None, ce=False, chunk_tokens=None) -> KDTerms
-    fast_chunked_kd_terms(loss_fn, student_rows [M, H], head_weight [V, H], head_bias | None,
-                          teacher_rows [M, H2], teacher_head_weight [V, H2], teacher_head_bias | None,
-                          targets [M] | None, *, temperature, token_weight=None, ce=False,
-                          chunk_size) -> KDTerms
     fast_sparse_kd_terms(student_logits [M, V], targets: SparseTargets [M, k], labels [M] | None, *,
                          temperature, token_weight=None, ce=False, value_form="kl",
                          chunk_tokens=None, tail="bucket") -> KDTerms
@@ -32,7 +28,8 @@ value_form="ce" and strict) and sparse_kl (:func:`fast_sparse_kd_terms`). Withou
 ``online_sparse_kl`` (draws random sparse targets inside the loss: build them with
 ``sample_targets``/``topk_targets`` and call :func:`fast_sparse_kd_terms`) and ``uld``
 (cross-vocabulary, sorted probabilities: no per-row closed form over a shared vocabulary).
-Each result supports one backward pass (gradients are computed in forward and handed over; backward
+The same kernels, fed from hidden states and the LM head chunk by chunk, are
+:func:`~kd_lightning.losses.chunked.chunked_kd_terms`. Each result supports one backward pass (gradients are computed in forward and handed over; backward
 only rescales them, plus the CE softmax when ``ce``). Under ``torch.no_grad()`` no gradient work is
 done. Half-precision inputs are computed in float32; gradients come back in the input dtype.
 """
@@ -51,64 +48,19 @@ from kd_lightning.losses.fast_common import (
     check_rows,
     chunk_rows,
     dense_kernel,
+    finish_terms,
+    handover,
     resolve,
+    rows_pass,
     sparse_kernel,
     sparse_tail_terms,
-    student_stats,
+    stats_buffers,
     supports_fast,
     weighted_sum,
 )
 from kd_lightning.losses.sparse import SparseTargets, check_tail_mode
 
-__all__ = ["KDTerms", "fast_chunked_kd_terms", "fast_kd_terms", "fast_sparse_kd_terms", "supports_fast"]
-
-
-def _take(teacher: Any, rows: slice) -> Any:
-    return tuple(part[rows] for part in teacher) if isinstance(teacher, tuple) else teacher[rows]
-
-
-def _outputs(count: int, has_targets: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Token-CE buffers (student, teacher) and the student logsumexp at T=1, empty without targets."""
-    s_ce = torch.empty(count if has_targets else 0, dtype=torch.float32, device=device)
-    return s_ce, torch.empty_like(s_ce), (torch.empty_like(s_ce) if has_targets else None)
-
-
-def _rows_pass(z: Tensor, teacher: Any, targets: Tensor | None, weight: Tensor | None, run: Callable[..., Any],
-               temperature: float, chunk: int, grad: Tensor | None, stats: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
-    """Σ w·D over rows ``z [n, V]`` in chunks of ``chunk`` rows; writes ``w·∂D/∂z`` into ``grad [n, V]``
-    (when given) and the token statistics into ``stats = (student CE, teacher CE, student lse)``."""
-    s_ce, t_ce, lse = stats
-    kd = torch.zeros((), dtype=torch.float32, device=z.device)
-    for start in range(0, z.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        zc, tgt = z[rows], (None if targets is None else targets[rows])
-        lq = log_probs(zc, temperature)
-        if tgt is not None:
-            s_ce[rows], lse[rows] = student_stats(zc, lq, tgt, temperature)
-        values, grad_s, teacher_ce = run(lq, _take(teacher, rows), tgt, grad is not None)
-        w = None if weight is None else weight[rows].float()
-        kd += weighted_sum(values, w)
-        if teacher_ce is not None:
-            t_ce[rows] = teacher_ce
-        if grad_s is not None:
-            # One write into the gradient buffer: the scaling goes straight to its destination.
-            torch.mul(grad_s, 1.0 / temperature if w is None else w.unsqueeze(1) / temperature, out=grad[rows])
-    return kd
-
-
-def _finish(ctx: Any, kd: Tensor, stats: tuple[Tensor, Tensor, Tensor | None], ce: bool) -> tuple[Tensor, ...]:
-    """The Functions' outputs: (kd_sum, ce_sum, teacher token CE, student token CE); CE stats detached."""
-    s_ce, t_ce, _ = stats
-    ctx.mark_non_differentiable(t_ce, s_ce)
-    return kd, (s_ce.sum() if ce else kd.new_zeros(())), t_ce, s_ce
-
-
-def _handover(ctx: Any) -> Any:
-    """The gradients stored by forward, taken once: they are rescaled in place by backward."""
-    state, ctx.state = ctx.state, None
-    if state is None:
-        raise RuntimeError("fast KD terms support one backward pass per forward; recompute them to backpropagate again")
-    return state
+__all__ = ["KDTerms", "fast_kd_terms", "fast_sparse_kd_terms", "supports_fast"]
 
 
 class _FastKD(torch.autograd.Function):
@@ -119,14 +71,14 @@ class _FastKD(torch.autograd.Function):
                 run: Callable[..., Any], temperature: float, ce: bool, chunk: int, want_grad: bool
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         grad = torch.empty_like(student) if want_grad else None
-        stats = _outputs(student.shape[0], targets is not None, student.device)
-        kd = _rows_pass(student, teacher, targets, weight, run, temperature, chunk, grad, stats)
+        stats = stats_buffers(student.shape[0], targets is not None, student.device)
+        kd = rows_pass(student, teacher, targets, weight, run, temperature, chunk, grad, stats)
         ctx.state = (grad, student if ce and want_grad else None, stats[2], targets, chunk)
-        return _finish(ctx, kd, stats, ce)
+        return finish_terms(ctx, kd, stats, ce)
 
     @staticmethod
     def backward(ctx: Any, g_kd: Tensor, g_ce: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        grad, student, lse, targets, chunk = _handover(ctx)
+        grad, student, lse, targets, chunk = handover(ctx)
         if grad is None:
             return (None,) * 9
         grad.mul_(g_kd)  # ours alone: rescaled in place and handed over
@@ -261,7 +213,7 @@ class _SparseCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, g_kd: Tensor, g_ce: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        q, picked_q, keep_w, w_row, row_tail, indices, labels, weight, mode, dtype = _handover(ctx)
+        q, picked_q, keep_w, w_row, row_tail, indices, labels, weight, mode, dtype = handover(ctx)
         c = g_kd.float().expand(q.shape[0]) if weight is None else g_kd.float() * weight.float()
         g_ce = g_ce.float() * (labels >= 0).float()  # per row: rows without a label have no CE
         on_s = (c * w_row + g_ce).unsqueeze(1)  # the row factor of q on the listed ids
@@ -275,107 +227,3 @@ class _SparseCE(torch.autograd.Function):
         grad.scatter_(1, indices, picked_q * on_s).scatter_add_(1, indices, keep_w * c.unsqueeze(1).neg())
         grad.scatter_add_(1, labels.clamp_min(0).unsqueeze(1), g_ce.neg().unsqueeze(1))
         return (grad.to(dtype),) + (None,) * 8
-
-
-def _head(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return torch.addmm(bias, x, weight.T) if bias is not None else x @ weight.T
-
-
-class _FusedKD(torch.autograd.Function):
-    """(rows, head W, b) -> same outputs as :class:`_FastKD`; logits exist only chunk by chunk."""
-
-    @staticmethod
-    def forward(ctx: Any, rows: Tensor, weight: Tensor, bias: Tensor | None, teacher_rows: Tensor, teacher_weight: Tensor,
-                teacher_bias: Tensor | None, targets: Tensor | None, token_weight: Tensor | None,
-                run: Callable[..., Any], temperature: float, ce: bool, chunk: int, needs: tuple[bool, bool, bool]
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        count, acc = rows.shape[0], torch.promote_types(weight.dtype, torch.float32)
-        want_grad = any(needs)
-
-        def buffers() -> list[Tensor | None]:
-            return [torch.empty_like(rows) if needs[0] else None,
-                    torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None,
-                    torch.zeros(bias.shape, dtype=acc, device=bias.device) if needs[2] else None]
-
-        grads = {"kd": buffers(), "ce": buffers() if ce and want_grad else None}
-        kd = torch.zeros((), dtype=torch.float32, device=rows.device)
-        s_ce, t_ce, lse = _outputs(count, targets is not None, rows.device)
-        inner = chunk_rows(weight.shape[0], None)
-        grad_logits = None
-        for start in range(0, count, chunk):
-            span = slice(start, start + chunk)
-            x, tgt = rows[span], (None if targets is None else targets[span])
-            z = _head(x, weight, bias)  # the only student head matmul of this chunk: KD and CE share it
-            teacher = _head(teacher_rows[span], teacher_weight, teacher_bias)
-            if want_grad and (grad_logits is None or grad_logits.shape[0] != z.shape[0]):
-                grad_logits = torch.empty(z.shape, dtype=torch.float32, device=z.device)  # reused across chunks
-            stats = (s_ce[span], t_ce[span], None if lse is None else lse[span])
-            w = None if token_weight is None else token_weight[span]
-            # Cache-sized sub-chunks for the elementwise work; the matmuls see the whole chunk.
-            kd += _rows_pass(z, teacher, tgt, w, run, temperature, inner, grad_logits if want_grad else None, stats)
-            del teacher
-            if want_grad:
-                _chain(grads["kd"], grad_logits, x, weight, span, acc)
-            if grads["ce"] is not None:
-                for sub in range(0, z.shape[0], inner):
-                    part = slice(sub, sub + inner)
-                    grad_logits[part] = ce_grad_chunk(z[part], stats[2][part], tgt[part])
-                _chain(grads["ce"], grad_logits, x, weight, span, acc)
-        ctx.state = (grads, (rows, weight, bias))
-        return _finish(ctx, kd, (s_ce, t_ce, lse), ce)
-
-    @staticmethod
-    def backward(ctx: Any, g_kd: Tensor, g_ce: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
-        grads, likes = _handover(ctx)
-        out = []
-        for i, like in enumerate(likes):
-            kd = grads["kd"][i]
-            if kd is None:
-                out.append(None)
-                continue
-            kd.mul_(g_kd.to(kd.dtype))
-            if grads["ce"] is not None:
-                kd.add_(grads["ce"][i].mul_(g_ce.to(kd.dtype)))
-            out.append(kd.to(like.dtype))
-        return (*out,) + (None,) * 10
-
-
-def _chain(buffers: list[Tensor | None], grad_logits: Tensor, x: Tensor, weight: Tensor, span: slice, acc: torch.dtype) -> None:
-    """The linear head's chain rule, accumulated in place: rows ← G·W, W += Gᵀ·x, b += Σ G."""
-    grad_rows, grad_weight, grad_bias = buffers
-    if grad_rows is not None:
-        grad_rows[span] = grad_logits.to(weight.dtype) @ weight
-    if grad_weight is not None:
-        grad_weight.addmm_(grad_logits.T.to(acc), x.to(acc))
-    if grad_bias is not None:
-        grad_bias += grad_logits.sum(0, dtype=acc)
-
-
-def fast_chunked_kd_terms(loss_fn: Callable[..., Tensor], student_rows: Tensor, head_weight: Tensor, head_bias: Tensor | None,
-                          teacher_rows: Tensor, teacher_head_weight: Tensor, teacher_head_bias: Tensor | None,
-                          targets: Tensor | None, *, temperature: float, token_weight: Tensor | None = None,
-                          ce: bool = False, chunk_size: int) -> KDTerms:
-    """:func:`fast_kd_terms` of ``student_rows @ W.T + b`` vs ``teacher_rows @ W_T.T + b_T``, fused.
-
-    Never holds ``[M, V]``: ``chunk_size`` rows' logits of both heads at a time, one head matmul per
-    chunk and model (KD and CE come from the same chunk logits), and the gradients w.r.t. the rows, W
-    and b are accumulated in closed form during forward (float32 for half heads). The teacher gets no
-    gradient. Peak extra memory is O(chunk_size·V) plus the head-sized gradients (two sets with ``ce``).
-    """
-    run = _resolved(loss_fn, temperature)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if student_rows.dim() != 2 or teacher_rows.shape[:1] != student_rows.shape[:1]:
-        raise ValueError(f"rows must be [M, H] and [M, H2], got {tuple(student_rows.shape)} and {tuple(teacher_rows.shape)}")
-    if teacher_head_weight.shape[0] != head_weight.shape[0]:
-        raise ValueError(f"vocab sizes differ: student head {tuple(head_weight.shape)}, teacher {tuple(teacher_head_weight.shape)}")
-    check_rows(student_rows.shape[0], temperature, ce, targets, token_weight)
-    grad_on = torch.is_grad_enabled()
-    needs = (grad_on and student_rows.requires_grad, grad_on and head_weight.requires_grad,
-             grad_on and head_bias is not None and head_bias.requires_grad)
-    detach = (lambda x: None if x is None else x.detach())
-    kd, ce_sum, t_ce, s_ce = _FusedKD.apply(
-        student_rows, head_weight, head_bias, teacher_rows.detach(), teacher_head_weight.detach(),
-        detach(teacher_head_bias), targets, detach(token_weight), run, temperature, ce, chunk_size, needs)
-    has = targets is not None
-    return KDTerms(kd, ce_sum if ce else None, t_ce if has else None, s_ce if has else None)

@@ -1,7 +1,9 @@
-"""Shared machinery of the fast KD path: the result type, loss resolution, per-chunk statistics.
+"""Shared machinery of the closed-form KD terms: the result type, loss resolution, the row pass and
+per-chunk statistics.
 
-Used by :mod:`~kd_lightning.losses.fast` (plain rows and the fused lm_head path); the per-divergence
-closed forms live in :mod:`~kd_lightning.losses.fast_rows`.
+Used by :mod:`~kd_lightning.losses.fast` (logit rows, sparse targets) and
+:mod:`~kd_lightning.losses.chunked` (the chunked LM head); the per-divergence closed forms live in
+:mod:`~kd_lightning.losses.fast_rows`.
 """
 
 from __future__ import annotations
@@ -79,24 +81,27 @@ def student_stats(z: Tensor, lq: Tensor, targets: Tensor | None, temperature: fl
     """(student token CE at T=1, student logsumexp at T=1) of a chunk, from its log-probs at T when T=1."""
     if targets is None:
         return None, None
+    if temperature != 1.0:
+        return logits_token_ce(z, targets)
     index = targets.clamp_min(0).unsqueeze(1)
-    target_logit = z.gather(1, index).squeeze(1).float()
-    if temperature == 1.0:
-        token_ce = lq.gather(1, index).squeeze(1).neg()
-        lse = token_ce + target_logit
-    else:
-        lse = torch.logsumexp(z.float(), dim=-1)
-        token_ce = lse - target_logit
+    token_ce = lq.gather(1, index).squeeze(1).neg()
+    lse = token_ce + z.gather(1, index).squeeze(1).float()
+    return token_ce.masked_fill_(targets < 0, 0.0), lse
+
+
+def logits_token_ce(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(token CE at T=1, logsumexp) of chunk logits ``[c, V]`` in float32: ``lse − logits[target]``
+    (rows with label < 0: CE 0)."""
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    token_ce = lse - logits.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1).float()
     return token_ce.masked_fill_(targets < 0, 0.0), lse
 
 
 def teacher_token_ce(t: Tensor, lp: Tensor, targets: Tensor, temperature: float) -> Tensor:
     """Teacher CE at T=1 of a chunk: ``−log p[target]`` from the kernel's log-probs when T=1."""
-    index = targets.clamp_min(0).unsqueeze(1)
-    if temperature == 1.0:
-        token_ce = lp.gather(1, index).squeeze(1).neg()
-    else:
-        token_ce = torch.logsumexp(t.float(), dim=-1) - t.gather(1, index).squeeze(1).float()
+    if temperature != 1.0:
+        return logits_token_ce(t, targets)[0]
+    token_ce = lp.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1).neg()
     return token_ce.masked_fill_(targets < 0, 0.0)
 
 
@@ -200,3 +205,53 @@ def weighted_sum(values: Tensor, weight: Tensor | None) -> Tensor:
     if weight is None:
         return values.sum()
     return torch.where(weight != 0, values * weight, 0.0).sum()
+
+
+def take_rows(teacher: Any, rows: slice) -> Any:
+    """Rows of a teacher chunk: dense logits, or each part of a sparse target tuple."""
+    return tuple(part[rows] for part in teacher) if isinstance(teacher, tuple) else teacher[rows]
+
+
+def stats_buffers(count: int, has_targets: bool, device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Token-CE buffers (student, teacher) and the student logsumexp at T=1, empty without targets."""
+    s_ce = torch.empty(count if has_targets else 0, dtype=torch.float32, device=device)
+    return s_ce, torch.empty_like(s_ce), (torch.empty_like(s_ce) if has_targets else None)
+
+
+def rows_pass(z: Tensor, teacher: Any, targets: Tensor | None, weight: Tensor | None, run: Callable[..., Any],
+              temperature: float, chunk: int, grad: Tensor | None, stats: tuple[Tensor, Tensor, Tensor | None]) -> Tensor:
+    """Σ w·D over rows ``z [n, V]`` in chunks of ``chunk`` rows; writes ``w·∂D/∂z`` into ``grad [n, V]``
+    (when given) and the token statistics into ``stats = (student CE, teacher CE, student lse)``."""
+    s_ce, t_ce, lse = stats
+    kd = torch.zeros((), dtype=torch.float32, device=z.device)
+    for start in range(0, z.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        zc, tgt = z[rows], (None if targets is None else targets[rows])
+        lq = log_probs(zc, temperature)
+        if tgt is not None:
+            s_ce[rows], lse[rows] = student_stats(zc, lq, tgt, temperature)
+        values, grad_s, teacher_ce = run(lq, take_rows(teacher, rows), tgt, grad is not None)
+        w = None if weight is None else weight[rows].float()
+        kd += weighted_sum(values, w)
+        if teacher_ce is not None:
+            t_ce[rows] = teacher_ce
+        if grad_s is not None:
+            # One write into the gradient buffer: the scaling goes straight to its destination.
+            torch.mul(grad_s, 1.0 / temperature if w is None else w.unsqueeze(1) / temperature, out=grad[rows])
+    return kd
+
+
+def finish_terms(ctx: Any, kd: Tensor, stats: tuple[Tensor, Tensor, Tensor | None], ce: bool) -> tuple[Tensor, ...]:
+    """The Functions' outputs: (kd_sum, ce_sum, teacher token CE, student token CE); CE stats detached."""
+    s_ce, t_ce, _ = stats
+    ctx.mark_non_differentiable(t_ce, s_ce)
+    return kd, (s_ce.sum() if ce else kd.new_zeros(())), t_ce, s_ce
+
+
+def handover(ctx: Any) -> Any:
+    """The gradients stored by forward, taken once: they are rescaled in place by backward."""
+    state, ctx.state = ctx.state, None
+    if state is None:
+        raise RuntimeError("KD terms support one backward pass per forward (gradients are made in forward and handed "
+                           "over); recompute them to backpropagate again")
+    return state
