@@ -65,7 +65,7 @@ class DistillationModule(LightningModule):
             batches are dual (`kd_lightning.data.dual`) and the teacher reads `teacher_input_ids`
             in training, validation and evaluation; needs one teacher and a cross-vocabulary loss
             (one taking `targets`: `uld`, `span_kl`).
-        vocab_map: the tokenizer pair's shared vocabulary (`losses.align.shared_vocab_map`), used
+        vocab_map: the tokenizer pair's shared vocabulary (`data.vocab_map.shared_vocab_map`), used
             by `span_kl` with `teacher_tokenization="own"`.
     """
 

@@ -14,14 +14,6 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "kd_lightning"
 
-# Imports being removed in a parallel change, left out of the checks until that change is merged
-# (whoever merges it deletes the entry; test_pending_imports_still_exist says when).
-PENDING = {
-    # kd_paths names DistillationModule under TYPE_CHECKING; the rewrite of kd_paths (paths take
-    # values, not the module) removes it.
-    ("kd_lightning.kd_paths", "kd_lightning.module"),
-}
-
 # What a package may import besides itself: the bottom floors of the house.
 MAY_IMPORT_ONLY = {
     "kd_lightning.infra": set(),  # infrastructure: used by everything above, uses nothing
@@ -72,14 +64,10 @@ def imports(tree: ast.AST, importer: str, modules: set[str]) -> set[str]:
     return found - {importer}
 
 
-def import_graph(*, with_pending: bool = False) -> dict[str, set[str]]:
-    """Module -> the kd_lightning modules it imports (the `PENDING` imports left out unless asked)."""
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the kd_lightning modules it imports (type-only and function-level imports included)."""
     modules = set(FILES)
-    graph = {name: imports(ast.parse(path.read_text()), name, modules) for name, path in FILES.items()}
-    if not with_pending:
-        for importer, imported in PENDING:
-            graph[importer].discard(imported)
-    return graph
+    return {name: imports(ast.parse(path.read_text()), name, modules) for name, path in FILES.items()}
 
 
 def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
@@ -157,12 +145,6 @@ def test_the_packages_import_one_way() -> None:
 def test_the_layering_holds() -> None:
     violations = layering_violations(import_graph())
     assert not violations, "\n".join(violations)
-
-
-def test_pending_imports_still_exist() -> None:
-    graph = import_graph(with_pending=True)
-    gone = [f"{a} -> {b}" for a, b in sorted(PENDING) if b not in graph[a]]
-    assert not gone, f"removed since: delete them from PENDING in tests/test_imports.py: {gone}"
 
 
 def test_the_cycle_finder_finds_a_planted_circle() -> None:
