@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -49,9 +50,18 @@ def tiny_overrides(overrides: tuple[str, ...]) -> list[str]:
     return [o for o in tiny if o.split("=")[0] not in given]
 
 
+_COMPOSED: dict[tuple[str, ...], DictConfig] = {}
+
+
 def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    """The real Hydra config for `overrides`, composed once per test session (composing takes a
+    noticeable fraction of a second and most tests ask for a handful of the same settings); each
+    caller gets its own deep copy, pointed at its own directories."""
+    key = tuple(overrides)
+    if key not in _COMPOSED:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            _COMPOSED[key] = compose("train", overrides=list(overrides))
+    cfg = copy.deepcopy(_COMPOSED[key])
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.cache_dir = str(cache_dir)

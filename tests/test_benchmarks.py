@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # the checkout under test, not an installed copy
 
 
 def bench(script: str, *args: str, timeout: int = 300) -> str:
@@ -48,6 +48,7 @@ def test_sweep_reuse_quick_saves_teacher_time_and_keeps_the_results(tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_ddp_quick_runs_one_and_two_processes(tmp_path: Path):
     bench("ddp.py", "--quick", "--steps", "6", "--out", str(tmp_path), timeout=600)
     rows = json.loads((tmp_path / "ddp.json").read_text())
@@ -80,6 +81,7 @@ def test_store_encodings_quick_prints_sizes_and_gaps(tmp_path: Path):
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_fsdp_bench_tiny_shards_model_state(tmp_path: Path):
     out = bench("fsdp.py", "--teacher-hidden", "128", "--teacher-layers", "2", "--student-hidden", "64",
                 "--student-layers", "2", "--steps", "3", "--warmup", "1", "--out", str(tmp_path), timeout=600)

@@ -45,14 +45,16 @@ def test_unknown_option_and_key_fail_with_hydras_message(tmp_path: Path) -> None
     assert result.returncode != 0 and "Could not override 'no_such_key'" in result.stderr
 
 
-def tiny_cli_args(tmp_path: Path) -> list[str]:
-    return [*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER, f"paths.cache_dir={tmp_path / 'cache'}"]
+def tiny_cli_args(cache_dir: Path) -> list[str]:
+    """Tiny settings for `train.py`, with the test session's cache (its teacher pre-trained once)."""
+    return [*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER, f"paths.cache_dir={cache_dir}"]
 
 
 @pytest.mark.slow
-def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
+@pytest.mark.dist
+def test_ddp_two_cpu_processes(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "ddp"
-    result = train_py("strategy=ddp", "baseline=false", f"hydra.run.dir={out}", *tiny_cli_args(tmp_path), cwd=tmp_path)
+    result = train_py("strategy=ddp", "baseline=false", f"hydra.run.dir={out}", *tiny_cli_args(cache_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["models"]["student (KD)"]["loss"] < 6.0
@@ -60,9 +62,9 @@ def test_ddp_two_cpu_processes(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_multirun_sweeps_losses(tmp_path: Path) -> None:
+def test_multirun_sweeps_losses(tmp_path: Path, cache_dir: Path) -> None:
     sweep = tmp_path / "sweep"
-    result = train_py("-m", "loss=kl,reverse_kl", "baseline=false", f"hydra.sweep.dir={sweep}", *tiny_cli_args(tmp_path),
+    result = train_py("-m", "loss=kl,reverse_kl", "baseline=false", f"hydra.sweep.dir={sweep}", *tiny_cli_args(cache_dir),
                       cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = sorted(json.loads((sweep / str(i) / "summary.json").read_text())["loss"] for i in range(2))

@@ -85,7 +85,7 @@ def test_lightning_csv_logger_loses_rows_on_resume(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_real_run_keeps_metrics_across_sigterm_and_resume(tmp_path: Path) -> None:
+def test_real_run_keeps_metrics_across_sigterm_and_resume(tmp_path: Path, cache_dir: Path) -> None:
     """The real entry point with the default `logger=csv` (now `ResumableCSVLogger`): SIGTERM at step 4,
     resume=auto; the rows of steps 0-3 are still in metrics.csv and no step appears twice."""
     import signal
@@ -95,7 +95,7 @@ def test_real_run_keeps_metrics_across_sigterm_and_resume(tmp_path: Path) -> Non
 
     out = tmp_path / "run"
     common = [*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER, "trainer.max_steps=6", "trainer.val_check_interval=3",
-              "baseline=false", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={out}"]
+              "baseline=false", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={out}"]
     killed = train_py(*common, "+callbacks.kill._target_=tests.test_resume.SigtermAt", "+callbacks.kill.step=4",
                       cwd=tmp_path)
     assert killed.returncode == 128 + signal.SIGTERM, killed.stderr[-2000:]

@@ -12,6 +12,7 @@ from tests.test_step_tokens import close, run_processes
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_run_resumed_mid_epoch_equals_uninterrupted(tmp_path: Path, strategy: str) -> None:
     result = run_processes(tmp_path, strategy, 2, batch_size=2, extra=("resume",))

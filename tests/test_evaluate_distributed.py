@@ -38,6 +38,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_two_ranks_report_the_single_process_figures(tmp_path: Path) -> None:
     data = DictDataset(**varied_tokens(n=ROWS))
     single = evaluate(tiny_lm(0), DataLoader(data, batch_size=2), "causal_lm", reference=tiny_lm(1))

@@ -14,7 +14,8 @@ from tests.test_cli import tiny_cli_args, train_py
 
 
 @pytest.mark.slow
-def test_fsdp_run_prints_summary_and_saves_the_ddp_student(tmp_path: Path) -> None:
+@pytest.mark.dist
+def test_fsdp_run_prints_summary_and_saves_the_ddp_student(tmp_path: Path, cache_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     students = {}
@@ -23,7 +24,7 @@ def test_fsdp_run_prints_summary_and_saves_the_ddp_student(tmp_path: Path) -> No
         # teacher_outputs.reuse: the summary gathers the model inside the store's wrapper; the DDP run
         # reads what the FSDP run stored (float32: the same numbers)
         result = train_py(f"strategy={strategy}", "baseline=false", "teacher_outputs.reuse=true", f"hydra.run.dir={out}",
-                          *tiny_cli_args(tmp_path), cwd=tmp_path)
+                          f"teacher_outputs.dir={tmp_path / 'store'}", *tiny_cli_args(cache_dir), cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["models"]["student (KD)"]["loss"] < 6.0
@@ -51,6 +52,7 @@ def test_fsdp_refuses_unshardable_teachers_and_bad_precision() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("teacher", ["ka", "reuse"])
 def test_fsdp_shards_the_model_inside_a_teacher_wrapper(tmp_path: Path, teacher: str) -> None:
     """KA routing (hooks on the routers, 2 passes a step) and `teacher_outputs.reuse` wrap the teacher;
@@ -82,6 +84,7 @@ def test_fsdp_shards_the_model_inside_a_teacher_wrapper(tmp_path: Path, teacher:
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_fsdp_on_policy_generation_matches_ddp(tmp_path: Path) -> None:
     """`callbacks=on_policy` with a sharded student: every forward of `generate` is a collective, so
     the processes generate in lockstep (`synced_gpus`) although their rows end (EOS) at different
@@ -98,6 +101,7 @@ def test_fsdp_on_policy_generation_matches_ddp(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 def test_sar_under_ddp_and_fsdp_gives_the_single_process_steps(tmp_path: Path) -> None:
     """`callbacks=sar`: a router step of the MoE teacher before each student step. FSDP keeps the routers
     whole and replicated (SAR all-reduces their gradients); DDP leaves them out of its buckets (they

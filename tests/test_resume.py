@@ -40,10 +40,10 @@ def train_py(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_checkpoint_and_resume_auto_continues(tmp_path: Path) -> None:
+def test_sigterm_saves_checkpoint_and_resume_auto_continues(tmp_path: Path, cache_dir: Path) -> None:
     out = tmp_path / "run"
     common = [*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER, "trainer.max_steps=8", "trainer.val_check_interval=4",
-              "baseline=false", f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={out}"]
+              "baseline=false", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={out}"]
     killed = train_py(*common, "+callbacks.kill._target_=tests.test_resume.SigtermAt", "+callbacks.kill.step=3",
                       cwd=tmp_path)
     assert killed.returncode == 128 + signal.SIGTERM, killed.stderr[-2000:]
@@ -73,10 +73,10 @@ def test_same_seed_same_metrics_different_seed_different_run(make_cfg, tmp_path:
     assert other != first
 
 
+# Single-process cases run in-process (the signal is sent to the test's own process, so the same
+# handler and callback run as in `train.py`); the multi-process ones launch `train.py` (slow tier).
 RESUME_CASES = {
     "plain": [],
-    "fsdp": ["strategy=fsdp"],  # 2 processes, sharded checkpoint directory (last.ckpt/)
-    "ddp": ["strategy=ddp"],
     "dts": ["temperature=dts"],
     "taid": ["loss=taid"],
     "sar": ["callbacks=sar"],
@@ -85,40 +85,65 @@ RESUME_CASES = {
     "ensemble_reinforced": ["teacher=ensemble", "callbacks=reinforced", "teacher.members.moe.pretrain.max_steps=4",
                             "teacher.members.dense.pretrain.max_steps=4"],
 }
+DISTRIBUTED_RESUME_CASES = {
+    "fsdp": ["strategy=fsdp"],  # 2 processes, sharded checkpoint directory (last.ckpt/)
+    "ddp": ["strategy=ddp"],
+}
+KILL_AT_3 = ("+callbacks.kill._target_=tests.test_resume.SigtermAt", "+callbacks.kill.step=3")
+SHORT_RUN = ("trainer.max_steps=7", "trainer.val_check_interval=4", "baseline=false")
+
+
+def same_students(a_dir: Path, b_dir: Path) -> bool:
+    from safetensors.torch import load_file
+
+    a = load_file(str(a_dir / "student" / "model.safetensors"))
+    b = load_file(str(b_dir / "student" / "model.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_interrupted_and_resumed_run_equals_uninterrupted(make_cfg, tmp_path: Path, case: str) -> None:
+    """SIGTERM at step 3 (mid-epoch), resume=auto: the final student is bitwise the uninterrupted one,
+    with every callback's state (temperature, TAID t, router + its optimiser, replay buffer, policy).
+    The teacher comes from the session's cache; only the output directories are the test's own."""
+    from kd_lightning.run.pipeline import run
+
+    extra = RESUME_CASES[case]
+    run(make_cfg(*SHORT_RUN, *extra, output_dir=tmp_path / "straight"))
+    with pytest.raises(SystemExit) as stopped:
+        run(make_cfg(*SHORT_RUN, *extra, *KILL_AT_3, output_dir=tmp_path / "resumed"))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu",
+                      weights_only=True)["global_step"] == 3
+    run(make_cfg(*SHORT_RUN, *extra, *RESUME, output_dir=tmp_path / "resumed"))
+    assert same_students(tmp_path / "straight", tmp_path / "resumed"), case
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", sorted(RESUME_CASES))
-def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path: Path, case: str) -> None:
-    """SIGTERM at step 3 (mid-epoch), resume=auto: the final student is bitwise the uninterrupted one,
-    with every callback's state (temperature, TAID t, router + its optimiser, replay buffer, policy)."""
-    from safetensors.torch import load_file
-
-    extra = RESUME_CASES[case]
-    tiny = [o for o in (*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER) if not (case == "ensemble_reinforced" and o in TINY_TEACHER)]
-    common = [*tiny, "trainer.max_steps=7", "trainer.val_check_interval=4", "baseline=false",
-              f"paths.cache_dir={tmp_path / 'cache'}", *extra]
+@pytest.mark.dist
+@pytest.mark.parametrize("case", sorted(DISTRIBUTED_RESUME_CASES))
+def test_interrupted_and_resumed_distributed_run_equals_uninterrupted(tmp_path: Path, cache_dir: Path, case: str) -> None:
+    """The same through `train.py` on 2 processes (a real signal on every rank), the teacher read from
+    the session's cache."""
+    common = [*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER, *SHORT_RUN, f"paths.cache_dir={cache_dir}",
+              *DISTRIBUTED_RESUME_CASES[case]]
     straight = train_py(*common, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
     interrupted = [*common, f"hydra.run.dir={tmp_path / 'resumed'}"]
-    killed = train_py(*interrupted, "+callbacks.kill._target_=tests.test_resume.SigtermAt", "+callbacks.kill.step=3",
-                      cwd=tmp_path)
+    killed = train_py(*interrupted, *KILL_AT_3, cwd=tmp_path)
     assert killed.returncode == 128 + signal.SIGTERM, killed.stderr[-3000:]
     resumed = train_py(*interrupted, *RESUME, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = load_file(str(tmp_path / "straight" / "student" / "model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "student" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), case
+    assert same_students(tmp_path / "straight", tmp_path / "resumed"), case
 
 
 @pytest.mark.slow
-def test_sigkill_resumes_from_last_periodic_checkpoint_and_matches(tmp_path: Path) -> None:
+def test_sigkill_resumes_from_last_periodic_checkpoint_and_matches(tmp_path: Path, cache_dir: Path) -> None:
     """SIGKILL cannot be caught: the run continues from the last checkpoint written at validation
     (step 4 here) and still ends bitwise equal to the uninterrupted run."""
     from safetensors.torch import load_file
 
-    common = [*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER, "trainer.max_steps=7", "trainer.val_check_interval=4",
-              "baseline=false", f"paths.cache_dir={tmp_path / 'cache'}"]
+    common = [*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER, *SHORT_RUN, f"paths.cache_dir={cache_dir}"]
     straight = train_py(*common, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
     interrupted = [*common, f"hydra.run.dir={tmp_path / 'resumed'}"]
@@ -129,9 +154,7 @@ def test_sigkill_resumes_from_last_periodic_checkpoint_and_matches(tmp_path: Pat
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
     resumed = train_py(*interrupted, *RESUME, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = load_file(str(tmp_path / "straight" / "student" / "model.safetensors"))
-    b = load_file(str(tmp_path / "resumed" / "student" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_students(tmp_path / "straight", tmp_path / "resumed")
 
 
 def test_resume_from_a_missing_checkpoint_fails_clearly(make_cfg, tmp_path: Path) -> None:

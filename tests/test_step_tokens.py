@@ -85,6 +85,7 @@ def test_ddp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: 
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("keep", [False, True], ids=["reshard", "keep_gathered"])
 def test_fsdp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: Path, keep: bool) -> None:
     single = run_steps(batch_size=4)
@@ -120,6 +121,7 @@ def test_rank_shares_make_up_the_single_process_order_and_resume_skips_per_rank(
 
 
 @pytest.mark.slow
+@pytest.mark.dist
 @pytest.mark.parametrize("reference,vocab", [(False, 40), (True, 40), (False, 32000)], ids=["fused", "reference", "fused-32k"])
 def test_fsdp_chunked_loss_gives_the_single_process_gradients(tmp_path: Path, monkeypatch, reference: bool,
                                                               vocab: int) -> None:

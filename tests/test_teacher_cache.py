@@ -233,6 +233,7 @@ def _cache_as_rank(tmp: str, cache_dir: str, target: str, rank: int) -> None:
 
 
 @pytest.mark.slow  # two spawned processes each import the stack: about 45 s on 2 busy cores
+@pytest.mark.dist
 def test_two_processes_fill_one_store_each_chunk_once(built, tmp_path: Path, cache_dir: Path) -> None:
     """Two writers (as DDP ranks 0 and 1) share stage=cache_teacher: every chunk is computed by one
     of them (no row stored twice), both finish with the split complete."""
