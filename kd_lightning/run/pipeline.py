@@ -26,7 +26,7 @@ from kd_lightning.run.checks import check_writable, validate_config
 from kd_lightning.run.settings import check_config
 from kd_lightning.infra.distributed import is_global_zero
 from kd_lightning.infra.rundir import CHECKPOINT_DIR, RunDirLock, resolve_resume, start_run
-from kd_lightning.infra.signals import EXIT_SIGTERM
+from kd_lightning.infra.signals import EXIT_SIGINT, EXIT_SIGTERM, exit_on_sigterm
 from kd_lightning.run.cache_teacher import cache_teacher_stage
 from kd_lightning.run.distill import distill
 from kd_lightning.run.takd import run_chain
@@ -97,16 +97,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_writable(cfg.paths.cache_dir, "paths.cache_dir")
     lock, checkpoint = begin_run(cfg, output_dir)
     try:
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        datamodule = hydra.utils.instantiate(cfg.dataset)
-        check_config(cfg, datamodule.task)
-        stage = STAGES[str(cfg.stage)]
-        # Only the distillation stage continues from <output_dir>/checkpoints; the CE-trained stages
-        # find their own partial checkpoints (builders.obtain_ce_model), TAKD stages theirs (takd.run_stage).
-        summary = stage(cfg, datamodule, ckpt_path=checkpoint)
+        # SIGTERM or Ctrl-C where no stage says more (reading data, building models): one line, 143/130
+        with exit_on_sigterm(f"stage={cfg.stage}"):
+            L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+            datamodule = hydra.utils.instantiate(cfg.dataset)
+            check_config(cfg, datamodule.task)
+            stage = STAGES[str(cfg.stage)]
+            # Only the distillation stage continues from <output_dir>/checkpoints; the CE-trained stages
+            # find their own partial checkpoints (builders.obtain_ce_model), TAKD stages theirs (takd.run_stage).
+            summary = stage(cfg, datamodule, ckpt_path=checkpoint)
     except BaseException as error:
-        # SIGTERM (exit 143) has already said what was saved, in one line
-        if not isinstance(error, SystemExit) or error.code not in (0, None, EXIT_SIGTERM):
+        # SIGTERM (exit 143) or Ctrl-C (130) has already said what was saved, in one line
+        if not isinstance(error, SystemExit) or error.code not in (0, None, EXIT_SIGTERM, EXIT_SIGINT):
             log.error("stage=%s stopped (%s); its output directory is %s", cfg.stage, type(error).__name__, output_dir)
         close_experiment_loggers()
         raise
