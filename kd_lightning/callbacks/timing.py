@@ -24,7 +24,8 @@ class FitTimer(Callback):
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.tokens = self.tokens.to(pl_module.device) + pl_module.last_step["token_count"]
+        if pl_module.last_step:  # empty: a skipped batch (distill.nonfinite_teacher=skip) trained nothing
+            self.tokens = self.tokens.to(pl_module.device) + pl_module.last_step["token_count"]
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
