@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
+from kd_lightning.infra.atomic import plain_mode
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -93,6 +95,7 @@ def cached_bpe_tokenizer(
         os.makedirs(os.fspath(cache_dir), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".bpe-{vocab_size}-", dir=os.fspath(cache_dir))
         try:
+            plain_mode(staging, directory=True)  # mkdtemp's 0700 would make the cache private
             train_bpe(texts_fn(), vocab_size, min_frequency=min_frequency).save_pretrained(staging)
             try:
                 os.replace(staging, target)

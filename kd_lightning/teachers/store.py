@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from kd_lightning.infra.atomic import TMP_MARK, atomic_write_json, clean_stale_temporaries
+from kd_lightning.infra.atomic import TMP_MARK, atomic_write_json, clean_stale_temporaries, plain_mode
 from kd_lightning.losses.sparse import SparseTargets
 from kd_lightning.infra.model_cache import config_key
 from kd_lightning.infra.safeload import DamagedFileError, safe_open_checked
@@ -290,6 +290,7 @@ class TeacherOutputStore:
             tmp = self.directory / f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 save_file(tensors, str(tmp), metadata=meta)
+                plain_mode(tmp)  # safetensors creates its files 0600: others sharing the store could not read them
                 os.replace(tmp, self.directory / name)
             finally:
                 tmp.unlink(missing_ok=True)
