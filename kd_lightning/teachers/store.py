@@ -11,7 +11,9 @@ Layout of a store directory ``<root>/<teacher>-<key>``::
 
     manifest.json                 the identity: format, teacher (weights hash, config), precision,
                                   accelerator, encoding and its parameters; checked on every open
-    part-<uuid>.safetensors       `keys` uint8 [n, 16] and the encoding's tensors [n, L, ...]
+    part-<uuid>.safetensors       `keys` uint8 [n, 16] and the encoding's tensors [n, L, ...]; its
+                                  metadata holds a checksum per tensor, verified when the part is
+                                  opened (`kd_lightning.teachers.part_check`)
     covers-<data>.json            offline only: this training split is complete (data fingerprint,
                                   tokenizer, seq_len, number of samples)
 
@@ -45,6 +47,7 @@ from kd_lightning.losses.sparse import SparseTargets
 from kd_lightning.infra.model_cache import config_key
 from kd_lightning.infra.safeload import DamagedFileError, safe_open_checked
 from kd_lightning.teachers.encodings import Encoding, decode_dense, decode_targets, encode, truncated_rows
+from kd_lightning.teachers.part_check import CHECKSUM_KEY, part_checksum, part_problem
 
 log = logging.getLogger("kd_lightning")
 
@@ -163,6 +166,9 @@ class TeacherOutputStore:
             try:
                 with safe_open_checked(path, fix=fix) as handle:
                     meta, keys = handle.metadata() or {}, handle.get_tensor("keys").numpy()
+                    problem = part_problem(handle, meta, self.vocab_size)  # checksum, ids in range
+                if problem is not None:
+                    raise DamagedFileError(f"{path} is damaged: {problem}; {fix}")
             except DamagedFileError as error:
                 if self.damaged == "error":
                     raise DamagedFileError(f"{self.what}: {error}") from error
@@ -285,7 +291,8 @@ class TeacherOutputStore:
                             self.max_bytes / 2**30)
                 break
             meta = {"format_version": str(FORMAT_VERSION), "encoding": json.dumps(self.encoding.identity(), sort_keys=True),
-                    "seconds_per_row": repr(sum(r[1] for r in rows) / len(rows))}
+                    "seconds_per_row": repr(sum(r[1] for r in rows) / len(rows)),
+                    CHECKSUM_KEY: part_checksum(tensors)}
             name = f"part-{uuid.uuid4().hex}.safetensors"
             tmp = self.directory / f".{name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
