@@ -1,0 +1,43 @@
+"""The "Unclear" items of issue #24: each fails saying what to do, before any compute where it can."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from kd_lightning.errors import ConfigError
+from kd_lightning.run.pipeline import run
+
+
+def a_file(tmp_path: Path) -> Path:
+    """A path component that is a file: no directory can be made below it (even as root)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    return blocker
+
+
+def test_an_unwritable_run_dir_is_refused_before_hydra_starts(tmp_path: Path, monkeypatch, capsys) -> None:
+    from kd_lightning.run import cli
+
+    target = a_file(tmp_path) / "run"
+    monkeypatch.setattr(sys, "argv", ["train.py", f"hydra.run.dir={target}", "baseline=false"])
+    monkeypatch.setattr(cli, "hydra_main", lambda: pytest.fail("Hydra started"))
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert str(stopped.value.code) == (f"ConfigError: hydra.run.dir='{target}': cannot write there "
+                                       f"({target.parent} is a file, not a directory); set hydra.run.dir to a "
+                                       "writable directory")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (("stage=cache_teacher", "teacher_cache.dir={bad}"), "teacher_cache.dir"),
+    (("teacher_outputs.reuse=true", "teacher_outputs.dir={bad}"), "teacher_outputs.dir"),
+], ids=["teacher_cache", "teacher_outputs"])
+def test_an_unwritable_store_dir_is_named_before_any_teacher_pretraining(make_cfg, tmp_path: Path, overrides, key) -> None:
+    bad = a_file(tmp_path) / "store"
+    cfg = make_cfg("baseline=false", *(o.format(bad=bad) for o in overrides), output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"{key}='.*a_file/store': cannot write there"):
+        run(cfg)
+    assert not (tmp_path / "run" / "teacher_moe").exists()  # no teacher pre-training began
