@@ -41,3 +41,27 @@ def test_an_unwritable_store_dir_is_named_before_any_teacher_pretraining(make_cf
     with pytest.raises(ConfigError, match=rf"{key}='.*a_file/store': cannot write there"):
         run(cfg)
     assert not (tmp_path / "run" / "teacher_moe").exists()  # no teacher pre-training began
+
+
+def test_a_relative_pretrained_path_that_does_not_exist_says_so_and_that_hub_ids_need_network(
+        make_cfg, tmp_path: Path, monkeypatch) -> None:
+    import socket
+
+    from huggingface_hub import constants
+
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg("teacher=hf", "teacher.model.pretrained=models/my_teacher", "baseline=false",
+                   output_dir=tmp_path / "run")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match=rf"teacher\.model\.pretrained='models/my_teacher': no such directory "
+                                          rf"\({tmp_path / 'models' / 'my_teacher'}\); taken as a hub id it cannot be "
+                                          r"fetched \(HF_HUB_OFFLINE is set\): hub ids need network access"):
+        run(cfg)
+
+    def no_network(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    with pytest.raises(ConfigError, match=r"cannot be reached: Network is unreachable\): hub ids need network access"):
+        run(cfg)

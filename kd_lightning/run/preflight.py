@@ -8,6 +8,8 @@
   (`stage=cache_teacher`) and `teacher_outputs.dir` (`teacher_outputs.reuse=true`), with
   `checks.check_writable`; before, an unwritable `teacher_cache.dir` raised `PermissionError` after
   the teacher's pre-training.
+- `check_pretrained_sources(cfg)`: a `pretrained=` value that is neither an existing directory nor a
+  hub id the hub can serve (in the local hub cache, or the hub answers within 3 s).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.run.checks import check_writable
@@ -56,3 +58,64 @@ def check_store_dirs(cfg: DictConfig) -> None:
     outputs = cfg.get("teacher_outputs")
     if isinstance(outputs, DictConfig) and outputs.get("reuse") and outputs.get("dir"):
         check_writable(outputs.dir, "teacher_outputs.dir")
+
+
+def _pretrained_values(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(`<model key>.pretrained`, value) of the student and every teacher that has one."""
+    keys = ["student.model", "teacher.model"]
+    members = OmegaConf.select(cfg, "teacher.members")
+    if isinstance(members, DictConfig):
+        keys += [f"teacher.members.{name}.model" for name in members]
+    found = []
+    for key in keys:
+        node = OmegaConf.select(cfg, key)
+        if isinstance(node, DictConfig) and "pretrained" in node and not OmegaConf.is_missing(node, "pretrained"):
+            value = node.get("pretrained")
+            if isinstance(value, str) and value:
+                found.append((f"{key}.pretrained", value))
+    return found
+
+
+def hub_reachable(timeout: float = 3.0) -> str | None:
+    """None when the Hugging Face hub answers within `timeout` seconds, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        return f"{host} cannot be reached: {error.strerror or error}"
+    return None
+
+
+def check_pretrained_sources(cfg: DictConfig) -> None:
+    """A `pretrained=` value that is not an existing directory is a hub id: before any compute, say
+    that the directory does not exist (absolute path) when the hub cannot serve it either (not in the
+    local hub cache and no network access). Before, a relative path that does not exist was reported
+    later as a tokenizer that cannot be loaded from the hub, under a key the user never set."""
+    for key, value in _pretrained_values(cfg):
+        path = Path(os.path.expanduser(value))
+        if path.exists():
+            continue  # a local directory: checks.check_local_pretrained says more if it is not a model
+        parts = value.split("/")
+        could_be_hub_id = len(parts) <= 2 and all(parts) and not value.startswith((".", "/", "~"))
+        if not could_be_hub_id:
+            continue  # checks.check_local_pretrained names the missing local path
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            if isinstance(try_to_load_from_cache(value, "config.json"), str):
+                continue  # in the local hub cache: no network needed
+        except Exception:  # noqa: BLE001 - an invalid repo id: the hub cannot serve it either
+            pass
+        offline = hub_reachable()
+        if offline is None:
+            continue  # the hub answers: from_pretrained fetches it (or names a missing repo)
+        raise ConfigError(f"{key}={value!r}: no such directory ({path.absolute()}); taken as a hub id it cannot "
+                          f"be fetched ({offline}): hub ids need network access. Give an existing saved model "
+                          "directory, or run where the hub is reachable")
