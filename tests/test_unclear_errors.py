@@ -65,3 +65,17 @@ def test_a_relative_pretrained_path_that_does_not_exist_says_so_and_that_hub_ids
     monkeypatch.setattr(socket, "create_connection", no_network)
     with pytest.raises(ConfigError, match=r"cannot be reached: Network is unreachable\): hub ids need network access"):
         run(cfg)
+
+
+def test_a_truncated_cached_teacher_raises_damaged_file_error_with_the_file_and_the_fix(tmp_path: Path) -> None:
+    from kd_lightning.infra.safeload import DamagedFileError
+    from tests.test_run_reliability import tiny_teacher_cfg
+
+    cache = tmp_path / "cache"
+    run(tiny_teacher_cfg(tmp_path / "first", cache))
+    (weights,) = cache.glob("**/model.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(DamagedFileError, match=rf"{weights} is not a readable safetensors file .*: it is truncated or "
+                                               rf"damaged; delete the cache entry {weights.parent} \(rm -r\); the model "
+                                               "is trained again"):
+        run(tiny_teacher_cfg(tmp_path / "second", cache))
