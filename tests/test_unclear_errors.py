@@ -79,3 +79,13 @@ def test_a_truncated_cached_teacher_raises_damaged_file_error_with_the_file_and_
                                                rf"damaged; delete the cache entry {weights.parent} \(rm -r\); the model "
                                                "is trained again"):
         run(tiny_teacher_cfg(tmp_path / "second", cache))
+
+
+def test_a_wrong_number_of_ensemble_weights_is_refused_before_any_teacher_pretraining(make_cfg, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = make_cfg("teacher=ensemble", "distill.teacher_weights=[0.5,0.3,0.2]", "baseline=false", output_dir=out)
+    cfg.paths.cache_dir = str(tmp_path / "cache")  # nothing cached: a teacher would be pre-trained first
+    with pytest.raises(ConfigError, match=r"distill\.teacher_weights=\[0\.5, 0\.3, 0\.2\]: needs 2 non-negative "
+                                          r"number\(s\), one per teacher in this order: moe, dense \(not all 0\); got 3"):
+        run(cfg)
+    assert not list((tmp_path / "cache").glob("**/kd_manifest.json")) and not (out / "teacher_moe").exists()

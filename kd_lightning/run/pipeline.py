@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.run.checks import check_writable, validate_config
-from kd_lightning.run.preflight import check_pretrained_sources, check_store_dirs
+from kd_lightning.run.preflight import check_pretrained_sources, check_store_dirs, check_teacher_weights
 from kd_lightning.run.settings import check_config
 from kd_lightning.infra.distributed import is_global_zero
 from kd_lightning.infra.rundir import CHECKPOINT_DIR, RunDirLock, resolve_resume, start_run
@@ -98,6 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_writable(cfg.paths.cache_dir, "paths.cache_dir")
     check_store_dirs(cfg)  # teacher_cache.dir / teacher_outputs.dir when this run writes them
     check_pretrained_sources(cfg)  # a pretrained= that is neither a directory here nor reachable on the hub
+    check_teacher_weights(cfg)  # one weight per teacher, before any teacher is pre-trained
     lock, checkpoint = begin_run(cfg, output_dir)
     try:
         # SIGTERM or Ctrl-C where no stage says more (reading data, building models): one line, 143/130

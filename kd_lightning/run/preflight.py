@@ -119,3 +119,20 @@ def check_pretrained_sources(cfg: DictConfig) -> None:
         raise ConfigError(f"{key}={value!r}: no such directory ({path.absolute()}); taken as a hub id it cannot "
                           f"be fetched ({offline}): hub ids need network access. Give an existing saved model "
                           "directory, or run where the hub is reachable")
+
+
+def check_teacher_weights(cfg: DictConfig) -> None:
+    """`distill.teacher_weights`: one non-negative weight per teacher, not all 0 (before: refused by
+    the module as `teacher_weights must be 2 non-negative numbers`, after the teachers were trained)."""
+    weights = OmegaConf.select(cfg, "distill.teacher_weights")
+    if weights is None or str(cfg.get("stage")) not in ("distill", "takd"):
+        return
+    teacher = cfg.get("teacher")
+    members = teacher.get("teachers") if isinstance(teacher, DictConfig) else None
+    names = [str(t.get("name")) for t in members] if members else [str(teacher.get("name"))]
+    values = list(weights) if OmegaConf.is_list(weights) or isinstance(weights, (list, tuple)) else [weights]
+    numbers = all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in values)
+    if len(values) != len(names) or not numbers or any(w < 0 for w in values) or sum(values) <= 0:
+        given = OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights
+        raise ConfigError(f"distill.teacher_weights={given}: needs {len(names)} non-negative number(s), one per teacher "
+                          f"in this order: {', '.join(names)} (not all 0); got {len(values)}")
