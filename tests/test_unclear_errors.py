@@ -89,3 +89,24 @@ def test_a_wrong_number_of_ensemble_weights_is_refused_before_any_teacher_pretra
                                           r"number\(s\), one per teacher in this order: moe, dense \(not all 0\); got 3"):
         run(cfg)
     assert not list((tmp_path / "cache").glob("**/kd_manifest.json")) and not (out / "teacher_moe").exists()
+
+
+class SlowTokenizerWithSurrogates:
+    """A tokenizer without offsets (no fast backend) whose vocabulary holds lone surrogates."""
+
+    eos_token_id, bos_token_id, all_special_ids = 0, None, [0]
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"</s>": 0, "a": 1, "\ud83d": 2, "\ude00": 3, "ab": 4}
+
+    def __len__(self) -> int:
+        return 5
+
+
+def test_a_vocabulary_with_surrogates_does_not_crash_the_byte_mapping() -> None:
+    from kd_lightning.losses.align import token_byte_lengths, token_bytes
+
+    mapped = token_bytes(SlowTokenizerWithSurrogates())  # before: UnicodeEncodeError (surrogates not allowed)
+    assert mapped[1] == b"a" and mapped[4] == b"ab" and mapped[0] == b"<eos>"
+    assert mapped[2] != mapped[3] and len(mapped[2]) == 3
+    assert token_byte_lengths(SlowTokenizerWithSurrogates()).tolist()[:2] == [1, 1]
