@@ -110,3 +110,17 @@ def test_a_vocabulary_with_surrogates_does_not_crash_the_byte_mapping() -> None:
     assert mapped[1] == b"a" and mapped[4] == b"ab" and mapped[0] == b"<eos>"
     assert mapped[2] != mapped[3] and len(mapped[2]) == 3
     assert token_byte_lengths(SlowTokenizerWithSurrogates()).tolist()[:2] == [1, 1]
+
+
+def test_a_single_file_checkpoint_resumed_under_fsdp_is_refused_naming_both_layouts(make_cfg, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    common = ("baseline=false", "trainer.max_steps=4", "trainer.val_check_interval=2")
+    with pytest.raises(SystemExit):
+        run(make_cfg(*common, "+callbacks.kill._target_=tests.test_resume.SigtermAt", "+callbacks.kill.step=2",
+                     output_dir=out))
+    last = out / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    with pytest.raises(ConfigError, match=rf"resume=auto: {last} is a single-file checkpoint \(strategy=ddp, cpu or "
+                                          r"another whole-model strategy\), but this run uses strategy=fsdp, which loads "
+                                          r"sharded checkpoint directories; a checkpoint cannot move between the two"):
+        run(make_cfg(*common, "strategy=fsdp", "resume=auto", "+resume_allow_changes=true", output_dir=out))

@@ -23,7 +23,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.run.checks import check_writable, validate_config
-from kd_lightning.run.preflight import check_pretrained_sources, check_store_dirs, check_teacher_weights
+from kd_lightning.run.preflight import (check_checkpoint_layout, check_pretrained_sources, check_store_dirs,
+                                       check_teacher_weights)
 from kd_lightning.run.settings import check_config
 from kd_lightning.infra.distributed import is_global_zero
 from kd_lightning.infra.rundir import CHECKPOINT_DIR, RunDirLock, resolve_resume, start_run
@@ -101,6 +102,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     check_teacher_weights(cfg)  # one weight per teacher, before any teacher is pre-trained
     lock, checkpoint = begin_run(cfg, output_dir)
     try:
+        check_checkpoint_layout(cfg, checkpoint)  # e.g. a DDP file resumed under strategy=fsdp
         # SIGTERM or Ctrl-C where no stage says more (reading data, building models): one line, 143/130
         with exit_on_sigterm(f"stage={cfg.stage}"):
             L.seed_everything(int(cfg.seed), workers=True, verbose=False)

@@ -136,3 +136,28 @@ def check_teacher_weights(cfg: DictConfig) -> None:
         given = OmegaConf.to_container(weights) if OmegaConf.is_config(weights) else weights
         raise ConfigError(f"distill.teacher_weights={given}: needs {len(names)} non-negative number(s), one per teacher "
                           f"in this order: {', '.join(names)} (not all 0); got {len(values)}")
+
+
+def uses_sharded_checkpoints(cfg: DictConfig) -> bool:
+    """`strategy=fsdp` (kd-lightning's `ShardedDataParallel`) writes checkpoints as directories of shards."""
+    target = OmegaConf.select(cfg, "trainer.strategy._target_", default=None)
+    return isinstance(target, str) and target.endswith("ShardedDataParallel")
+
+
+def check_checkpoint_layout(cfg: DictConfig, checkpoint: str | os.PathLike[str] | None) -> None:
+    """A resume under another checkpoint layout (a DDP/single-process file under `strategy=fsdp`, or
+    a sharded directory without it) is refused naming both, before compute. Before, with
+    `+resume_allow_changes=true`, it ended in a strict-loading `KeyError` inside the fit."""
+    if checkpoint is None:
+        return
+    path = Path(checkpoint)
+    sharded_run, sharded_file = uses_sharded_checkpoints(cfg), path.is_dir()
+    if sharded_run == sharded_file:
+        return
+    written = "a sharded checkpoint directory (strategy=fsdp)" if sharded_file else \
+        "a single-file checkpoint (strategy=ddp, cpu or another whole-model strategy)"
+    wanted = "strategy=fsdp, which loads sharded checkpoint directories" if sharded_run else \
+        "a whole-model strategy, which loads single-file checkpoints"
+    raise ConfigError(f"resume={cfg.get('resume')}: {path} is {written}, but this run uses {wanted}; a checkpoint "
+                      "cannot move between the two layouts. Resume with the strategy that wrote it, or start a new "
+                      "run in another hydra.run.dir")
