@@ -34,7 +34,8 @@ Attributes a callback may read:
   `train_teacher_parameters`).
 - `last_step: dict[str, Tensor]` — detached statistics of the last training batch: `student_ce`
   (scalar), `teacher_ce` [K], `kd_loss` (scalar), `token_count` (scalar), `student_token_ce` [N] and
-  `teacher_token_ce` [K, N] over the counted positions, `teacher_weights` [K] (batch mean).
+  `teacher_token_ce` [K, N] over the counted positions, `teacher_weights` [K] (batch mean). Empty
+  when the batch was skipped (`distill.nonfinite_teacher=skip`): a callback then skips it too.
 - `task: str` — "causal_lm" or "classification"; `adapter` — its `kd_lightning.tasks` adapter
   (logits, alignment, label mask, `IGNORE_INDEX`).
 

@@ -28,8 +28,28 @@ def _has_wandb_credentials() -> bool:
         return False
 
 
+WANDB_PROBE_SECONDS = 3.0
+
+
+def wandb_unreachable(timeout: float = WANDB_PROBE_SECONDS) -> str | None:
+    """None when the W&B service (WANDB_BASE_URL, default https://api.wandb.ai) accepts a connection
+    within `timeout` seconds, else why not. Without this, a run with a key but no network waited
+    about 100 s in `wandb.init` and ended in a `CommError`."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as error:
+        return f"{host} does not answer within {timeout:g} s ({error.strerror or error})"
+    return None
+
+
 def wandb_logger(save_dir: str, offline: bool | None = None, **kwargs: Any) -> Any:
-    """Lightning's `WandbLogger`, offline when `WANDB_MODE=offline` or no credentials exist.
+    """Lightning's `WandbLogger`, offline when `WANDB_MODE=offline`, no credentials exist, or the
+    service does not answer within 3 s (`wandb_unreachable`); the log says which.
 
     Offline runs write `<save_dir>/wandb/offline-run-*/` and can be uploaded later with
     `wandb sync`. The API key is read by wandb from the environment or ~/.netrc; it is never part
@@ -40,6 +60,14 @@ def wandb_logger(save_dir: str, offline: bool | None = None, **kwargs: Any) -> A
         offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not _has_wandb_credentials()
         if offline:
             log.info("W&B: no credentials or WANDB_MODE=offline, logging offline to %s/wandb", save_dir)
+        else:  # decided up front: offline unless the service answers quickly, and said either way
+            problem = wandb_unreachable()
+            offline = problem is not None
+            if offline:
+                log.warning("W&B: %s: logging offline to %s/wandb; upload later with `wandb sync %s/wandb/offline-run-*`",
+                            problem, save_dir, save_dir)
+            else:
+                log.info("W&B: the service answers: logging online")
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(save_dir=save_dir, offline=offline, **kwargs)
 

@@ -182,6 +182,7 @@ class DistillationModule(LightningModule):
             warnings.warn(f"step {self.global_step}: every label is masked; loss is 0 for this batch")
         terms = self.kd_path(self.step_inputs(batch, labels, mask))
         if terms is None:  # skipped (non-finite teacher logits, distill.nonfinite_teacher=skip)
+            self.last_step = {}  # no statistics: callbacks skip the batch too (never the previous batch's)
             return None
         ce = (terms.student_token_ce.sum() if terms.ce_sum is None else terms.ce_sum) / count.clamp_min(1)
         loss = self.ce_weight * ce

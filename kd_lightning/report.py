@@ -221,6 +221,23 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+def started_without_baseline(run: Run) -> bool:
+    """The job's recorded config (`.hydra/config.yaml`, else its `baseline=false` override) turned the
+    CE-only baseline off."""
+    config_path = run.path / ".hydra" / "config.yaml"
+    if config_path.is_file():
+        config = yaml.safe_load(config_path.read_text()) or {}
+        if isinstance(config, dict) and "baseline" in config:
+            return config["baseline"] is False
+    return any(split_override(o) == ("baseline", "false") for o in run.overrides)
+
+
+def not_asked_for(header: str, runs: Sequence[Run]) -> bool:
+    """A column missing because the runs did not ask for it (not because kd-lightning was older):
+    the CE-only loss of runs started with `baseline=false`."""
+    return header == "CE-only loss" and all(started_without_baseline(r) for r in runs)
+
+
 def render_markdown(root: Path, runs: Sequence[Run], unfinished: Sequence[Path]) -> str:
     columns = present_columns(runs)
     missing = [c[1] for c in COLUMNS if c not in columns]
@@ -236,6 +253,10 @@ def render_markdown(root: Path, runs: Sequence[Run], unfinished: Sequence[Path])
              "mean ± sample std (n - 1) over seeds, best held-out loss first.", "",
              markdown_table(header, summary_rows), "", "## Runs", "",
              markdown_table(["method", "seed"] + [h for _, h, _ in columns] + ["directory"], run_rows)]
+    not_asked = [header for header in missing if not_asked_for(header, runs)]
+    if not_asked:
+        parts += ["", f"Not computed: {', '.join(not_asked)} (every run was started with baseline=false)."]
+    missing = [header for header in missing if header not in not_asked]
     if missing:
         parts += ["", f"Not in these summaries (older kd-lightning): {', '.join(missing)}."]
     if unfinished:

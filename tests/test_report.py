@@ -151,3 +151,18 @@ def test_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "nope")])
     assert exit_info.value.code == 2 and "kd-report: error:" in capsys.readouterr().err
+
+
+def test_a_sweep_with_baseline_false_does_not_blame_an_older_kd_lightning(tmp_path: Path) -> None:
+    """#24: the CE-only row is absent because the runs asked for none, not because of an old version."""
+    for seed in (0, 1):
+        job = make_job(tmp_path, seed, ["loss=kl", f"seed={seed}", "baseline=false"], seed, 1.0 + seed)
+        summary = json.loads((job / "summary.json").read_text())
+        del summary["models"]["student (CE only)"]
+        (job / "summary.json").write_text(json.dumps(summary))
+        (job / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "baseline": False}))
+    text = write_report(tmp_path)
+    assert "Not computed: CE-only loss (every run was started with baseline=false)." in text
+    # a column that really is missing still says so, without the CE-only loss
+    assert [line for line in text.splitlines() if "older kd-lightning" in line] == [
+        "Not in these summaries (older kd-lightning): ECE (15-bin)."]

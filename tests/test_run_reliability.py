@@ -130,17 +130,17 @@ def test_empty_records_and_a_dominant_document_warn_with_counts(tmp_path: Path) 
                for m in messages), messages
 
 
-def kill_trainer_named(monkeypatch: pytest.MonkeyPatch, prefix: str, step: int) -> None:
+def kill_trainer_named(monkeypatch: pytest.MonkeyPatch, prefix: str, step: int, signum: int = signal.SIGTERM) -> None:
     """Every Trainer `kd_lightning.run.builders.make_trainer` builds for `name=<prefix>...` sends itself
     SIGTERM after `step` optimiser steps (the pattern of tests/test_resume.py, for stages whose
-    Trainer has no `callbacks` config)."""
+    Trainer has no `callbacks` config); `signum=signal.SIGINT` stands for Ctrl-C."""
     import kd_lightning.run.builders as builders
 
     make_trainer = builders.make_trainer
 
     def killing(cfg, **kwargs):
         if kwargs["name"].startswith(prefix):
-            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), SigtermAt(step)]
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), SigtermAt(step, signum)]
         return make_trainer(cfg, **kwargs)
 
     monkeypatch.setattr(builders, "make_trainer", killing)

@@ -1,4 +1,4 @@
-"""Nothing lost on SIGTERM: save a resumable checkpoint before the process exits."""
+"""Nothing lost on SIGTERM or Ctrl-C: save a resumable checkpoint before the process exits."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from kd_lightning.infra.distributed import all_reduce_sums
+from kd_lightning.infra.signals import defer_sigint, note_signal
 
 log = logging.getLogger("kd_lightning")
 
@@ -23,9 +24,10 @@ class CheckpointOnSigterm(Callback):
     ModelCheckpoint directory, so `resume=auto` continues from the last finished step.
 
     Lightning defers SIGTERM to the end of the current training batch (after the optimiser step)
-    and raises `SIGTERMException` there: the saved state is consistent. Ctrl-C (KeyboardInterrupt)
-    can land in the middle of a step and is not checkpointed; SIGKILL cannot be caught, and a run
-    killed that way resumes from the last periodic checkpoint.
+    and raises `SIGTERMException` there: the saved state is consistent. Ctrl-C (SIGINT) is treated
+    the same way (deferred to the end of the batch, then the same save; see `kd_lightning.infra.
+    signals`); SIGKILL cannot be caught, and a run killed that way resumes from the last periodic
+    checkpoint.
 
     `path` overrides where it goes (a Trainer without ModelCheckpoint, e.g. teacher pre-training).
     It only saves and records the file in `saved`; the stage says so in one line and exits 143:
@@ -36,6 +38,7 @@ class CheckpointOnSigterm(Callback):
         self.filename, self.path = filename, path
         self.saved: Path | None = None
         self.pending = False  # several processes: a SIGTERM noted here, not yet agreed on
+        self.pending_sigint = False  # likewise for Ctrl-C
         self.agree = False
 
     @override
@@ -47,21 +50,36 @@ class CheckpointOnSigterm(Callback):
         training batch the processes agree (one all-reduce) and, if any was signalled, all raise
         Lightning's `SIGTERMException` at the end of that same batch. Lightning restores the previous
         handler when the fit ends."""
-        self.pending, self.agree = False, False
-        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+        self.pending, self.pending_sigint, self.agree = False, False, False
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if trainer.world_size > 1:
             signal.signal(signal.SIGTERM, self._note)
             self.agree = True
+        # Ctrl-C waits for the end of the batch like SIGTERM (Lightning restores the handler after the fit)
+        signal.signal(signal.SIGINT, defer_sigint(lambda: self._stop_at_batch_end(trainer)))
 
     def _note(self, signum: int, frame: FrameType | None) -> None:
         self.pending = True  # nothing else in a signal handler (no logging lock, no collective)
 
+    def _stop_at_batch_end(self, trainer: Trainer) -> None:
+        if self.agree:
+            self.pending_sigint = True  # the processes agree after the batch, as for SIGTERM
+        else:
+            trainer._signal_connector.received_sigterm = True  # what Lightning's loop checks after the batch
+
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.agree and all_reduce_sums([float(self.pending)])[0] > 0:
+        if not self.agree:
+            return
+        sigterms, sigints = all_reduce_sums([float(self.pending), float(self.pending_sigint)])
+        if sigterms + sigints > 0:
             if not trainer.received_sigterm:
-                log.info("SIGTERM (process %d%s): every process stops after step %d", trainer.global_rank,
-                         "" if self.pending else ", from another process", trainer.global_step)
+                note_signal(signal.SIGTERM if sigterms > 0 else signal.SIGINT)
+                log.info("%s (process %d%s): every process stops after step %d",
+                         "SIGTERM" if sigterms > 0 else "Ctrl-C (SIGINT)", trainer.global_rank,
+                         "" if self.pending or self.pending_sigint else ", from another process", trainer.global_step)
             trainer._signal_connector.received_sigterm = True  # what Lightning's loop checks after the batch
 
     @override

@@ -98,6 +98,8 @@ class TAIDSchedule(Callback):
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if not pl_module.last_step:  # a skipped batch (distill.nonfinite_teacher=skip): no loss to follow
+            return
         loss = pl_module.last_step["kd_loss"].detach().float().reshape(())
         loss = trainer.strategy.reduce(loss, reduce_op="mean")
         # global_step already counts this step; the finished step's index is one less.

@@ -158,6 +158,8 @@ class DynamicTemperature(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         stats = pl_module.last_step
+        if not stats:  # a skipped batch (distill.nonfinite_teacher=skip): no CEs to compare
+            return
         gap = float(stats["teacher_ce"].float().mean()) - float(stats["student_ce"])
         # trainer.global_step already counts this step: it is the index of the step that uses T.
         self.update(progress(trainer.global_step, total_steps(trainer)), gap)

@@ -77,7 +77,9 @@ def token_bytes(tokenizer: Any) -> dict[int, bytes]:
             if kind == "Metaspace" and len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
                 found[token_id] = bytes([int(token[3:5], 16)])
                 continue
-            found[token_id] = (token.replace("\u2581", " ") if kind == "Metaspace" else token).encode("utf-8")
+            # surrogatepass: a vocabulary may hold half of a UTF-16 pair (a lone surrogate), which
+            # strict UTF-8 refuses; such a token then matches only the same token on the other side
+            found[token_id] = (token.replace("\u2581", " ") if kind == "Metaspace" else token).encode("utf-8", "surrogatepass")
     for token_id, role in special_roles.items():
         if token_id is not None:
             found[int(token_id)] = role

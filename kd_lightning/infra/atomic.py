@@ -8,6 +8,11 @@ once the new one is in place.
 
 Temporaries are named `.<target name>.tmp-<pid>-<random>`, so `clean_stale_temporaries` can tell a
 leftover of an interrupted writer (its process is dead) from a live writer's work in progress.
+
+`tempfile` creates temporaries private (0600 files, 0700 directories) and a rename keeps that mode,
+so every atomically written file would be unreadable to the rest of a team sharing a cache or an
+output directory. The temporaries are given the mode a plain `open`/`mkdir` would give instead
+(0666 / 0777 less the process's umask: `plain_mode`).
 """
 
 from __future__ import annotations
@@ -29,6 +34,46 @@ OLD_MARK = ".old-"  # an older directory renamed aside while its replacement mov
 
 def _temp_prefix(target: Path, mark: str = TMP_MARK) -> str:
     return f".{target.name}{mark}{os.getpid()}-"
+
+
+def current_umask() -> int:
+    """The process's umask, read from /proc where Linux offers it (no change even for an instant,
+    so other threads are unaffected), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path: str | os.PathLike[str] | int, *, directory: bool = False) -> None:
+    """Give `path` (or an open file descriptor) the mode a plain `open`/`mkdir` would have given it:
+    0666 (0777 for a directory) less the umask. For temporaries made by `tempfile`, which are private."""
+    mode = (0o777 if directory else 0o666) & ~current_umask()
+    if isinstance(path, int):
+        os.fchmod(path, mode)
+    else:
+        os.chmod(path, mode)
+
+
+def plain_modes_under(directory: Path) -> None:
+    """`plain_mode` for everything in a staged directory (writers such as safetensors >= 0.8 create
+    their files 0600 too); execute bits are kept."""
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            plain_mode(Path(root) / name, directory=True)
+        for name in files:
+            path = Path(root) / name
+            if not path.is_symlink():
+                executable = path.stat().st_mode & 0o111 & ~current_umask()
+                plain_mode(path)
+                if executable:
+                    os.chmod(path, path.stat().st_mode | executable)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -62,6 +107,7 @@ def atomic_write_file(path: str | os.PathLike[str], write: Callable[[Path], obje
     temporary = target.parent / f"{_temp_prefix(target)}{uuid.uuid4().hex[:8]}"
     try:
         write(temporary)
+        plain_mode(temporary)  # writers such as safetensors >= 0.8 create their files 0600
         _fsync_file(temporary)
         os.replace(temporary, target)
     except BaseException:
@@ -110,7 +156,9 @@ def atomic_directory(target: str | os.PathLike[str], *, replace: bool = True) ->
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
     try:
+        plain_mode(staging, directory=True)  # mkdtemp's 0700 would survive the rename
         yield staging
+        plain_modes_under(staging)
         _move_into_place(staging, target, replace=replace)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

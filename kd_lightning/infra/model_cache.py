@@ -43,3 +43,15 @@ def write_atomically(target: Path, write: Callable[[Path], None], manifest: dict
 
 def is_complete(entry: Path) -> bool:
     return (entry / "kd_manifest.json").is_file()
+
+
+def check_entry_weights(entry: Path) -> None:
+    """Before loading a cached model (teacher, baseline): every `*.safetensors` of the entry has a
+    whole header and the size it promises; else `DamagedFileError` naming the file and the fix
+    (before: the safetensors library's own error, without a path)."""
+    from kd_lightning.infra.safeload import safe_open_checked
+
+    fix = f"delete the cache entry {entry} (rm -r); the model is trained again and cached on the next run"
+    for path in sorted(entry.glob("*.safetensors")):
+        with safe_open_checked(path, fix=fix):
+            pass

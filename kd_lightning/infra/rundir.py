@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Any
 
 from kd_lightning.infra.distributed import is_global_zero
+from kd_lightning.infra.resume_history import clear_resume_history, record_resume
 from kd_lightning.infra.runrecord import compare_for_resume, keep_hydra_record, load_run_config, record_run_config
 from kd_lightning.infra.safeload import checkpoint_problem
 
@@ -224,6 +225,10 @@ def start_run(output_dir: str | os.PathLike[str], resume: object, config: Mappin
             notes += [f"resume: continuing with a changed key (+resume_allow_changes=true): {c}" for c in changes]
         record_run_config(output_dir, config, fresh=fresh)
         checkpoint, found = resolve_resume(resume, checkpoint_dir or output_dir / CHECKPOINT_DIR)
+        if fresh:
+            clear_resume_history(output_dir)
+        elif recorded is not None and notes:  # allowed changes: summary.json keeps what changed when
+            record_resume(output_dir, recorded, config, checkpoint)
         return RunStart(lock, checkpoint, notes + found)
     except BaseException:
         lock.release()

@@ -19,7 +19,7 @@ from kd_lightning.callbacks.interrupt import CheckpointOnSigterm
 from kd_lightning.run.checks import check_seq_len_fits
 from kd_lightning.run import CONFIG_DIR
 from kd_lightning.run.settings import teacher_cache_options
-from kd_lightning.infra.model_cache import cache_root, config_key, is_complete, write_atomically
+from kd_lightning.infra.model_cache import cache_root, check_entry_weights, config_key, is_complete, write_atomically
 from kd_lightning.models import load_model, save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.infra.rundir import CHECKPOINT_DIR, resume_requested
@@ -122,6 +122,7 @@ def obtain_ce_model(
     entry = cache_root(cfg.paths.cache_dir) / f"{kind}s" / f"{name}-{config_key(payload)}"
     if is_complete(entry):
         log.info("Using cached %s '%s' from %s", kind, name, entry)
+        check_entry_weights(entry)  # a truncated file: DamagedFileError naming it and the fix
         return load_model(entry), entry, False
     log.info("No cached %s '%s' for this config: training it now with CE for %d steps (cached at %s)",
              kind, name, max_steps, entry)

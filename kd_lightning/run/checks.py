@@ -26,6 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.run.inert_keys import refuse_inert_keys
 
 # Loss parameters that must lie in [0, 1] (conf/loss/*.yaml): skew_kl / skew_reverse_kl `alpha`,
 # gjsd `beta`, akl `mu`. Today the loss checks them at its first call, inside the training step.
@@ -122,6 +123,7 @@ def check_strategy(strategy: str, accelerator: str) -> None:
 def validate_config(cfg: DictConfig) -> None:
     """Check the composed config before any data is read or model built; raise `ConfigError`."""
     check_renamed_keys(cfg)
+    refuse_inert_keys(cfg)  # options that cannot act on this run (kd_lightning.run.inert_keys)
     _check_weights(cfg)
     max_steps = _number(cfg, "trainer.max_steps", integer=True)
     if max_steps is not None and (max_steps == 0 or max_steps < -1):

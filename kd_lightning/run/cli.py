@@ -7,16 +7,20 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from kd_lightning.errors import ConfigError
 from kd_lightning.run import CONFIG_DIR
 
 
 def main() -> None:
-    """Refuse a renamed key on the command line (one line, exit status 1), then hand over to Hydra."""
-    from kd_lightning.errors import ConfigError
+    """Refuse what can be refused from the command line alone, in one line with exit status 1 (a
+    renamed key; a run directory that cannot be written, which Hydra creates before the task runs),
+    then hand over to Hydra."""
     from kd_lightning.run.checks import check_renamed_overrides  # light: omegaconf and the errors module
+    from kd_lightning.run.preflight import check_run_dir_argument
 
     try:
         check_renamed_overrides(sys.argv[1:])
+        check_run_dir_argument(sys.argv[1:])
     except ConfigError as error:
         sys.exit(f"ConfigError: {error}")
     hydra_main()

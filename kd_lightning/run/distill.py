@@ -23,6 +23,7 @@ from kd_lightning.run.settings import (method_callbacks, teacher_configs, teache
                                        teacher_output_options)
 from kd_lightning.cross_tokenizer import byte_lengths_of, refuse_foreign_tokens, teacher_batches, teacher_tokenization_args
 from kd_lightning.evaluate import evaluate, print_summary, with_progress
+from kd_lightning.infra.resume_history import load_resume_history
 from kd_lightning.infra.signals import exit_on_sigterm
 from kd_lightning.models import count_parameters, output_size, save_model
 from kd_lightning.module import DistillationModule
@@ -129,6 +130,9 @@ def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] 
             return {}
         summary["student_dir"] = str(student_dir)
         summary["timing"] = timer.summary(trainer.world_size)
+        history = load_resume_history(output_dir)
+        if history:  # +resume_allow_changes=true: what changed, and from which step
+            summary["resume_history"] = history
         reuse = stores.summary()
         if reuse is not None:
             summary["teacher_outputs"] = reuse

@@ -22,8 +22,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.run.checks import check_config, check_writable
+from kd_lightning.run.preflight import (check_checkpoint_layout, check_pretrained_sources, check_store_dirs,
+                                       check_teacher_weights)
 from kd_lightning.infra.rundir import begin_run
-from kd_lightning.infra.signals import EXIT_SIGTERM
+from kd_lightning.infra.signals import EXIT_SIGINT, EXIT_SIGTERM, exit_on_sigterm
 from kd_lightning.run.cache_teacher import cache_teacher_stage
 from kd_lightning.run.distill import distill
 from kd_lightning.run.takd import run_chain
@@ -78,20 +80,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
     output_dir = check_writable(cfg.paths.output_dir, "hydra.run.dir")
     check_writable(cfg.paths.cache_dir, "paths.cache_dir")
+    check_store_dirs(cfg)  # teacher_cache.dir / teacher_outputs.dir when this run writes them
+    check_pretrained_sources(cfg)  # a pretrained= that is neither a directory here nor reachable on the hub
+    check_teacher_weights(cfg)  # one weight per teacher, before any teacher is pre-trained
     # rank 0: the run directory's lock, no overwrite of a finished or checkpointed run, the config
     # recorded (a resume must keep its meaning) and the checkpoint to continue from
     lock, checkpoint = begin_run(output_dir, cfg.resume, OmegaConf.to_container(cfg, resolve=True),
                                  allow_changes=bool(cfg.get("resume_allow_changes", False)))
     try:
-        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-        datamodule = hydra.utils.instantiate(cfg.dataset)
-        stage = STAGES[str(cfg.stage)]
-        # Only the distillation stage continues from <output_dir>/checkpoints; the CE-trained stages
-        # find their own partial checkpoints (builders.obtain_ce_model), TAKD stages theirs (takd.run_stage).
-        summary = stage(cfg, datamodule, ckpt_path=checkpoint)
+        check_checkpoint_layout(cfg, checkpoint)  # e.g. a DDP file resumed under strategy=fsdp
+        # SIGTERM or Ctrl-C where no stage says more (reading data, building models): one line, 143/130
+        with exit_on_sigterm(f"stage={cfg.stage}"):
+            L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+            datamodule = hydra.utils.instantiate(cfg.dataset)
+            stage = STAGES[str(cfg.stage)]
+            # Only the distillation stage continues from <output_dir>/checkpoints; the CE-trained stages
+            # find their own partial checkpoints (builders.obtain_ce_model), TAKD stages theirs (takd.run_stage).
+            summary = stage(cfg, datamodule, ckpt_path=checkpoint)
     except BaseException as error:
-        # SIGTERM (exit 143) has already said what was saved, in one line
-        if not isinstance(error, SystemExit) or error.code not in (0, None, EXIT_SIGTERM):
+        # SIGTERM (exit 143) or Ctrl-C (130) has already said what was saved, in one line
+        if not isinstance(error, SystemExit) or error.code not in (0, None, EXIT_SIGTERM, EXIT_SIGINT):
             log.error("stage=%s stopped (%s); its output directory is %s", cfg.stage, type(error).__name__, output_dir)
         close_experiment_loggers()
         raise

@@ -11,7 +11,9 @@ Layout of a store directory ``<root>/<teacher>-<key>``::
 
     manifest.json                 the identity: format, teacher (weights hash, config), precision,
                                   accelerator, encoding and its parameters; checked on every open
-    part-<uuid>.safetensors       `keys` uint8 [n, 16] and the encoding's tensors [n, L, ...]
+    part-<uuid>.safetensors       `keys` uint8 [n, 16] and the encoding's tensors [n, L, ...]; its
+                                  metadata holds a checksum per tensor, verified when the part is
+                                  opened (`kd_lightning.teachers.part_check`)
     covers-<data>.json            offline only: this training split is complete (data fingerprint,
                                   tokenizer, seq_len, number of samples)
 
@@ -45,6 +47,7 @@ from kd_lightning.losses.sparse import SparseTargets
 from kd_lightning.infra.safeload import DamagedFileError, safe_open_checked
 from kd_lightning.teachers.encodings import Encoding, decode_dense, decode_targets, encode, truncated_rows
 from kd_lightning.teachers.identity import FORMAT_VERSION, store_directory, store_identity, weights_hash
+from kd_lightning.teachers.part_check import CHECKSUM_KEY, part_checksum, part_problem
 
 log = logging.getLogger("kd_lightning")
 
@@ -140,6 +143,9 @@ class TeacherOutputStore:
             try:
                 with safe_open_checked(path, fix=fix) as handle:
                     meta, keys = handle.metadata() or {}, handle.get_tensor("keys").numpy()
+                    problem = part_problem(handle, meta, self.vocab_size)  # checksum, ids in range
+                if problem is not None:
+                    raise DamagedFileError(f"{path} is damaged: {problem}; {fix}")
             except DamagedFileError as error:
                 if self.damaged == "error":
                     raise DamagedFileError(f"{self.what}: {error}") from error
@@ -266,7 +272,8 @@ class TeacherOutputStore:
                             self.max_bytes / 2**30)
                 break
             meta = {"format_version": str(FORMAT_VERSION), "encoding": json.dumps(self.encoding.identity(), sort_keys=True),
-                    "seconds_per_row": repr(sum(r[1] for r in rows) / len(rows))}
+                    "seconds_per_row": repr(sum(r[1] for r in rows) / len(rows)),
+                    CHECKSUM_KEY: part_checksum(tensors)}
             atomic_write_file(self.directory / f"part-{uuid.uuid4().hex}.safetensors",
                               lambda temporary: save_file(tensors, str(temporary), metadata=meta))
             self.stats["stored_rows"] += len(keys)
