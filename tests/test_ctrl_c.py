@@ -118,7 +118,8 @@ def test_ctrl_c_in_cache_teacher_in_a_takd_stage_and_while_reading_data(
     assert line.startswith("Ctrl-C (SIGINT) during TAKD stage 1 (stage1_ta1): nothing partial was kept"), line
 
     caplog.clear()
-    monkeypatch.setattr(pipeline, "check_config", sigint_now)  # no stage has started: the run's own line
+    # while the data module is built (the run's first `instantiate`): no stage has started, the run's own line
+    monkeypatch.setattr(pipeline.hydra.utils, "instantiate", sigint_now)
     line = stopped_by_ctrl_c(caplog, make_cfg("baseline=false", output_dir=tmp_path / "data"))
     assert line.startswith("Ctrl-C (SIGINT) during stage=distill: nothing partial was kept"), line
 
