@@ -25,7 +25,6 @@ from kd_lightning.tasks import IGNORE_INDEX
 
 SEQ, SAMPLES, STEPS = 12, 24, 3
 VOCAB = 40  # the tiny LMs' vocabulary (tests.helpers.V); "vocab=N" on the command line changes it
-RESUME_STEPS = 4  # an epoch here is 6 steps of 2 x 2 rows: resume in the middle of it
 
 
 def varied_tokens(n: int = SAMPLES, seq: int = SEQ, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -93,17 +92,6 @@ class RecordSteps(L.Callback):
         self.flush(trainer)
 
 
-class SaveAtStep(L.Callback):
-    """A checkpoint in the middle of the run, as an interruption (SIGTERM, periodic) leaves one."""
-
-    def __init__(self, step: int, path: str) -> None:
-        self.step, self.path = step, path
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self.step and not os.path.exists(self.path):
-            trainer.save_checkpoint(self.path)
-
-
 def make_teacher(kind: str = "dense") -> torch.nn.Module:
     """"dense": a tiny Llama; "moe": a tiny Mixtral; "ka": it in `KnowledgeAugmentedMoE` (2 passes a step, sampling
     probability 0, so every pass routes greedily and the numbers are deterministic); "reuse=DIR": the
@@ -147,12 +135,12 @@ def make_module(chunk_size: int | None = None, teacher: str = "dense", reference
 
 
 def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, accumulate: int = 1,
-              steps: int = STEPS, rows: dict[str, torch.Tensor] | None = None, resume_from: str | None = None,
-              save_to: str | None = None, chunk_size: int | None = None, teacher: str = "dense",
+              steps: int = STEPS, rows: dict[str, torch.Tensor] | None = None,
+              chunk_size: int | None = None, teacher: str = "dense",
               callback: str | None = None, reference: bool = False) -> dict[str, Any]:
     torch.manual_seed(0)
     module, record = make_module(chunk_size, teacher, reference), RecordSteps()
-    callbacks: list[L.Callback] = [record] if save_to is None else [record, SaveAtStep(2, save_to)]
+    callbacks: list[L.Callback] = [record]
     if callback == "on_policy":  # every step on student samples; many EOS ids: rows (and ranks) end at different times
         from kd_lightning.callbacks.generation import OnPolicyGeneration
 
@@ -168,7 +156,7 @@ def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, acc
                         accumulate_grad_batches=accumulate, callbacks=callbacks, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=TinyLMData(batch_size, rows), ckpt_path=resume_from, weights_only=True)
+    trainer.fit(module, datamodule=TinyLMData(batch_size, rows), weights_only=True)
     from kd_lightning.infra.sharding import full_state_dict, is_sharded
 
     teacher = module.teachers["teacher"]
@@ -186,10 +174,9 @@ if __name__ == "__main__":
     out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
     torch.set_num_threads(1)
     extras = sys.argv[6:]
-    VOCAB = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("vocab=")), VOCAB)  # "resume", "chunk=N" (loss.chunk_size), "teacher=KIND" (see make_teacher),
+    VOCAB = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("vocab=")), VOCAB)  # "chunk=N" (loss.chunk_size), "teacher=KIND" (see make_teacher),
     # "callback=on_policy|sar", "rows=full" (every_token_counted), "keep" (fsdp: student_reshard_after_forward=False),
     # "reference" (a loss without a fused kernel: the reference chunked/dense path)
-    resume = "resume" in extras
     chunk = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("chunk=")), None)
     kind = next((e.split("=", 1)[1] for e in extras if e.startswith("teacher=")), "dense")
     callback = next((e.split("=", 1)[1] for e in extras if e.startswith("callback=")), None)
@@ -202,16 +189,8 @@ if __name__ == "__main__":
             return ShardedDataParallel(student_reshard_after_forward="keep" not in extras)
         return strategy
 
-    checkpoint = os.path.join(out, "step2.ckpt") if resume else None
-    result = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate),
-                       steps=RESUME_STEPS if resume else STEPS, save_to=checkpoint, chunk_size=chunk,
-                       teacher=kind, callback=callback, rows=rows,
-                       reference="reference" in extras)
-    if resume:  # the same run resumed from its checkpoint after 2 steps (mid-epoch)
-        resumed = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate), steps=RESUME_STEPS,
-                            resume_from=checkpoint, chunk_size=chunk, teacher=kind,
-                            callback=callback, rows=rows, reference="reference" in extras)
-        result["resumed_params"] = resumed["params"]
+    result = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate), chunk_size=chunk,
+                       teacher=kind, callback=callback, rows=rows, reference="reference" in extras)
     if result["rank"] == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save(result, os.path.join(out, "steps.pt"))

@@ -12,6 +12,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The smoke runs need a teacher and data, not good ones: the test suite's tiny sizes (the
+# benchmarks pass unknown arguments on to train.py as Hydra overrides).
+TINY = ["teacher.pretrain.max_steps=4", "dataset.max_train_tokens=40000", "dataset.seq_len=64"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # the checkout under test, not an installed copy
 
 
@@ -38,7 +41,7 @@ def test_cached_kd_quick_prints_the_ratio():
 
 @pytest.mark.slow
 def test_sweep_reuse_quick_saves_teacher_time_and_keeps_the_results(tmp_path: Path):
-    out = bench("sweep_reuse.py", "--quick", "--out", str(tmp_path), timeout=600)
+    out = bench("sweep_reuse.py", "--quick", "--steps", "6", "--out", str(tmp_path), *TINY, timeout=600)
     result = json.loads((tmp_path / "sweep_reuse.json").read_text())
     assert result["max_loss_diff"] < 1e-4, result  # float32 store: the same students
     assert result["store_mib"] > 0
@@ -50,7 +53,7 @@ def test_sweep_reuse_quick_saves_teacher_time_and_keeps_the_results(tmp_path: Pa
 @pytest.mark.slow
 @pytest.mark.dist
 def test_ddp_quick_runs_one_and_two_processes(tmp_path: Path):
-    bench("ddp.py", "--quick", "--steps", "6", "--out", str(tmp_path), timeout=600)
+    bench("ddp.py", "--quick", "--steps", "6", "--out", str(tmp_path), *TINY, timeout=600)
     rows = json.loads((tmp_path / "ddp.json").read_text())
     assert [r["processes"] for r in rows] == [1, 2, 2] and [r["global_batch"] for r in rows] == [16, 32, 16]
     assert all(r["tokens_per_second"] > 0 and r["peak_rss_mib"] > 50 for r in rows)

@@ -123,8 +123,10 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(make_cfg, tmp_path: Pa
 @pytest.mark.dist
 @pytest.mark.parametrize("case", sorted(DISTRIBUTED_RESUME_CASES))
 def test_interrupted_and_resumed_distributed_run_equals_uninterrupted(tmp_path: Path, cache_dir: Path, case: str) -> None:
-    """The same through `train.py` on 2 processes (a real signal on every rank), the teacher read from
-    the session's cache."""
+    """The same through `train.py` on 2 processes (a real signal on every rank, mid-epoch), the teacher
+    read from the session's cache; under FSDP the checkpoint is sharded and leaves the frozen
+    teacher out. (This took over tests/test_distributed_resume.py, which checked the same on a
+    hand-built 2-process harness.)"""
     common = [*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER, *SHORT_RUN, f"paths.cache_dir={cache_dir}",
               *DISTRIBUTED_RESUME_CASES[case]]
     straight = train_py(*common, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
@@ -132,6 +134,13 @@ def test_interrupted_and_resumed_distributed_run_equals_uninterrupted(tmp_path: 
     interrupted = [*common, f"hydra.run.dir={tmp_path / 'resumed'}"]
     killed = train_py(*interrupted, *KILL_AT_3, cwd=tmp_path)
     assert killed.returncode == 128 + signal.SIGTERM, killed.stderr[-3000:]
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    if case == "fsdp":  # sharded: a directory of shards, the frozen teacher's weights left out
+        from torch.distributed.checkpoint import FileSystemReader
+
+        stored = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+        assert checkpoint.is_dir() and any(k.startswith("state_dict.student.") for k in stored)
+        assert not any(k.startswith("state_dict.teachers.") for k in stored)
     resumed = train_py(*interrupted, *RESUME, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert same_students(tmp_path / "straight", tmp_path / "resumed"), case

@@ -88,7 +88,7 @@ def test_ids_out_of_range_are_damaged_even_in_a_part_without_checksum(tmp_path: 
 def test_teacher_cached_run_with_overwritten_counts_stops_then_cache_teacher_recomputes(
         make_cfg, tmp_path: Path, cache_dir: Path) -> None:
     from kd_lightning.run.pipeline import run
-    from tests.test_teacher_cache import CACHE, DATA, cache_cfg, parts
+    from tests.test_teacher_cache import DATA, SAMPLE_CACHE, cache_cfg, parts
 
     directory = tmp_path / "targets"
     run(cache_cfg(tmp_path / "build", cache_dir, "stage=cache_teacher", f"teacher_cache.dir={directory}"))
@@ -99,7 +99,7 @@ def test_teacher_cached_run_with_overwritten_counts_stops_then_cache_teacher_rec
     overwrite_tensor(part, "counts")
     with pytest.raises(DamagedFileError, match=rf"{part.name} is damaged: tensor 'counts' does not match its "
                                                r"checksum.*re-run stage=cache_teacher"):
-        run(make_cfg(*DATA, *CACHE, "teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={copy}",
+        run(make_cfg(*DATA, *SAMPLE_CACHE, "teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={copy}",
                      "baseline=false", output_dir=tmp_path / "r"))
     run(cache_cfg(tmp_path / "again", cache_dir, "stage=cache_teacher", f"teacher_cache.dir={copy}"))
     assert not part.exists() and sum(len(p["keys"]) for p in parts(copy)) == rows

@@ -21,11 +21,14 @@ from tests.conftest import column, compose_config, metrics_csv, tiny_overrides
 
 # Smaller than the shared tiny data so that the teacher's pass over the training split takes ~1 s.
 DATA = ("dataset.max_train_tokens=12000", "dataset.batch_size=8")
-CACHE = ("teacher_cache.k=12", "teacher_cache.num_draws=12", "teacher_cache.shard_size=64")
+CACHE = ("teacher_cache.k=12", "teacher_cache.shard_size=64")
+SAMPLE_DRAWS = "teacher_cache.num_draws=12"  # acts only with encoding=sample (the default); refused otherwise
+SAMPLE_CACHE = (*CACHE, SAMPLE_DRAWS)
 
 
 def cache_cfg(tmp: Path, cache_dir: Path, *overrides: str):
-    chosen = (*DATA, *CACHE, *overrides)
+    sample = not any(o.startswith("teacher_cache.encoding=") and o != "teacher_cache.encoding=sample" for o in overrides)
+    chosen = (*DATA, *CACHE, *((SAMPLE_DRAWS,) if sample else ()), *overrides)
     return compose_config([*tiny_overrides(chosen), *chosen], tmp / "run", cache_dir)
 
 
@@ -67,7 +70,7 @@ def test_store_covers_every_training_sample_then_train(built, make_cfg, tmp_path
         assert p["ids"].dtype == torch.uint16 and p["counts"].dtype == torch.uint8 and p["ids"].shape[1:] == (64, 12)
     assert bytes_per_token(directory) == 12 * 3
 
-    cfg = make_cfg(*DATA, *CACHE, "teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={directory}", "baseline=false")
+    cfg = make_cfg(*DATA, *SAMPLE_CACHE, "teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={directory}", "baseline=false")
     summary = run(cfg)
     losses = column(metrics_csv(Path(cfg.paths.output_dir)), "train/kd_loss")
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0], losses
@@ -161,14 +164,14 @@ def test_mismatching_or_missing_cache_fails_before_training(built, make_cfg, tmp
     directory = built["sample"]
     base = ("teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={directory}", "baseline=false")
     with pytest.raises(ValueError, match=r"built for data fingerprint '[0-9a-f]{16}' but this run has '[0-9a-f]{16}'.*stage=cache_teacher"):
-        run(make_cfg(*DATA, *CACHE, *base, "dataset.max_train_tokens=10000"))
+        run(make_cfg(*DATA, *SAMPLE_CACHE, *base, "dataset.max_train_tokens=10000"))
     with pytest.raises(ValueError, match=r"built with teacher_cache.k=12 but this run has 8"):
-        run(make_cfg(*DATA, *CACHE, *base, "teacher_cache.k=8", output_dir=tmp_path / "k"))
+        run(make_cfg(*DATA, *SAMPLE_CACHE, *base, "teacher_cache.k=8", output_dir=tmp_path / "k"))
     with pytest.raises(ValueError, match=r"seq len 64 but this run has 32"):
-        run(make_cfg(*DATA, *CACHE, *base, "dataset.seq_len=32", output_dir=tmp_path / "len"))
+        run(make_cfg(*DATA, *SAMPLE_CACHE, *base, "dataset.seq_len=32", output_dir=tmp_path / "len"))
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=rf"no teacher-target cache at {missing}.*stage=cache_teacher"):
-        run(make_cfg(*DATA, *CACHE, "teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={missing}", output_dir=tmp_path / "m"))
+        run(make_cfg(*DATA, *SAMPLE_CACHE, "teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={missing}", output_dir=tmp_path / "m"))
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -176,7 +179,7 @@ def test_targets_of_another_temperature_or_encoding_are_refused(built, make_cfg,
     """#16: the store's manifest covers every setting that changes the targets."""
     base = (*DATA, *CACHE, "teacher=cached", "loss=sparse_kl", f"teacher_cache.dir={built['sample']}", "baseline=false")
     with pytest.raises(ValueError, match=r"built with teacher_cache.temperature=1.0 but this run has 2.0"):
-        run(make_cfg(*base, "teacher_cache.temperature=2.0", output_dir=tmp_path / "t"))
+        run(make_cfg(*base, SAMPLE_DRAWS, "teacher_cache.temperature=2.0", output_dir=tmp_path / "t"))
     with pytest.raises(ValueError, match=r"teacher_cache.encoding='sample'.*but this run has 'topk'"):
         run(make_cfg(*base, "teacher_cache.encoding=topk", output_dir=tmp_path / "m"))
     with pytest.raises(ValueError, match=r"teacher_cache.num_draws=12.* but this run has 24"):

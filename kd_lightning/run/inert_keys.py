@@ -12,8 +12,7 @@ recorded as 1.0 without a word. `refuse_inert_keys(cfg)` (called by `checks.vali
 - a teacher-store setting that the chosen encoding ignores (`temperature` and `num_draws` act only
   with `sample`, `k` not with `full`, `dtype` not with `sample`), for `teacher_cache.*` when the run
   uses the offline targets and `teacher_outputs.*` with `teacher_outputs.reuse=true`. Only values
-  that differ from `conf/train.yaml`'s are refused (the defaults are always present). The encoding
-  is read from `encoding` or, in older configs, `method`.
+  that differ from `conf/train.yaml`'s are refused (the defaults are always present).
 """
 
 from __future__ import annotations
@@ -103,8 +102,8 @@ def _defaults(node: str) -> dict[str, Any]:
 
 
 def encoding_name(node: DictConfig) -> str | None:
-    """The store encoding a node names: `encoding` (or the older `method`), a string or a node with `name`."""
-    value = node.get("encoding") if "encoding" in node else node.get("method")
+    """The store encoding a node names: `encoding`, a string or a node with `name`."""
+    value = node.get("encoding")
     if isinstance(value, DictConfig):
         value = value.get("name")
     return None if value is None else str(value)
@@ -117,7 +116,7 @@ def _check_store_node(cfg: DictConfig, node_name: str) -> None:
     encoding = encoding_name(node)
     if encoding is None:
         return
-    key_of_encoding = f"{node_name}.encoding" if "encoding" in node else f"{node_name}.method"
+    key_of_encoding = f"{node_name}.encoding"
     defaults = _defaults(node_name)
     for key, acts_in in STORE_KEY_ENCODINGS.items():
         if key not in node or encoding in acts_in or key not in defaults:
