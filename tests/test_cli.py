@@ -81,6 +81,7 @@ def test_wandb_logger_writes_offline_run(make_cfg, monkeypatch: pytest.MonkeyPat
     import wandb
 
     wandb.finish()
+    wandb.teardown()  # the writer is a separate service process: wait until it has flushed the offline run
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, runs
     data = next(runs[0].glob("*.wandb")).read_bytes()
