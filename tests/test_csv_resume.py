@@ -82,28 +82,3 @@ def test_lightning_csv_logger_loses_rows_on_resume(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="will be deleted"):
         resumed = interrupted_then_resumed(tmp_path, CSVLogger)
     assert min(int(r["step"]) for r in resumed) >= 3
-
-
-@pytest.mark.slow
-def test_real_run_keeps_metrics_across_sigterm_and_resume(tmp_path: Path, cache_dir: Path) -> None:
-    """The real entry point with the default `logger=csv` (now `ResumableCSVLogger`): SIGTERM at step 4,
-    resume=auto; the rows of steps 0-3 are still in metrics.csv and no step appears twice."""
-    import signal
-
-    from tests.conftest import TINY_LM_DATA, TINY_TEACHER, TINY_TRAINER
-    from tests.test_resume import train_py
-
-    out = tmp_path / "run"
-    common = [*TINY_TRAINER, *TINY_LM_DATA, *TINY_TEACHER, "trainer.max_steps=6", "trainer.val_check_interval=3",
-              "baseline=false", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={out}"]
-    killed = train_py(*common, "+callbacks.kill._target_=tests.test_resume.SigtermAt", "+callbacks.kill.step=4",
-                      cwd=tmp_path)
-    assert killed.returncode == 128 + signal.SIGTERM, killed.stderr[-2000:]
-    before = rows(out)
-    resumed = train_py(*common, "resume=auto", "+resume_allow_changes=true", cwd=tmp_path)  # the kill callback is dropped
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    after = rows(out)
-    early = [r for r in before if int(r["step"]) < 4]
-    assert early and after[: len(early)] == early
-    train_steps = [int(r["step"]) for r in after if r.get("train/loss")]
-    assert len(train_steps) == len(set(train_steps)) and max(train_steps) >= 5  # each step once, to the end

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from lightning import Callback
 
 from tests.conftest import REPO, TINY_LM_DATA, TINY_TEACHER, TINY_TRAINER
+from tests.test_csv_resume import rows as metric_rows
 
 
 class SigtermAt(Callback):
@@ -53,12 +55,20 @@ def test_sigterm_saves_checkpoint_and_resume_auto_continues(tmp_path: Path, cach
     last = out / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 3
     assert not (out / "summary.json").exists()
+    before = metric_rows(out)
 
     resumed = train_py(*common, *RESUME, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Restoring states from the checkpoint path" in resumed.stdout + resumed.stderr
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 8
     assert (out / "summary.json").exists() and (out / "student" / "config.json").exists()
+    # the default logger (ResumableCSVLogger) keeps the rows of steps 0-2 and logs no step twice
+    # (this took over tests/test_csv_resume.py's real-run test, which checked it with its own kill at step 4)
+    after = metric_rows(out)
+    early = [r for r in before if int(r["step"]) < 3]
+    assert early and after[: len(early)] == early
+    train_steps = [int(r["step"]) for r in after if r.get("train/loss")]
+    assert len(train_steps) == len(set(train_steps)) and max(train_steps) >= 7  # each step once, to the end
 
 
 def test_same_seed_same_metrics_different_seed_different_run(make_cfg, tmp_path: Path) -> None:
@@ -131,6 +141,10 @@ def test_interrupted_and_resumed_distributed_run_equals_uninterrupted(tmp_path: 
               *DISTRIBUTED_RESUME_CASES[case]]
     straight = train_py(*common, f"hydra.run.dir={tmp_path / 'straight'}", cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    # the plain 2-process run (this took over tests/test_cli.py's DDP run): both ranks, a summary
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in straight.stdout + straight.stderr
+    summary = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    assert summary["models"]["student (KD)"]["loss"] < 6.0
     interrupted = [*common, f"hydra.run.dir={tmp_path / 'resumed'}"]
     killed = train_py(*interrupted, *KILL_AT_3, cwd=tmp_path)
     assert killed.returncode == 128 + signal.SIGTERM, killed.stderr[-3000:]
