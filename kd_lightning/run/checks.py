@@ -26,6 +26,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.run.resolvers import register_resolvers
+
+register_resolvers()  # ${kd_packaged_gguf:...} (teacher=smollm2): this module resolves the config first
 
 # Loss parameters that must lie in [0, 1] (conf/loss/*.yaml): skew_kl / skew_reverse_kl `alpha`,
 # gjsd `beta`, akl `mu`. Today the loss checks them at its first call, inside the training step.
