@@ -110,6 +110,62 @@ def from_pretrained(
     )
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of decoder blocks of a `transformers` causal LM: `<base model>.layers` (Llama, Qwen,
+    Mistral, Mixtral, Gemma, Phi-3 ...); a clear error for other layouts."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"student=from_teacher: {type(model).__name__} keeps no `model.layers` list of decoder blocks; "
+                         "it works with Llama-style decoders (LlamaForCausalLM, Qwen2, Mistral, Mixtral ...)")
+    return layers
+
+
+def chosen_layers(num_layers: int, layers: list[int] | None, every: int | None) -> list[int]:
+    """The teacher layers a `from_teacher` student keeps: `layers` as given, else every `every`-th
+    from the first (0, k, 2k, ...) plus the last, so the student starts and ends as the teacher does."""
+    if layers is not None:
+        chosen = [int(i) for i in layers]
+        if not chosen or chosen != sorted(set(chosen)) or chosen[0] < 0 or chosen[-1] >= num_layers:
+            raise ValueError(f"student.model.layers={list(layers)}: need increasing layer indices in [0, {num_layers})")
+        return chosen
+    if every is None or int(every) < 1:
+        raise ValueError(f"student.model.every={every!r}: set a positive step, or student.model.layers=[...]")
+    return sorted(set(range(0, num_layers, int(every))) | {num_layers - 1})
+
+
+@builds(CausalLM.name)
+def from_teacher(teacher: nn.Module | str, *, layers: list[int] | None = None, every: int | None = None,
+                 **_: Any) -> nn.Module:
+    """A student cut from a pretrained decoder: a subset of its layers kept, everything else (token
+    embeddings, final norm, head) copied, as DistilBERT ("DistilBERT, a distilled version of BERT",
+    Sanh et al. 2019) initialises from every second layer of its teacher, and Minitron ("Compact
+    Language Models via Pruning and Knowledge Distillation", Muralidharan et al. 2024) prunes depth.
+
+    `teacher` is a built model (never modified: the student is a copy) or a directory/hub id that
+    `from_pretrained` loads; `layers` lists the kept layers, else every `every`-th is kept
+    (`chosen_layers`). The result is an ordinary model of the teacher's class whose config says the
+    new depth, so `save_pretrained`/`from_pretrained` round-trip it."""
+    import copy
+
+    model = from_pretrained(teacher) if isinstance(teacher, (str, Path)) else copy.deepcopy(teacher)
+    blocks = decoder_layers(model)
+    kept = chosen_layers(len(blocks), layers, every)
+    blocks_kept = nn.ModuleList([blocks[i] for i in kept])
+    for new_index, block in enumerate(blocks_kept):  # the KV cache and per-layer settings index by position
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new_index
+    base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+    base.layers = blocks_kept
+    config = model.config
+    config.num_hidden_layers = len(kept)
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    model.requires_grad_(True)
+    return model.train()
+
+
 class MLPClassifier(nn.Module):
     """A plain multi-layer perceptron: the 'any torch classifier' used with `dataset=digits`."""
 

@@ -1,6 +1,7 @@
 """LightningDataModules for the ``dataset`` config group (``conf/dataset/*.yaml``).
 
 - ``StdlibDataModule``     ``dataset=stdlib``      the Python standard library source, bytes (default)
+- ``ProseDataModule``     ``dataset=prose``       offline English prose (stdlib docstrings, pydoc topics, licences)
 - ``TextFilesDataModule``  ``dataset=text_files``  local .txt / .jsonl files
 - ``HFDataModule``         ``dataset=hf``          Hugging Face datasets (hub name, local files, save_to_disk)
 - ``DigitsDataModule``     ``dataset=digits``      scikit-learn digits, classification
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from kd_lightning.data.base import BaseDataModule, LMDataModule
     from kd_lightning.data.digits import DigitsDataModule
+    from kd_lightning.data.prose import ProseDataModule
     from kd_lightning.data.stdlib import StdlibDataModule
     from kd_lightning.data.text import HFDataModule, TextFilesDataModule
     from kd_lightning.data.tokenizer import byte_tokenizer, encode_bytes, load_tokenizer
@@ -26,6 +28,7 @@ _EXPORTS = {
     "LMDataModule": "base",
     "DigitsDataModule": "digits",
     "StdlibDataModule": "stdlib",
+    "ProseDataModule": "prose",
     "HFDataModule": "text",
     "TextFilesDataModule": "text",
     "byte_tokenizer": "tokenizer",

@@ -12,3 +12,4 @@ from pathlib import Path
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 """The repository's `conf/` (next to this package in an editable install)."""
+

@@ -27,6 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.run.inert_keys import refuse_inert_keys
+from kd_lightning.run.resolvers import register_resolvers
+
+register_resolvers()  # ${kd_packaged_gguf:...} (teacher=smollm2): this module resolves the config first
 
 # Loss parameters that must lie in [0, 1] (conf/loss/*.yaml): skew_kl / skew_reverse_kl `alpha`,
 # gjsd `beta`, akl `mu`. Today the loss checks them at its first call, inside the training step.
@@ -86,6 +89,7 @@ def check_config(cfg: DictConfig) -> None:
 
     validate_config(cfg)
     teachers = teacher_configs(cfg)
+    check_from_teacher(cfg, teachers)
     cached = [str(t.name) for t in teachers if t.get("cached")]
     if cached and (cfg.stage == "cache_teacher" or len(teachers) > 1):
         raise ValueError(f"teacher={cached[0]} (offline targets) is the only teacher of a stage=distill run; "
@@ -106,6 +110,42 @@ def check_config(cfg: DictConfig) -> None:
     check_strategy(str(cfg.trainer.get("strategy")), str(cfg.trainer.get("accelerator")))
 
 
+def check_from_teacher(cfg: DictConfig, teachers: list[DictConfig]) -> None:
+    """`student=from_teacher` reads `${teacher.model}` and builds it again: that is the teacher only
+    for a model used as is (`pretrain: null`), not one kd-lightning trains or stored targets."""
+    student = cfg.student.model
+    if not str(student.get("_target_", "")).endswith(".from_teacher"):
+        return
+    source = OmegaConf.to_container(student, resolve=False).get("teacher")
+    if not (isinstance(source, str) and source.startswith("${teacher")):
+        return  # a model directory or another node of the user's
+    unusable = [str(t.name) for t in teachers if t.get("pretrain") is not None or t.get("cached") or t.get("members")]
+    if unusable or len(teachers) != 1:
+        raise ConfigError(f"student=from_teacher copies the layers of one pretrained teacher used as is (teacher=smollm2, "
+                          f"teacher=hf); teacher={cfg.teacher.get('name')} is not one. Point it at a saved model "
+                          "instead: student.model.teacher=<model directory>")
+
+
+def check_packaged_models(cfg: DictConfig) -> None:
+    """Models converted from a file in an installed Python package (`${kd_packaged_gguf:...}`, e.g.
+    teacher=smollm2) are obtained here, when the config is first resolved: a missing package stops
+    the run before any compute with one line naming the pip command."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    keys = ["dataset.tokenizer", "dataset.teacher_tokenizer", "student.model.pretrained",
+            *(f"{k}.model.pretrained" for k in _teacher_keys(cfg)), *(f"{k}.tokenizer" for k in _teacher_keys(cfg))]
+    for key in keys:
+        try:
+            _get(cfg, key)
+        except InterpolationResolutionError as error:
+            cause: BaseException | None = error  # interpolations of interpolations wrap it once per level
+            while isinstance(cause, InterpolationResolutionError):
+                cause = cause.__cause__ or cause.__context__
+            if isinstance(cause, (ImportError, FileNotFoundError)):
+                raise ConfigError(f"{key}: {cause}") from cause
+            raise
+
+
 def check_strategy(strategy: str, accelerator: str) -> None:
     """GPU-only strategies refuse to start without a GPU, with the options that do work here."""
     import torch
@@ -124,6 +164,7 @@ def validate_config(cfg: DictConfig) -> None:
     """Check the composed config before any data is read or model built; raise `ConfigError`."""
     check_renamed_keys(cfg)
     refuse_inert_keys(cfg)  # options that cannot act on this run (kd_lightning.run.inert_keys)
+    check_packaged_models(cfg)
     _check_weights(cfg)
     max_steps = _number(cfg, "trainer.max_steps", integer=True)
     if max_steps is not None and (max_steps == 0 or max_steps < -1):
