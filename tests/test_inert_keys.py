@@ -9,7 +9,7 @@ from omegaconf import open_dict
 
 from kd_lightning.errors import ConfigError
 from kd_lightning.run.checks import validate_config
-from kd_lightning.run.inert_keys import encoding_name
+from kd_lightning.run.checks.inert_keys import encoding_name
 from kd_lightning.run.pipeline import run
 
 

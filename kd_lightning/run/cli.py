@@ -15,8 +15,7 @@ def main() -> None:
     """Refuse what can be refused from the command line alone, in one line with exit status 1 (a
     renamed key; a run directory that cannot be written, which Hydra creates before the task runs),
     then hand over to Hydra."""
-    from kd_lightning.run.checks import check_renamed_overrides  # light: omegaconf and the errors module
-    from kd_lightning.run.preflight import check_run_dir_argument
+    from kd_lightning.run.checks import check_renamed_overrides, check_run_dir_argument  # light: no torch
 
     try:
         check_renamed_overrides(sys.argv[1:])

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.run.checks import check_config, check_writable
-from kd_lightning.run.preflight import (check_checkpoint_layout, check_pretrained_sources, check_store_dirs,
+from kd_lightning.run.checks import (check_checkpoint_layout, check_pretrained_sources, check_store_dirs,
                                        check_teacher_weights)
 from kd_lightning.infra.rundir import begin_run
 from kd_lightning.infra.signals import EXIT_SIGINT, EXIT_SIGTERM, exit_on_sigterm

@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import ConfigError
-from kd_lightning.run.checks import check_writable
+from kd_lightning.run.checks.values import check_writable
 
 RUN_DIR_KEYS = ("hydra.run.dir", "hydra.sweep.dir")
 

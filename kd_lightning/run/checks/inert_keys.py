@@ -25,13 +25,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import ConfigError
+from kd_lightning.run import CONFIG_DIR
 
 LOSS_NODE_KEYS = ("name", "fn", "chunk_size", "cross_vocab", "callback")  # what the run reads of `loss`
 HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 # store setting -> the encodings it acts in (kd_lightning.teachers.encodings.Encoding.identity)
 STORE_KEY_ENCODINGS = {"temperature": ("sample",), "num_draws": ("sample",), "k": ("topk", "sample"),
                        "dtype": ("full", "topk")}
-TRAIN_YAML = Path(__file__).resolve().parents[2] / "conf" / "train.yaml"
+TRAIN_YAML = Path(CONFIG_DIR) / "train.yaml"
 
 
 def refuse_inert_keys(cfg: DictConfig) -> None:
@@ -94,10 +95,7 @@ def _uses_teacher_cache(cfg: DictConfig) -> bool:
 
 @cache
 def _defaults(node: str) -> dict[str, Any]:
-    try:
-        values = OmegaConf.to_container(OmegaConf.load(TRAIN_YAML).get(node) or {}, resolve=False)
-    except Exception:  # noqa: BLE001 - without the defaults nothing can be told apart: check nothing
-        return {}
+    values = OmegaConf.to_container(OmegaConf.load(TRAIN_YAML).get(node) or {}, resolve=False)
     return values if isinstance(values, dict) else {}
 
 
