@@ -250,9 +250,10 @@ def test_every_dataset_config_instantiates(tmp_path: Path) -> None:
     fill = {
         "text_files.yaml": {"paths": [str(tmp_path / "docs")]},
         "hf.yaml": {"path": str(jsonl), "cache_dir": str(tmp_path / "hf")},
+        "prose.yaml": {"sources": ["topics"], "seq_len": 32},  # bytes without a teacher's tokenizer
     }
     files = sorted(path.name for path in CONF.glob("*.yaml"))
-    assert files == ["digits.yaml", "hf.yaml", "stdlib.yaml", "text_files.yaml"]
+    assert files == ["digits.yaml", "hf.yaml", "prose.yaml", "stdlib.yaml", "text_files.yaml"]
     for name in files:
         node = OmegaConf.load(CONF / name)
         node.merge_with(fill.get(name, {}))
