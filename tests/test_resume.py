@@ -66,7 +66,9 @@ def test_sigterm_saves_checkpoint_and_resume_auto_continues(tmp_path: Path, cach
     # (this took over tests/test_csv_resume.py's real-run test, which checked it with its own kill at step 4)
     after = metric_rows(out)
     early = [r for r in before if int(r["step"]) < 3]
-    assert early and after[: len(early)] == early
+    kept = after[: len(early)]
+    assert early and [{k: r[k] for k in e} for r, e in zip(kept, early)] == early
+    assert all(not r[k] for r, e in zip(kept, early) for k in r.keys() - e.keys())  # columns added later: empty
     train_steps = [int(r["step"]) for r in after if r.get("train/loss")]
     assert len(train_steps) == len(set(train_steps)) and max(train_steps) >= 7  # each step once, to the end
 
