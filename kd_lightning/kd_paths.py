@@ -275,6 +275,8 @@ class CrossTokenizerKD(KDPath):
         kd = loss_fn(student, teacher[:, :-1], step.mask, targets=cross_token_targets(batch, self.vocab_map),
                      temperature=step.kd_temperature, **extra)
         logs = {f"span_{key}": float(stats[key]) for key in ("exact_fraction", "fallback_fraction") if key in stats}
+        logs.update({f"alm_{key}": float(stats[key]) for key in ("student_tokens_per_chunk", "teacher_tokens_per_chunk")
+                     if key in stats})
         return StepTerms(ce_sum, token_ce, kd, None, step.teacher_weights.to(kd.device), [name], logs)
 
 
@@ -308,7 +310,7 @@ def own_tokens_check(loss_fn: Callable[..., Tensor] | None, num_teachers: int, s
         raise ValueError("a teacher with its own tokenization must be the only teacher, and a model (not teacher=cached)")
     if loss_fn is None or "targets" not in loss_keywords(loss_fn):
         raise ValueError("the teacher reads its own tokenization (dual batches): use a cross-tokenizer loss, "
-                         "loss=uld or loss=span_kl")
+                         "loss=uld or loss=span_kl (or loss=alm, loss=byte_kl)")
     if chunk_size:
         raise ValueError(f"loss.chunk_size={chunk_size}: the chunked path cannot align two tokenizations; "
                          "set loss.chunk_size=null")

@@ -101,6 +101,17 @@ def span_groups(student_offsets: Offsets, teacher_offsets: Offsets) -> list[Span
     ]
 
 
+def counted_groups(student_offsets: Offsets, teacher_offsets: Offsets, student_counted: Sequence[bool],
+                   teacher_counted: Sequence[bool]) -> list[SpanGroup]:
+    """The :func:`span_groups` of one sequence with at least one token on each side, all of them
+    counted (``*_counted[i]``: target token ``i`` is in the loss); the chunks that likelihood-based
+    cross-tokenizer losses compare (a group with a prompt or padding token is left out whole)."""
+    return [g for g in span_groups(student_offsets, teacher_offsets)
+            if g.student_end > g.student_start and g.teacher_end > g.teacher_start
+            and all(student_counted[g.student_start:g.student_end])
+            and all(teacher_counted[g.teacher_start:g.teacher_end])]
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared vocabulary
 # ----------------------------------------------------------------------------------------------
