@@ -57,7 +57,21 @@ def shared_targets(student, mask):
                              teacher_offsets=offsets)
 
 
-TOKENIZATION_LOSSES = {"alm": shared_targets}
+def byte_targets(student, mask):
+    from kd_lightning.data.tokenizer import byte_tokenizer
+    from kd_lightning.data.vocab_map import build_next_byte_map
+
+    targets = shared_targets(student, mask)
+    labels = torch.where(mask, targets.student_labels + 3, -100)
+    return targets._replace(student_labels=labels, teacher_labels=labels,
+                            next_byte=build_next_byte_map(byte_tokenizer(), byte_tokenizer()))
+
+
+def byte_kl_logits(gen):
+    return torch.randn(2, 3, 259, generator=gen), torch.randn(2, 3, 259, generator=gen)
+
+
+TOKENIZATION_LOSSES = {"alm": shared_targets, "byte_kl": byte_targets}
 
 
 def test_taid_config_requires_the_callback():
