@@ -8,6 +8,8 @@ byte-level MoE teacher is pre-trained once per seed and every arm reads the same
 - `uld`      `experiment=cross_tokenizer loss=uld`       byte teacher -> 4k-BPE student
 - `span_kl`  `experiment=cross_tokenizer loss=span_kl`   byte teacher -> 4k-BPE student
 - `kl`       `loss=kl` (the default run)                 byte teacher -> byte student (same tokenizer)
+- `alm` `experiment=cross_tokenizer loss=alm`; `alm_reverse`, `byte_kl_reverse` (`--arms`): the
+  losses of issue #22 (approximate likelihood matching; exact next-byte targets for a byte student)
 - `uld_reverse`, `span_kl_reverse` (`--arms`)  `experiment=cross_tokenizer_reverse`: a 4k-BPE MoE
   teacher, pre-trained on its own tokens, -> the byte student
 
@@ -48,6 +50,10 @@ ARMS = {
     # the reverse direction: a 4k-BPE MoE teacher (pre-trained on its own tokens) -> the byte student
     "uld_reverse": ["experiment=cross_tokenizer_reverse", "loss=uld"],
     "span_kl_reverse": ["experiment=cross_tokenizer_reverse", "loss=span_kl"],
+    # issue #22: approximate likelihood matching (both directions), exact next-byte targets (byte student)
+    "alm": ["experiment=cross_tokenizer", "loss=alm"],
+    "alm_reverse": ["experiment=cross_tokenizer_reverse", "loss=alm"],
+    "byte_kl_reverse": ["experiment=cross_tokenizer_reverse", "loss=byte_kl"],
 }
 DEFAULT_ARMS = "uld,span_kl,kl"
 QUICK = ["trainer.max_steps=20", "teacher.pretrain.max_steps=20", "trainer.val_check_interval=10",

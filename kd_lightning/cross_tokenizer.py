@@ -48,12 +48,15 @@ def teacher_tokenization_args(datamodule: Any, cache_dir: str, reuse_teacher_out
     if reuse_teacher_outputs:
         raise ValueError("teacher_outputs.reuse=true is not supported across tokenizers (the store is keyed by one "
                          "tokenization); set teacher_outputs.reuse=false")
-    from kd_lightning.data.vocab_map import shared_vocab_map
+    from kd_lightning.data.vocab_map import build_next_byte_map, shared_vocab_map
     from kd_lightning.infra.model_cache import cache_root
 
     vocab_map = shared_vocab_map(datamodule.tokenizer, datamodule.teacher_tokenizer,
                                  cache_dir=str(cache_root(cache_dir) / "vocab_maps"))
-    return {"teacher_tokenization": "own", "vocab_map": vocab_map}
+    # byte_kl's view of the teacher's tokens: only for a byte-level student (None otherwise), a
+    # one-pass build over the teacher's vocabulary.
+    next_byte_map = build_next_byte_map(datamodule.tokenizer, datamodule.teacher_tokenizer)
+    return {"teacher_tokenization": "own", "vocab_map": vocab_map, "next_byte_map": next_byte_map}
 
 
 class TeacherSide:

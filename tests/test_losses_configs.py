@@ -39,9 +39,39 @@ def test_loss_config(path):
     teacher = torch.randn(2, 3, teacher_vocab, generator=gen)
     mask = torch.tensor([[True, True, False], [True, False, True]])
     extra = {"interpolation": 0.5} if path.stem == "taid" else {}
+    if path.stem in TOKENIZATION_LOSSES:  # they need both tokenizations: here one shared by both sides
+        extra = {"targets": TOKENIZATION_LOSSES[path.stem](student, mask)}
+        if path.stem == "byte_kl":
+            student, teacher = byte_kl_logits(gen)
     value = fn(student, teacher, mask, temperature=2.0, **extra)
     assert value.ndim == 0 and torch.isfinite(value) and value > 0
-    assert cfg.get("cross_vocab", False) == (path.stem in {"uld", "span_kl"})
+    assert cfg.get("cross_vocab", False) == (path.stem in {"uld", "span_kl", *TOKENIZATION_LOSSES})
+
+
+def shared_targets(student, mask):
+    from kd_lightning.losses.cross_vocab import CrossTokenTargets
+
+    labels = torch.where(mask, torch.arange(student.shape[1]).expand_as(mask), -100)
+    offsets = torch.tensor([[(i, i + 1) for i in range(student.shape[1])]] * student.shape[0])
+    return CrossTokenTargets(teacher_labels=labels, student_labels=labels, student_offsets=offsets,
+                             teacher_offsets=offsets)
+
+
+def byte_targets(student, mask):
+    from kd_lightning.data.tokenizer import byte_tokenizer
+    from kd_lightning.data.vocab_map import build_next_byte_map
+
+    targets = shared_targets(student, mask)
+    labels = torch.where(mask, targets.student_labels + 3, -100)
+    return targets._replace(student_labels=labels, teacher_labels=labels,
+                            next_byte=build_next_byte_map(byte_tokenizer(), byte_tokenizer()))
+
+
+def byte_kl_logits(gen):
+    return torch.randn(2, 3, 259, generator=gen), torch.randn(2, 3, 259, generator=gen)
+
+
+TOKENIZATION_LOSSES = {"alm": shared_targets, "byte_kl": byte_targets}
 
 
 def test_taid_config_requires_the_callback():

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kd_lightning.data.tokenizer import BYTE_OFFSET, is_byte_tokenizer, tokenizer_identity
 from kd_lightning.infra.atomic import atomic_write_file
-from kd_lightning.losses.align import VocabMap
+from kd_lightning.losses.align import NextByteMap, VocabMap
 
 log = logging.getLogger("kd_lightning")
 
@@ -155,3 +155,38 @@ def shared_vocab_map(student_tokenizer: Any, teacher_tokenizer: Any, cache_dir: 
     if path is not None and (damaged or not path.is_file()):
         atomic_write_file(path, lambda temporary: torch.save((result.student_ids, result.teacher_ids), temporary))
     return result
+
+
+def build_next_byte_map(student_tokenizer: Any, teacher_tokenizer: Any) -> NextByteMap | None:
+    """The :class:`~kd_lightning.losses.align.NextByteMap` of a teacher's vocabulary for a byte-level
+    student (``loss=byte_kl``); None when the student has no single-byte id for some byte or no EOS.
+    Teacher tokens are read as bytes by :func:`token_bytes`; specials other than EOS are left out."""
+    student_ids = {value[0]: token_id for token_id, value in sorted(token_bytes(student_tokenizer).items(), reverse=True)
+                   if len(value) == 1 and token_id not in (student_tokenizer.eos_token_id, student_tokenizer.bos_token_id)}
+    if len(student_ids) < 256 or student_tokenizer.eos_token_id is None:
+        return None
+    eos = teacher_tokenizer.eos_token_id
+    strings = {token_id: value for token_id, value in token_bytes(teacher_tokenizer).items()
+               if token_id not in (eos, teacher_tokenizer.bos_token_id) and value}
+    vocab = max([len(teacher_tokenizer), *(token_id + 1 for token_id in strings)])
+    width = max([1, *(len(value) for value in strings.values())])
+    nodes: dict[bytes, int] = {b"": 0}
+    entries: list[tuple[int, int, int]] = []  # (node, token, next byte)
+    prefix_node = torch.full((vocab, width), -1, dtype=torch.long)
+    token_length = torch.zeros(vocab, dtype=torch.long)
+    for token_id, value in sorted(strings.items()):
+        token_length[token_id] = len(value)
+        for depth in range(len(value)):
+            node = nodes.setdefault(value[:depth], len(nodes))
+            prefix_node[token_id, depth] = node
+            entries.append((node, token_id, value[depth]))
+    if eos is not None:
+        entries.append((0, int(eos), 256))
+        prefix_node[int(eos), 0], token_length[int(eos)] = 0, 1
+    entries.sort()
+    table = torch.tensor(entries, dtype=torch.long).reshape(-1, 3)
+    node_ptr = torch.zeros(len(nodes) + 1, dtype=torch.long)
+    node_ptr[1:] = torch.bincount(table[:, 0], minlength=len(nodes)).cumsum(0)
+    byte_ids = [student_ids[b] for b in range(256)] + [int(student_tokenizer.eos_token_id)]
+    return NextByteMap(node_ptr, table[:, 1].contiguous(), table[:, 2].contiguous(), prefix_node, token_length,
+                       torch.tensor(byte_ids, dtype=torch.long))

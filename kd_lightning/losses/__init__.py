@@ -28,6 +28,8 @@ from kd_lightning.losses.divergences import (
     skew_reverse_kl,
     total_variation,
 )
+from kd_lightning.losses.likelihood import alm, binary_divergence
+from kd_lightning.losses.next_byte import byte_kl, next_byte_distribution
 from kd_lightning.losses.fast import KDTerms, fast_kd_terms, fast_sparse_kd_terms, supports_fast
 from kd_lightning.losses.features import hint_mse, make_projection, rkd_angle, rkd_distance
 from kd_lightning.losses.sparse import SparseTargets, online_sparse_kl, sample_targets, sparse_kl, topk_targets
@@ -40,6 +42,10 @@ __all__ = [
     "supports_fast",
     "SparseTargets",
     "adaptive_kl",
+    "alm",
+    "binary_divergence",
+    "byte_kl",
+    "next_byte_distribution",
     "chunked_distill_loss",
     "chunked_kd_terms",
     "cross_token_targets",

@@ -101,6 +101,17 @@ def span_groups(student_offsets: Offsets, teacher_offsets: Offsets) -> list[Span
     ]
 
 
+def counted_groups(student_offsets: Offsets, teacher_offsets: Offsets, student_counted: Sequence[bool],
+                   teacher_counted: Sequence[bool]) -> list[SpanGroup]:
+    """The :func:`span_groups` of one sequence with at least one token on each side, all of them
+    counted (``*_counted[i]``: target token ``i`` is in the loss); the chunks that likelihood-based
+    cross-tokenizer losses compare (a group with a prompt or padding token is left out whole)."""
+    return [g for g in span_groups(student_offsets, teacher_offsets)
+            if g.student_end > g.student_start and g.teacher_end > g.teacher_start
+            and all(student_counted[g.student_start:g.student_end])
+            and all(teacher_counted[g.teacher_start:g.teacher_end])]
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared vocabulary
 # ----------------------------------------------------------------------------------------------
@@ -117,3 +128,23 @@ class VocabMap(NamedTuple):
         keep = self.student_ids < student_vocab_size
         table[self.student_ids[keep]] = torch.arange(len(self.student_ids))[keep]
         return table
+
+
+class NextByteMap(NamedTuple):
+    """What a byte-level student needs to read the next byte off a sub-word teacher's distribution
+    (built by :func:`kd_lightning.data.vocab_map.build_next_byte_map`).
+
+    A *node* is a proper prefix (possibly empty, node 0) of some teacher token's bytes. Entries
+    ``node_ptr[u]:node_ptr[u+1]`` list the teacher tokens that strictly extend prefix ``u``
+    (``entry_token``) and the byte that follows ``u`` in each (``entry_byte``, 0..255; 256 = EOS,
+    an entry of the empty prefix only). ``prefix_node[v, k]`` is the node of the first ``k`` bytes
+    of token ``v`` (-1 past its length), ``token_length[v]`` its bytes (EOS 1, other specials 0),
+    ``student_ids[b]`` the student's id of byte ``b`` (``student_ids[256]``: its EOS).
+    """
+
+    node_ptr: Tensor  # [N + 1] int64
+    entry_token: Tensor  # [E] int64
+    entry_byte: Tensor  # [E] int64
+    prefix_node: Tensor  # [Vt, max token bytes] int64
+    token_length: Tensor  # [Vt] int64
+    student_ids: Tensor  # [257] int64

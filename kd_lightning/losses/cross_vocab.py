@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from kd_lightning.losses.align import VocabMap, span_groups
+from kd_lightning.losses.align import NextByteMap, VocabMap, span_groups
 from kd_lightning.losses.common import Reduction, log_probs, reduce_positions, token_divergence
 from kd_lightning.losses.divergences import forward_kl
 
@@ -45,9 +45,11 @@ class CrossTokenTargets(NamedTuple):
     student_offsets: Tensor | None = None
     teacher_offsets: Tensor | None = None
     vocab_map: VocabMap | None = None
+    next_byte: NextByteMap | None = None  # byte_kl only: a byte-level student's view of the teacher's tokens
 
 
-def cross_token_targets(batch: Mapping[str, Tensor], vocab_map: VocabMap | None = None) -> CrossTokenTargets:
+def cross_token_targets(batch: Mapping[str, Tensor], vocab_map: VocabMap | None = None,
+                        next_byte: NextByteMap | None = None) -> CrossTokenTargets:
     """The shifted targets of a dual batch: ``labels``/``offsets`` and their ``teacher_`` twins, ``[:, 1:]``."""
     return CrossTokenTargets(
         teacher_labels=batch["teacher_labels"][:, 1:],
@@ -55,6 +57,7 @@ def cross_token_targets(batch: Mapping[str, Tensor], vocab_map: VocabMap | None 
         student_offsets=batch["offsets"][:, 1:] if "offsets" in batch else None,
         teacher_offsets=batch["teacher_offsets"][:, 1:] if "teacher_offsets" in batch else None,
         vocab_map=vocab_map,
+        next_byte=next_byte,
     )
 
 
