@@ -136,7 +136,7 @@ def test_kd_student_beats_ce_only_student_on_embedded_data(make_cfg, tmp_path: P
     """The product's promise at small scale: same student, init, data order and steps; the one
     distilled from the (pre-trained) MoE teacher has the lower held-out loss."""
     cfg = make_cfg("teacher=moe", "dataset.seq_len=64", "dataset.batch_size=16", "dataset.max_train_tokens=600000",
-                   "dataset.max_eval_tokens=16384", "teacher.pretrain.max_steps=360", "trainer.max_steps=120",
+                   "dataset.max_eval_tokens=16384", "teacher.pretrain.max_steps=200", "trainer.max_steps=120",
                    "trainer.val_check_interval=60", "lr_scheduler.num_warmup_steps=10",
                    f"paths.cache_dir={tmp_path / 'cache'}")
     models = run(cfg)["models"]
