@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from kd_lightning.models import build_causal_lm, save_model
@@ -119,7 +120,22 @@ def test_deepspeed_refuses_cpu_clearly(make_cfg) -> None:
         run(make_cfg("trainer.strategy=fsdp", "trainer.accelerator=cpu"))  # Lightning's FSDPStrategy
 
 
-LOSSES = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "loss").glob("*.yaml"))
+LOSS_CONFIGS = sorted((Path(__file__).parents[1] / "conf" / "loss").glob("*.yaml"))
+# `needs:` losses (alm, byte_kl) compare two tokenizations: tests/test_cross_tokenizer_run.py runs them
+LOSSES = [p.stem for p in LOSS_CONFIGS if OmegaConf.load(p).get("needs") is None]
+NEEDS_DUAL_DATA = [p.stem for p in LOSS_CONFIGS if OmegaConf.load(p).get("needs") is not None]
+
+
+@pytest.mark.parametrize("loss", NEEDS_DUAL_DATA)
+def test_a_loss_that_needs_two_tokenizations_is_refused_on_single_data_before_compute(make_cfg, loss: str) -> None:
+    from kd_lightning.errors import ConfigError
+
+    assert NEEDS_DUAL_DATA == ["alm", "byte_kl"]
+    with pytest.raises(ConfigError, match=rf"loss={loss} compares the student's and the teacher's tokenizations"):
+        run(make_cfg(f"loss={loss}", "baseline=false"))
+    if loss == "byte_kl":  # dual data, but a sub-word student
+        with pytest.raises(ConfigError, match=r"loss=byte_kl gives a byte-level student .* dataset.tokenizer='bpe:4096'"):
+            run(make_cfg("experiment=cross_tokenizer", "loss=byte_kl", "baseline=false"))
 
 
 @pytest.mark.parametrize("loss", LOSSES)

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_lightning.errors import ConfigError
 from kd_lightning.run import CONFIG_DIR
 
-LOSS_NODE_KEYS = ("name", "fn", "chunk_size", "cross_vocab", "callback")  # what the run reads of `loss`
+LOSS_NODE_KEYS = ("name", "fn", "chunk_size", "cross_vocab", "callback", "needs")  # what the run reads of `loss`
 HYDRA_KEYS = ("_target_", "_partial_", "_args_", "_recursive_", "_convert_")
 # store setting -> the encodings it acts in (kd_lightning.teachers.encodings.Encoding.identity)
 STORE_KEY_ENCODINGS = {"temperature": ("sample",), "num_draws": ("sample",), "k": ("topk", "sample"),

@@ -58,7 +58,30 @@ def check_config(cfg: DictConfig) -> None:
                    else "a causal LM (teacher=moe|dense|hf, student=tiny|hf)")
             raise ValueError(f"{key} model {model_cfg._target_} builds {made_for} models but the dataset's task is "
                              f"{task}; use {fix}")
+    check_loss_data(cfg)
     check_strategy(str(cfg.trainer.get("strategy")), str(cfg.trainer.get("accelerator")))
+
+
+def check_loss_data(cfg: DictConfig) -> None:
+    """A loss that compares the two tokenizations of a dual batch (`loss.needs: two_tokenizations`,
+    e.g. `alm`) or a byte-level student with a sub-word teacher (`needs: byte_student`, `byte_kl`)
+    refuses single-tokenized data before compute, instead of at its first step."""
+    needs = value_at(cfg, "loss.needs")
+    if needs is None:
+        return
+    if needs not in ("two_tokenizations", "byte_student"):
+        raise ConfigError(f"loss.needs={needs!r}: must be two_tokenizations or byte_student")
+    name = value_at(cfg, "loss.name")
+    student, teacher = value_at(cfg, "dataset.tokenizer"), value_at(cfg, "dataset.teacher_tokenizer")
+    if teacher in (None, "???") or teacher == student:
+        raise ConfigError(f"loss={name} compares the student's and the teacher's tokenizations of the same text, but "
+                          f"the data holds one (dataset.teacher_tokenizer={teacher!r}); set teacher.tokenizer=<the "
+                          "teacher's tokenizer> (experiment=cross_tokenizer or cross_tokenizer_reverse), "
+                          "see docs/cross_tokenizer.md")
+    if needs == "byte_student" and student not in (None, "byte"):
+        raise ConfigError(f"loss={name} gives a byte-level student the teacher's next-byte distribution, but "
+                          f"dataset.tokenizer={student!r} is not bytes; use it with a byte student "
+                          "(experiment=cross_tokenizer_reverse), or loss=alm for sub-word students")
 
 
 def check_strategy(strategy: str, accelerator: str) -> None:
