@@ -148,6 +148,9 @@ def from_teacher(teacher: nn.Module | str, *, layers: list[int] | None = None, e
     new depth, so `save_pretrained`/`from_pretrained` round-trip it."""
     import copy
 
+    if teacher is None:  # teacher=cached has no model node to cut from
+        raise ValueError("student=from_teacher needs the teacher's model: with a teacher that has none "
+                         "(teacher=cached) name its directory, student.model.teacher=<model directory>")
     model = from_pretrained(teacher) if isinstance(teacher, (str, Path)) else copy.deepcopy(teacher)
     blocks = decoder_layers(model)
     kept = chosen_layers(len(blocks), layers, every)

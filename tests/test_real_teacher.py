@@ -272,6 +272,23 @@ def test_from_teacher_refuses_a_teacher_kd_lightning_trains(make_cfg) -> None:
         check_config(make_cfg("student=from_teacher"))
 
 
+def test_from_teacher_without_a_teacher_model_names_the_override() -> None:
+    with pytest.raises(ValueError, match=r"student\.model\.teacher=<model directory>"):
+        from_teacher(None, every=2)
+
+
+def test_the_smollm2_experiment_names_its_tokenizer_so_a_cached_teacher_reads_the_same_windows(make_cfg) -> None:
+    """teacher=cached has no tokenizer: the experiment's data must not take it from the teacher node."""
+    from omegaconf import OmegaConf
+
+    direct = make_cfg("experiment=smollm2", tiny=False)
+    cached = make_cfg("experiment=smollm2", "teacher=cached", "teacher_cache.dir=/nonexistent", tiny=False)
+    for cfg in (direct, cached):
+        node = OmegaConf.to_container(cfg.dataset, resolve=False)["tokenizer"]
+        assert node == OmegaConf.to_container(direct.teacher.model, resolve=False)["pretrained"]
+        assert "kd_packaged_gguf" in node
+
+
 # --- the real model (slow tier) ---------------------------------------------------------------------
 
 def missing_real_packages() -> str | None:
