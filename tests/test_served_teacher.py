@@ -181,3 +181,5 @@ def test_distill_with_a_served_teacher(make_cfg, tmp_path: Path) -> None:
     assert summary["notes"] and "served by vLLM" in summary["notes"][0]
     steps, batch_size = int(cfg.trainer.max_steps), int(cfg.dataset.batch_size)
     assert server.rows >= steps * batch_size  # prefetch may have asked for a few batches beyond the last step
+    served = summary["served_teachers"]["vllm"]
+    assert served["rows"] == steps * batch_size and served["prefetched_batches"] >= steps and served["retried"] == 0

@@ -145,6 +145,9 @@ def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] 
             log.info("teacher_outputs: %d rows read from the store (about %.1f s of teacher time saved, %.1f s "
                      "reading), %d computed (%.1f s)", reuse["hit_rows"], reuse["saved_seconds"],
                      reuse["lookup_seconds"], reuse["computed_rows"], reuse["computed_seconds"])
+        for name, teacher in teachers.items():
+            if hasattr(teacher, "prefetch"):  # teacher=vllm: rows scored, seconds the steps waited for answers
+                summary.setdefault("served_teachers", {})[name] = {**teacher.stats, "retried": teacher.client.retried}
         if "val/student_loss" in trainer.callback_metrics:
             summary["val_student_loss"] = float(trainer.callback_metrics["val/student_loss"])
         atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))

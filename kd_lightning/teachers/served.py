@@ -173,6 +173,8 @@ def check_servers(options: ServedTeacherOptions, tokenizer: Any, seq_len: int, c
         except TeacherRefused as error:
             raise ConfigError(f"{where} refused prompt_logprobs={options.top_k} ({error}); lower teacher.top_k or "
                               f"restart the server with --max-logprobs {options.top_k}") from error
+        except TeacherUnavailable as error:  # it lists the model but cannot score (e.g. its engine died)
+            raise ConfigError(f"{where} answers but could not score a probe ({error}); see the server's log") from error
     log.info("teacher=vllm: %d server(s) serve %s with the data's tokenizer (top-%d log-probabilities)",
              len(client.urls), options.served_model, options.top_k)
 
