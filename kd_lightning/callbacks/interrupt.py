@@ -89,6 +89,10 @@ class CheckpointOnSigterm(Callback):
         resumable = getattr(exception, "resumable", False)  # e.g. a served teacher that stopped answering
         if not isinstance(exception, SIGTERMException) and not (resumable and trainer.world_size == 1):
             return  # several processes: saving is a collective the others are not in; periodic checkpoints stay
+        if resumable:  # the failed batch was read and started, never trained: a resume starts with it
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            for counts in (progress.current, progress.total):
+                counts.ready = counts.started = counts.processed
         checkpoint = trainer.checkpoint_callback
         directory = getattr(checkpoint, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
         path = Path(self.path) if self.path is not None else Path(directory) / self.filename
