@@ -58,7 +58,8 @@ class ServedTeacherOptions:
         rows_per_request: rows (sequences) per HTTP request; a batch's requests run concurrently.
         concurrency: requests in flight at once (threads).
         prefetch_batches: training batches whose requests are sent before their step.
-        timeout_s: seconds one request may take.
+        timeout_s: seconds one request may take. Generous on purpose: a request that times out is sent
+            again while the server may still be computing it, which only adds to a busy server's queue.
         retries: further tries of a failed request (on the next server), after waits of
             ``backoff_s * 2**attempt`` seconds (capped at 30 s).
         probe_text: the text both tokenizers must turn into the same ids before training.
@@ -71,7 +72,7 @@ class ServedTeacherOptions:
     rows_per_request: int = 8
     concurrency: int = 4
     prefetch_batches: int = 2
-    timeout_s: float = 120.0
+    timeout_s: float = 600.0
     retries: int = 4
     backoff_s: float = 1.0
     probe_text: str = "Knowledge distillation: def f(x):\n    return x + 1  # 3.14"
