@@ -62,7 +62,7 @@ def main() -> None:
     result: dict[str, object] = {"model": args.model_dir, "tokens": tokens, "batch": [args.batch_size, args.seq_len],
                                  "top_k": args.top_k, "threads": torch.get_num_threads()}
 
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).eval()
     start, own = time.perf_counter(), []
     with torch.no_grad():
         for batch in batches:
