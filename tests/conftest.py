@@ -44,7 +44,7 @@ def tiny_overrides(overrides: tuple[str, ...]) -> list[str]:
     tiny = list(TINY_TRAINER)
     if "digits" not in chosen and "dataset=" not in chosen:
         tiny += TINY_LM_DATA
-    if not any(f"teacher={name}" in chosen for name in ("hf", "ensemble", "cached", "smollm2")) and "experiment=smollm2" not in chosen:
+    if not any(f"teacher={name}" in chosen for name in ("hf", "ensemble", "cached", "smollm2", "vllm")) and "experiment=smollm2" not in chosen:
         tiny += TINY_TEACHER
     given = {o.split("=")[0].lstrip("+") for o in overrides}
     return [o for o in tiny if o.split("=")[0] not in given]

@@ -118,7 +118,7 @@ def test_any_dense_loss_trains_from_topk_targets(built, make_cfg, tmp_path: Path
 
 def test_cross_vocab_or_chunked_loss_refuses_cached_targets(built, make_cfg, tmp_path: Path) -> None:
     for override in ("loss=uld", "loss.chunk_size=16"):
-        with pytest.raises(ValueError, match="offline targets.*cannot read"):
+        with pytest.raises(ValueError, match="offline or served targets.*cannot read"):
             run(make_cfg(*DATA, "teacher=cached", override, f"teacher_cache.dir={built['topk']}",
                          output_dir=tmp_path / override.replace("=", "_")))
 

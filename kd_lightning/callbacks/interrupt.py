@@ -30,6 +30,8 @@ class CheckpointOnSigterm(Callback):
     checkpoint.
 
     `path` overrides where it goes (a Trainer without ModelCheckpoint, e.g. teacher pre-training).
+    An exception with `resumable = True` (`kd_lightning.teachers.vllm_client.TeacherUnavailable`: the
+    step failed before its optimiser step) is saved for the same way, in a single process.
     It only saves and records the file in `saved`; the stage says so in one line and exits 143:
     `with kd_lightning.infra.signals.exit_on_sigterm(stage, saved=lambda: callback.saved): trainer.fit(...)`.
     """
@@ -84,8 +86,13 @@ class CheckpointOnSigterm(Callback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
+        resumable = getattr(exception, "resumable", False)  # e.g. a served teacher that stopped answering
+        if not isinstance(exception, SIGTERMException) and not (resumable and trainer.world_size == 1):
+            return  # several processes: saving is a collective the others are not in; periodic checkpoints stay
+        if resumable:  # the failed batch was read and started, never trained: a resume starts with it
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            for counts in (progress.current, progress.total):
+                counts.ready = counts.started = counts.processed
         checkpoint = trainer.checkpoint_callback
         directory = getattr(checkpoint, "dirpath", None) or Path(trainer.default_root_dir) / "checkpoints"
         path = Path(self.path) if self.path is not None else Path(directory) / self.filename

@@ -117,6 +117,7 @@ class BaseDataModule(L.LightningDataModule):
 
     task: str
     collate_fn: Callable[[list[Any]], Any] | None = None  # None: torch's default (stack equal shapes)
+    ahead: tuple[int, Callable[[Any], None]] | None = None  # `read_ahead`
 
     def __init__(
         self, batch_size: int, eval_batch_size: int | None, num_workers: int, seed: int
@@ -185,7 +186,12 @@ class BaseDataModule(L.LightningDataModule):
                                    accumulate=lambda: int(trainer.accumulate_grad_batches),
                                    num_replicas=trainer.world_size, rank=trainer.global_rank,
                                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                                   collate_fn=self.collate_fn)
+                                   collate_fn=self.collate_fn, ahead=self.ahead)
+
+    def read_ahead(self, depth: int, observe: Callable[[Any], None]) -> None:
+        """Show every training batch to `observe` `depth` batches before it is trained on (a served
+        teacher's prefetch, `kd_lightning.teachers.served`)."""
+        self.ahead = (int(depth), observe)
 
     @override
     def val_dataloader(self) -> DataLoader:

@@ -12,6 +12,7 @@ optimizer step's token count (`kd_lightning.data.step_tokens`).
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -54,26 +55,42 @@ class RankShareSampler(DistributedSampler):
         return iter(range(self.rank, len(self.dataset), self.num_replicas))  # type: ignore[arg-type]
 
 
+def read_ahead(batches: Iterator[Any], depth: int, observe: Callable[[Any], None]) -> Iterator[Any]:
+    """`batches` unchanged, each shown to `observe` `depth` batches before it is yielded (a served
+    teacher sends its requests then, so they are answered by the batch's step)."""
+    waiting: deque[Any] = deque()
+    for batch in batches:
+        observe(batch)
+        waiting.append(batch)
+        if len(waiting) > depth:
+            yield waiting.popleft()
+    yield from waiting
+
+
 class ResumableDataLoader(DataLoader):
     """`DataLoader` over an `EpochSeededSampler` whose state is (epoch, batches trained on).
 
     `progress()` returns that pair from the trainer (the loader itself cannot count: Lightning
     prefetches one batch ahead of training). `accumulate()` is the trainer's current
     `accumulate_grad_batches` and `count(batch)` a batch's counted tokens: each batch is stamped with
-    its optimizer step's count over all ranks."""
+    its optimizer step's count over all ranks. `ahead`: (depth, observe) shows each batch to
+    `observe` depth batches before it is trained on (`read_ahead`)."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, progress: Callable[[], tuple[int, int]], *,
                  count: Callable[[dict[str, Any]], int], accumulate: Callable[[], int] = lambda: 1,
-                 num_replicas: int = 1, rank: int = 0, **kwargs: Any) -> None:
+                 num_replicas: int = 1, rank: int = 0, ahead: tuple[int, Callable[[Any], None]] | None = None,
+                 **kwargs: Any) -> None:
         self.resumable_sampler = EpochSeededSampler(dataset, seed, num_replicas, rank)
         super().__init__(dataset, batch_size=batch_size, sampler=self.resumable_sampler, **kwargs)
         self.progress, self.count, self.accumulate = progress, count, accumulate
         self.skipped_batches = 0
+        self.ahead = ahead
 
     @override
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         done, self.skipped_batches = self.skipped_batches, 0
-        return stamp_step_tokens(super().__iter__(), self.accumulate(), self.count, already_done=done)
+        batches = stamp_step_tokens(super().__iter__(), self.accumulate(), self.count, already_done=done)
+        return batches if self.ahead is None else read_ahead(batches, *self.ahead)
 
     def state_dict(self) -> dict[str, int]:
         epoch, batches = self.progress()

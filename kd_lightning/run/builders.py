@@ -4,6 +4,7 @@ caches itself (teachers pre-trained on the data, no-KD baselines)."""
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from transformers import get_cosine_schedule_with_warmup
 from kd_lightning.callbacks.interrupt import CheckpointOnSigterm
 from kd_lightning.run.checks import check_seq_len_fits
 from kd_lightning.run import CONFIG_DIR
-from kd_lightning.run.settings import teacher_cache_options
+from kd_lightning.run.settings import served_teacher_options, teacher_cache_options
 from kd_lightning.infra.model_cache import cache_root, check_entry_weights, config_key, is_complete, write_atomically
 from kd_lightning.models import load_model, save_model
 from kd_lightning.module import DistillationModule
@@ -27,6 +28,7 @@ from kd_lightning.infra.safeload import checkpoint_problem
 from kd_lightning.infra.sharding import unsharded
 from kd_lightning.infra.signals import exit_on_sigterm
 from kd_lightning.tasks import task_named
+from kd_lightning.teachers.served import ServedTeacher, check_servers
 from kd_lightning.teachers.teacher_cache import load_cached_teacher
 
 log = logging.getLogger("kd_lightning")
@@ -168,6 +170,8 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) ->
     if teacher_cfg.get("cached"):  # teacher=cached: stored sparse targets, no model
         return load_cached_teacher(teacher_cache_options(cfg, teacher_cfg.get("dir")), datamodule,
                                    sparse=str(cfg.loss.name) == "sparse_kl")
+    if teacher_cfg.get("served"):  # teacher=vllm: top-k targets from vLLM servers, no model here
+        return served_teacher(cfg, teacher_cfg, datamodule)
     pretrain = teacher_cfg.get("pretrain")
     if pretrain is None:
         model = build_model(teacher_cfg.model, datamodule, int(cfg.seed))
@@ -182,6 +186,15 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) ->
         datamodule=datamodule, optimizer=optimizer, lr_scheduler=scheduler, max_steps=int(pretrain.max_steps),
     )
     return augment_teacher(model, teacher_cfg.get("augment"))
+
+
+def served_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) -> ServedTeacher:
+    """`teacher=vllm`: the servers checked (reachable, the configured model, the data's tokenizer),
+    then a client whose requests start at this rank's server."""
+    options = served_teacher_options(cfg, teacher_cfg)
+    check_servers(options, datamodule.tokenizer, int(cfg.dataset.seq_len))
+    rank = int(os.environ.get("RANK", 0))
+    return ServedTeacher(options, int(datamodule.vocab_size), sparse=str(cfg.loss.name) == "sparse_kl", rank=rank)
 
 
 def obtain_baseline(cfg: DictConfig, datamodule: Any) -> tuple[nn.Module, bool]:

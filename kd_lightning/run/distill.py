@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from kd_lightning.infra.sharding import unsharded
 from kd_lightning.run.builders import build_model, check_model_positions, make_trainer, obtain_baseline, obtain_teacher
 from kd_lightning.tasks import task_named
 from kd_lightning.teachers.teacher_outputs import TeacherOutputsFlush, memoize_teachers
+from kd_lightning.teachers.vllm_client import TeacherUnavailable
 
 log = logging.getLogger("kd_lightning")
 
@@ -107,7 +110,10 @@ def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] 
     trainer = make_trainer(cfg, name="distill", callbacks=callbacks, loggers=loggers or False, checkpoint=True)
     log.info("Distilling %s -> student '%s' (%s params) with loss=%s", ", ".join(teachers), cfg.student.name,
              f"{count_parameters(student):,}", cfg.loss.name)
-    with exit_on_sigterm("distillation", saved=lambda: on_sigterm.saved):
+    served = [t for t in teachers.values() if hasattr(t, "prefetch")]  # teacher=vllm: requests sent ahead of the step
+    for teacher in served:
+        datamodule.read_ahead(teacher.options.prefetch_batches, teacher.prefetch)
+    with exit_on_sigterm("distillation", saved=lambda: on_sigterm.saved), stop_on_lost_teacher(on_sigterm, served):
         # weights_only: a checkpoint is loaded without unpickling arbitrary objects.
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
@@ -139,11 +145,31 @@ def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] 
             log.info("teacher_outputs: %d rows read from the store (about %.1f s of teacher time saved, %.1f s "
                      "reading), %d computed (%.1f s)", reuse["hit_rows"], reuse["saved_seconds"],
                      reuse["lookup_seconds"], reuse["computed_rows"], reuse["computed_seconds"])
+        for name, teacher in teachers.items():
+            if hasattr(teacher, "prefetch"):  # teacher=vllm: rows scored, seconds the steps waited for answers
+                summary.setdefault("served_teachers", {})[name] = {**teacher.stats, "retried": teacher.client.retried}
         if "val/student_loss" in trainer.callback_metrics:
             summary["val_student_loss"] = float(trainer.callback_metrics["val/student_loss"])
         atomic_write_text(output_dir / "summary.json", json.dumps(summary, indent=2))
     print_summary(summary["models"], datamodule.task, str(student_dir), title=f"kd-lightning: loss={cfg.loss.name}")
     return summary
+
+
+@contextmanager
+def stop_on_lost_teacher(on_sigterm: CheckpointOnSigterm, served: list[torch.nn.Module]) -> Iterator[None]:
+    """A served teacher that stopped answering ends the fit with `TeacherUnavailable`: say what was
+    saved and how to continue. The served teachers' request threads are stopped in any case."""
+    try:
+        yield
+    except TeacherUnavailable as error:
+        saved = (f"the last finished step is saved at {on_sigterm.saved}; start the server(s) again and rerun with "
+                 "resume=auto to continue" if on_sigterm.saved else
+                 "nothing was saved now (several processes: resume=auto continues from the last periodic checkpoint)")
+        log.error("%s; %s", error, saved)
+        raise TeacherUnavailable(f"{error}; {saved}") from error
+    finally:
+        for teacher in served:
+            teacher.close()
 
 
 def summarize(datamodule: Any, teachers: dict[str, torch.nn.Module], student: torch.nn.Module,
@@ -157,6 +183,7 @@ def summarize(datamodule: Any, teachers: dict[str, torch.nn.Module], student: to
     batches = datamodule.test_dataloader()  # streamed once per model, never held as a list
     # A cached teacher is a table of training-split targets: nothing to evaluate on the test split.
     cached = [n for n, t in teachers.items() if getattr(t, "sparse_targets", False)]
+    skipped = {n: t for n, t in teachers.items() if n in cached}
     teachers = {n: t for n, t in teachers.items() if n not in cached}
     # A teacher with its own tokenization reads its side of the dual batches; no top-1 agreement then.
     own = teacher_batches(datamodule, batches)
@@ -177,6 +204,8 @@ def summarize(datamodule: Any, teachers: dict[str, torch.nn.Module], student: to
             rows[name]["params"] = count_parameters(model)
     summary = {"loss": loss, "seed": seed, "task": task.name, "models": rows}
     if cached:
-        summary["notes"] = [f"teacher:{n} not evaluated: offline sparse targets of the training split (no model)" for n in cached]
+        summary["notes"] = [f"teacher:{n} not evaluated: " + getattr(
+            t, "evaluation_note", "offline sparse targets of the training split (no model)")
+            for n, t in skipped.items()]
         log.info("%s", summary["notes"][0])
     return summary

@@ -16,6 +16,7 @@ from kd_lightning.teachers.encodings import Encoding
 from kd_lightning.teachers.identity import StoreOptions
 from kd_lightning.teachers.teacher_cache import DEFAULT_CLAIM_TIMEOUT_S, TeacherCacheOptions
 from kd_lightning.teachers.teacher_outputs import RunContext, TeacherOutputOptions
+from kd_lightning.teachers.vllm_client import ServedTeacherOptions
 
 
 def teacher_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -68,6 +69,24 @@ def teacher_cache_options(cfg: DictConfig, directory: Any = None) -> TeacherCach
                                tail=str(node.get("tail") or "uniform"), seed=int(cfg.seed))
 
 
+def served_teacher_options(cfg: DictConfig, teacher_cfg: DictConfig) -> ServedTeacherOptions:
+    """`teacher=vllm` typed: the servers, what they must serve, and how requests are sent."""
+    urls = teacher_cfg.get("urls")
+    urls = [urls] if isinstance(urls, str) else list(urls or [])
+    defaults = ServedTeacherOptions()
+    return ServedTeacherOptions(
+        urls=tuple(str(u) for u in urls), served_model=str(teacher_cfg.get("served_model") or ""),
+        top_k=int(teacher_cfg.get("top_k") or defaults.top_k),
+        rows_per_request=int(teacher_cfg.get("rows_per_request") or defaults.rows_per_request),
+        concurrency=int(teacher_cfg.get("concurrency") or defaults.concurrency),
+        prefetch_batches=int(teacher_cfg.get("prefetch_batches", defaults.prefetch_batches)),
+        timeout_s=float(teacher_cfg.get("timeout_s") or defaults.timeout_s),
+        retries=int(teacher_cfg.get("retries", defaults.retries)),
+        backoff_s=float(teacher_cfg.get("backoff_s", defaults.backoff_s)),
+        probe_text=str(teacher_cfg.get("probe_text") or defaults.probe_text),
+        tail=str(cfg.teacher_cache.get("tail") or "uniform"))
+
+
 def model_config(teacher_cfg: DictConfig) -> Any:
     """A teacher's resolved model config as plain data (part of its store's identity), None if absent."""
     return OmegaConf.to_container(teacher_cfg.model, resolve=True) if teacher_cfg.get("model") is not None else None
@@ -90,6 +109,6 @@ def method_callbacks(cfg: DictConfig) -> list[Any]:
     return callbacks
 
 
-__all__ = ["encoding_options", "method_callbacks", "model_config",
+__all__ = ["encoding_options", "method_callbacks", "model_config", "served_teacher_options",
            "store_options", "teacher_cache_options", "teacher_configs", "teacher_model_configs", "teacher_output_context",
            "teacher_output_options"]

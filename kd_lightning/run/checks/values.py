@@ -41,16 +41,20 @@ def check_config(cfg: DictConfig) -> None:
     validate_config(cfg)
     teachers = teacher_configs(cfg)
     check_from_teacher(cfg, teachers)
-    cached = [str(t.name) for t in teachers if t.get("cached")]
+    cached = [str(t.name) for t in teachers if t.get("cached") or t.get("served")]  # sparse targets, no model here
     if cached and (cfg.stage == "cache_teacher" or len(teachers) > 1):
-        raise ValueError(f"teacher={cached[0]} (offline targets) is the only teacher of a stage=distill run; "
+        raise ValueError(f"teacher={cached[0]} (offline or served targets) is the only teacher of a stage=distill run; "
                          f"got stage={cfg.stage}, {len(teachers)} teacher(s)")
     if cached and (cfg.loss.get("cross_vocab") or cfg.loss.get("chunk_size")):
-        raise ValueError(f"teacher={cached[0]} (offline targets) gives teacher log-probabilities, not hidden states or "
+        raise ValueError(f"teacher={cached[0]} (offline or served targets) gives teacher log-probabilities, not hidden states or "
                          f"another vocabulary's tokens: loss={cfg.loss.name} with cross_vocab/chunk_size cannot read "
                          "them; use a same-vocabulary loss without loss.chunk_size (sparse_kl reads sparse targets "
                          "directly)")
     task = target_task(cfg.get("dataset"))
+    served = [str(t.name) for t in teachers if t.get("served")]
+    if served and (task == "classification" or cfg.dataset.get("teacher_tokenizer") not in (None, cfg.dataset.get("tokenizer"))):
+        raise ConfigError(f"teacher={served[0]} (served by vLLM) scores the data's own token ids with a causal LM of the "
+                          "same tokenizer: it needs a causal-LM dataset with one tokenization (no dataset.teacher_tokenizer)")
     for key, model_cfg in [("student", cfg.student.model)] + [(f"teacher {t.name}", t.model) for t in teachers]:
         made_for = target_task(model_cfg)
         if made_for is not None and task is not None and made_for != task:
