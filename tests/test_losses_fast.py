@@ -70,7 +70,8 @@ def assert_close(got, expected):
     (fast_value, fast_grad), (ref_value, ref_grad) = got, expected
     scale = ref_grad.abs().max().item()
     torch.testing.assert_close(fast_value.double(), ref_value, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast_grad.double(), ref_grad, rtol=0, atol=2e-6 * max(scale, 1e-3))
+    # float32 kernels against float64: 5e-6 of the largest gradient (gjsd at beta=0.1 reaches 2.6e-6 on some CPUs)
+    torch.testing.assert_close(fast_grad.double(), ref_grad, rtol=0, atol=5e-6 * max(scale, 1e-3))
 
 
 @pytest.mark.parametrize(("name", "params"), SPECS, ids=IDS)
