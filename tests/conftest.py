@@ -83,6 +83,44 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
     return factory
 
 
+# The 2-process configurations the tests compare with 1 process (tests/dist_check.py): name ->
+# [strategy, processes, per-process batch, accumulate, extras]. One launch runs them all.
+DIST_PLAN: dict[str, list] = {
+    "ddp": ["ddp", 2, 2, 1, []],
+    "fsdp": ["fsdp", 2, 2, 1, []],
+    "fsdp-keep": ["fsdp", 2, 2, 1, ["keep"]],
+    "fsdp-chunk-fused": ["fsdp", 2, 2, 1, ["chunk=5", "vocab=40"]],
+    "fsdp-chunk-reference": ["fsdp", 2, 2, 1, ["chunk=5", "vocab=40", "reference"]],
+    "fsdp-chunk-fused-32k": ["fsdp", 2, 2, 1, ["chunk=5", "vocab=32000"]],
+    "fsdp-ka": ["fsdp", 2, 2, 1, ["teacher=ka"]],
+    "fsdp-reuse": ["fsdp", 2, 2, 1, ["teacher=reuse={store}"]],
+    "ddp-on-policy": ["ddp", 2, 2, 1, ["callback=on_policy"]],
+    "fsdp-on-policy": ["fsdp", 2, 2, 1, ["callback=on_policy"]],
+    "ddp-sar": ["ddp", 2, 2, 1, ["teacher=moe", "callback=sar", "rows=full"]],
+    "fsdp-sar": ["fsdp", 2, 2, 1, ["teacher=moe", "callback=sar", "rows=full"]],
+}
+
+
+@pytest.fixture(scope="session")
+def dist_runs(tmp_path_factory: pytest.TempPathFactory):
+    """Every configuration of DIST_PLAN, run once per session in one 2-process launch (each separate
+    launch paid Python, Lightning and gloo start-up on both processes). Index it by name for the
+    rank-0 result of `tests.dist_check.run_steps`; a configuration that failed fails only the tests
+    that read it, with its traceback. `runs.reuse` describes fsdp-reuse's store: its directory and
+    the rows of rank 0's share it was filled with, and the rows it held before the run. The tests using it share an xdist group, so
+    under `-n 2` one worker runs the launch."""
+    from tests.dist_check import fill_rank0_share, launch_plan, reuse_store
+
+    out = tmp_path_factory.mktemp("dist_runs")
+    store = out / "reuse_store"
+    rank0_rows = fill_rank0_share(str(store))
+    plan = {name: [*spec[:4], [e.format(store=store) for e in spec[4]]] for name, spec in DIST_PLAN.items()}
+    stored_before = len(reuse_store(str(store)))
+    runs = launch_plan(plan, out)
+    runs.reuse = {"store": str(store), "rank0_rows": rank0_rows, "stored_before": stored_before}
+    return runs
+
+
 def metrics_csv(output_dir: Path, name: str = "csv") -> list[dict[str, str]]:
     import csv
 
