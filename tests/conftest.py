@@ -83,6 +83,32 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
     return factory
 
 
+# The slow tier's longest tests (measured: seconds on 2 workers, longest first). pytest-xdist hands
+# tests out in collection order, and the tier ends when its last test does, so these are collected
+# first (after the dist_runs group, which --dist loadgroup schedules first as the largest unit) and
+# the short ones fill in behind them. Order only; a name missing here just keeps its place.
+LONGEST_FIRST = (
+    "test_real_teacher.py::test_smollm2_experiment_runs_end_to_end",  # 74 s
+    "test_train.py::test_kd_student_beats_ce_only_student_on_embedded_data",  # 58
+    "test_benchmarks.py::test_ddp_quick_runs_one_and_two_processes",  # 52
+    "test_resume.py::test_interrupted_and_resumed_distributed_run_equals_uninterrupted",  # 50 each
+    "test_benchmarks.py::test_fsdp_bench_tiny_shards_model_state",  # 48
+    "test_fsdp.py::test_fsdp_run_prints_summary_and_saves_the_ddp_student",  # 39
+    "test_benchmarks.py::test_sweep_reuse_quick_saves_teacher_time_and_keeps_the_results",  # 37
+    "test_benchmarks.py::test_store_encodings_quick_prints_sizes_and_gaps",  # 32
+    "test_benchmarks.py::test_kd_step_quick_prints_every_arm_and_the_divergences",  # 28
+    "test_resume.py::test_sigkill_resumes_from_last_periodic_checkpoint_and_matches",  # 26
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        where = item.nodeid.split("/")[-1].split("[")[0]
+        return next((i for i, name in enumerate(LONGEST_FIRST) if where == name), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: every other test keeps its collection order
+
+
 # The 2-process configurations the tests compare with 1 process (tests/dist_check.py): name ->
 # [strategy, processes, per-process batch, accumulate, extras]. One launch runs them all.
 DIST_PLAN: dict[str, list] = {
