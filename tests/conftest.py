@@ -85,8 +85,7 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
 
 # The slow tier's longest tests (measured: seconds on 2 workers, longest first). pytest-xdist hands
 # tests out in collection order, and the tier ends when its last test does, so these are collected
-# first (after the dist_runs group, which --dist loadgroup schedules first as the largest unit) and
-# the short ones fill in behind them. Order only; a name missing here just keeps its place.
+# first and the short ones fill in behind them. Order only; a name missing here keeps its place.
 LONGEST_FIRST = (
     "test_real_teacher.py::test_smollm2_experiment_runs_end_to_end",  # 74 s
     "test_train.py::test_kd_student_beats_ce_only_student_on_embedded_data",  # 58
