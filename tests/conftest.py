@@ -128,21 +128,36 @@ DIST_PLAN: dict[str, list] = {
 
 @pytest.fixture(scope="session")
 def dist_runs(tmp_path_factory: pytest.TempPathFactory):
-    """Every configuration of DIST_PLAN, run once per session in one 2-process launch (each separate
+    """Every configuration of DIST_PLAN, run once per test run in one 2-process launch (each separate
     launch paid Python, Lightning and gloo start-up on both processes). Index it by name for the
     rank-0 result of `tests.dist_check.run_steps`; a configuration that failed fails only the tests
-    that read it, with its traceback. `runs.reuse` describes fsdp-reuse's store: its directory and
-    the rows of rank 0's share it was filled with, and the rows it held before the run. The tests using it share an xdist group, so
-    under `-n 2` one worker runs the launch."""
-    from tests.dist_check import fill_rank0_share, launch_plan, reuse_store
+    that read it, with its traceback. `runs.reuse` describes fsdp-reuse's store: its directory, the
+    rows of rank 0's share it was filled with, and the rows it held before the run. Under xdist the
+    workers share the launch: the first to need it runs it (under a file lock) and the others read
+    its results."""
+    import json
 
-    out = tmp_path_factory.mktemp("dist_runs")
-    store = out / "reuse_store"
-    rank0_rows = fill_rank0_share(str(store))
-    plan = {name: [*spec[:4], [e.format(store=store) for e in spec[4]]] for name, spec in DIST_PLAN.items()}
-    stored_before = len(reuse_store(str(store)))
-    runs = launch_plan(plan, out)
-    runs.reuse = {"store": str(store), "rank0_rows": rank0_rows, "stored_before": stored_before}
+    from filelock import FileLock
+
+    from tests.dist_check import PlanRuns, fill_rank0_share, launch_plan, reuse_store
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, shared by its workers
+    out = root / "dist_runs"
+    with FileLock(str(root / "dist_runs.lock")):
+        done = out / "runs.json"
+        if not done.exists():
+            store = out / "reuse_store"
+            rank0_rows = fill_rank0_share(str(store))
+            stored_before = len(reuse_store(str(store)))
+            plan = {name: [*spec[:4], [e.format(store=store) for e in spec[4]]] for name, spec in DIST_PLAN.items()}
+            errors = launch_plan(plan, out).errors
+            reuse = {"store": str(store), "rank0_rows": rank0_rows, "stored_before": stored_before}
+            done.write_text(json.dumps({"errors": errors, "reuse": reuse}))
+    recorded = json.loads(done.read_text())
+    runs = PlanRuns(out, recorded["errors"])
+    runs.reuse = recorded["reuse"]
     return runs
 
 
