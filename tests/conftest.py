@@ -83,6 +83,84 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
     return factory
 
 
+# The slow tier's longest tests (measured: seconds on 2 workers, longest first). pytest-xdist hands
+# tests out in collection order, and the tier ends when its last test does, so these are collected
+# first and the short ones fill in behind them. Order only; a name missing here keeps its place.
+LONGEST_FIRST = (
+    "test_real_teacher.py::test_smollm2_experiment_runs_end_to_end",  # 74 s
+    "test_train.py::test_kd_student_beats_ce_only_student_on_embedded_data",  # 58
+    "test_benchmarks.py::test_ddp_quick_runs_one_and_two_processes",  # 52
+    "test_resume.py::test_interrupted_and_resumed_distributed_run_equals_uninterrupted",  # 50 each
+    "test_benchmarks.py::test_fsdp_bench_tiny_shards_model_state",  # 48
+    "test_fsdp.py::test_fsdp_run_prints_summary_and_saves_the_ddp_student",  # 39
+    "test_benchmarks.py::test_sweep_reuse_quick_saves_teacher_time_and_keeps_the_results",  # 37
+    "test_benchmarks.py::test_store_encodings_quick_prints_sizes_and_gaps",  # 32
+    "test_benchmarks.py::test_kd_step_quick_prints_every_arm_and_the_divergences",  # 28
+    "test_resume.py::test_sigkill_resumes_from_last_periodic_checkpoint_and_matches",  # 26
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        where = item.nodeid.split("/")[-1].split("[")[0]
+        return next((i for i, name in enumerate(LONGEST_FIRST) if where == name), len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: every other test keeps its collection order
+
+
+# The 2-process configurations the tests compare with 1 process (tests/dist_check.py): name ->
+# [strategy, processes, per-process batch, accumulate, extras]. One launch runs them all.
+DIST_PLAN: dict[str, list] = {
+    "ddp": ["ddp", 2, 2, 1, []],
+    "fsdp": ["fsdp", 2, 2, 1, []],
+    "fsdp-keep": ["fsdp", 2, 2, 1, ["keep"]],
+    "fsdp-chunk-fused": ["fsdp", 2, 2, 1, ["chunk=5", "vocab=40"]],
+    "fsdp-chunk-reference": ["fsdp", 2, 2, 1, ["chunk=5", "vocab=40", "reference"]],
+    "fsdp-chunk-fused-32k": ["fsdp", 2, 2, 1, ["chunk=5", "vocab=32000"]],
+    "fsdp-ka": ["fsdp", 2, 2, 1, ["teacher=ka"]],
+    "fsdp-reuse": ["fsdp", 2, 2, 1, ["teacher=reuse={store}"]],
+    "ddp-on-policy": ["ddp", 2, 2, 1, ["callback=on_policy"]],
+    "fsdp-on-policy": ["fsdp", 2, 2, 1, ["callback=on_policy"]],
+    "ddp-sar": ["ddp", 2, 2, 1, ["teacher=moe", "callback=sar", "rows=full"]],
+    "fsdp-sar": ["fsdp", 2, 2, 1, ["teacher=moe", "callback=sar", "rows=full"]],
+}
+
+
+@pytest.fixture(scope="session")
+def dist_runs(tmp_path_factory: pytest.TempPathFactory):
+    """Every configuration of DIST_PLAN, run once per test run in one 2-process launch (each separate
+    launch paid Python, Lightning and gloo start-up on both processes). Index it by name for the
+    rank-0 result of `tests.dist_check.run_steps`; a configuration that failed fails only the tests
+    that read it, with its traceback. `runs.reuse` describes fsdp-reuse's store: its directory, the
+    rows of rank 0's share it was filled with, and the rows it held before the run. Under xdist the
+    workers share the launch: the first to need it runs it (under a file lock) and the others read
+    its results."""
+    import json
+
+    from filelock import FileLock
+
+    from tests.dist_check import PlanRuns, fill_rank0_share, launch_plan, reuse_store
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, shared by its workers
+    out = root / "dist_runs"
+    with FileLock(str(root / "dist_runs.lock")):
+        done = out / "runs.json"
+        if not done.exists():
+            store = out / "reuse_store"
+            rank0_rows = fill_rank0_share(str(store))
+            stored_before = len(reuse_store(str(store)))
+            plan = {name: [*spec[:4], [e.format(store=store) for e in spec[4]]] for name, spec in DIST_PLAN.items()}
+            errors = launch_plan(plan, out).errors
+            reuse = {"store": str(store), "rank0_rows": rank0_rows, "stored_before": stored_before}
+            done.write_text(json.dumps({"errors": errors, "reuse": reuse}))
+    recorded = json.loads(done.read_text())
+    runs = PlanRuns(out, recorded["errors"])
+    runs.reuse = recorded["reuse"]
+    return runs
+
+
 def metrics_csv(output_dir: Path, name: str = "csv") -> list[dict[str, str]]:
     import csv
 

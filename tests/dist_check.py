@@ -2,9 +2,15 @@
 batches on 1 process (optionally with accumulation) or on N processes (DDP, FSDP).
 
 Run in-process with `run_steps(...)`, or as a script (Lightning re-launches it once per rank):
-    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE [resume] [chunk=N] [teacher=KIND] [callback=on_policy|sar] [rows=full] [vocab=N]
+    python tests/dist_check.py OUT STRATEGY DEVICES BATCH_SIZE ACCUMULATE [chunk=N] [teacher=KIND] [callback=on_policy|sar] [rows=full] [vocab=N] [keep] [reference]
 Rank 0 writes OUT/steps.pt: {"grads": [[tensor per student param] per step], "losses": [...],
 "step_tokens": [...], "params": [final student params]}.
+
+Or several configurations in one launch (one Python + Lightning start-up and one gloo group for all):
+    python tests/dist_check.py --plan PLAN.json OUT
+PLAN.json maps a name to [STRATEGY, DEVICES, BATCH_SIZE, ACCUMULATE, [EXTRAS...]]; they run in order, on
+the same processes, and rank 0 writes OUT/NAME/steps.pt for each. A configuration that raises writes
+OUT/NAME/error-rankR.txt (its traceback) and ends the launch: the ones after it have no steps.pt.
 """
 
 from __future__ import annotations
@@ -170,27 +176,111 @@ def run_steps(strategy: Any = "auto", devices: int = 1, batch_size: int = 4, acc
             "params": params, "rank": trainer.global_rank}
 
 
-if __name__ == "__main__":
-    out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
-    torch.set_num_threads(1)
-    extras = sys.argv[6:]
-    VOCAB = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("vocab=")), VOCAB)  # "chunk=N" (loss.chunk_size), "teacher=KIND" (see make_teacher),
-    # "callback=on_policy|sar", "rows=full" (every_token_counted), "keep" (fsdp: student_reshard_after_forward=False),
-    # "reference" (a loss without a fused kernel: the reference chunked/dense path)
+def run_config(strategy: str, devices: int, batch_size: int, accumulate: int, extras: list[str]) -> dict[str, Any]:
+    """One configuration as the command line names it: "chunk=N" (loss.chunk_size), "teacher=KIND" (see
+    make_teacher), "callback=on_policy|sar", "rows=full" (every_token_counted), "vocab=N", "keep" (fsdp:
+    student_reshard_after_forward=False), "reference" (a loss without a fused kernel: the reference
+    chunked/dense path)."""
+    global VOCAB
+    VOCAB = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("vocab=")), 40)
     chunk = next((int(e.split("=", 1)[1]) for e in extras if e.startswith("chunk=")), None)
     kind = next((e.split("=", 1)[1] for e in extras if e.startswith("teacher=")), "dense")
     callback = next((e.split("=", 1)[1] for e in extras if e.startswith("callback=")), None)
     rows = every_token_counted() if "rows=full" in extras else None
-
-    def make_strategy() -> Any:
+    chosen: Any = strategy
+    if strategy == "fsdp":  # "keep": student blocks stay gathered from forward to backward
         from kd_lightning.infra.sharding import ShardedDataParallel
 
-        if strategy == "fsdp":  # "keep": student blocks stay gathered from forward to backward
-            return ShardedDataParallel(student_reshard_after_forward="keep" not in extras)
-        return strategy
+        chosen = ShardedDataParallel(student_reshard_after_forward="keep" not in extras)
+    return run_steps(chosen, devices, batch_size, accumulate, chunk_size=chunk, teacher=kind, callback=callback,
+                     rows=rows, reference="reference" in extras)
 
-    result = run_steps(make_strategy(), int(devices), int(batch_size), int(accumulate), chunk_size=chunk,
-                       teacher=kind, callback=callback, rows=rows, reference="reference" in extras)
+
+def save(result: dict[str, Any], out: str) -> None:
     if result["rank"] == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
         torch.save(result, os.path.join(out, "steps.pt"))
+
+
+def run_plan(plan_file: str, out: str) -> None:
+    import json
+    import traceback
+
+    plan = json.loads(Path(plan_file).read_text())
+    for name, (strategy, devices, batch_size, accumulate, extras) in plan.items():
+        try:
+            result = run_config(strategy, int(devices), int(batch_size), int(accumulate), list(extras))
+        except BaseException:
+            where = Path(out) / name
+            where.mkdir(parents=True, exist_ok=True)
+            rank = os.environ.get("LOCAL_RANK", "0")
+            (where / f"error-rank{rank}.txt").write_text(traceback.format_exc())
+            raise
+        save(result, os.path.join(out, name))
+
+
+def fill_rank0_share(directory: str) -> int:
+    """Store the dense teacher's outputs for rank 0's share of epoch 0 (of 2 processes) at `directory`,
+    so that in a 2-process run with teacher=reuse=DIR rank 0 reads every step and rank 1 computes;
+    returns the number of rows stored."""
+    from kd_lightning.data.base import DictDataset
+    from kd_lightning.data.resumable import EpochSeededSampler
+
+    rows = varied_tokens()
+    mine = list(EpochSeededSampler(DictDataset(**rows), seed=7, num_replicas=2, rank=0))  # in order
+    fill = make_teacher(f"reuse={directory}")
+    fill(input_ids=rows["input_ids"][mine], attention_mask=rows["attention_mask"][mine])
+    fill.store.flush()
+    return len(mine)
+
+
+class PlanRuns:
+    """The results of one `--plan` launch (relaunched after a configuration that fails, so each
+    configuration's result or error is its own)."""
+
+    def __init__(self, out: Path, errors: dict[str, str]) -> None:
+        self.out, self.errors = out, errors
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        assert name not in self.errors, f"the 2-process run {name!r} failed:\n{self.errors[name]}"
+        return torch.load(self.out / name / "steps.pt", weights_only=False)
+
+
+def launch_plan(plan: dict[str, list[Any]], out: Path, timeout: int = 600) -> PlanRuns:
+    """Run `plan` (see the module docstring) in one 2-process launch of this script; should a
+    configuration fail (or hang past `timeout`), note its error and launch the ones after it again."""
+    import json
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    env.pop("LOCAL_RANK", None)  # Lightning starts the other process itself
+    errors: dict[str, str] = {}
+    remaining = dict(plan)
+    while remaining:
+        out.mkdir(parents=True, exist_ok=True)
+        plan_file = out / "plan.json"
+        plan_file.write_text(json.dumps(remaining))
+        try:
+            proc = subprocess.run([sys.executable, __file__, "--plan", str(plan_file), str(out)], cwd=out, env=env,
+                                  capture_output=True, text=True, timeout=timeout)
+            log = proc.stderr[-3000:]
+        except subprocess.TimeoutExpired as e:
+            log = f"the launch timed out after {timeout} s; its stderr ends:\n{str(e.stderr or '')[-3000:]}"
+        unfinished = [name for name in remaining if not (out / name / "steps.pt").exists()]
+        if not unfinished:
+            break
+        failed = unfinished[0]
+        traces = "\n".join(f.read_text() for f in sorted((out / failed).glob("error-rank*.txt")))
+        errors[failed] = f"{traces}\n--- the launch's stderr ---\n{log}"
+        remaining = {name: plan[name] for name in unfinished[1:]}
+    return PlanRuns(out, errors)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if sys.argv[1] == "--plan":
+        run_plan(sys.argv[2], sys.argv[3])
+    else:
+        out, strategy, devices, batch_size, accumulate = sys.argv[1:6]
+        save(run_config(strategy, int(devices), int(batch_size), int(accumulate), sys.argv[6:]), out)

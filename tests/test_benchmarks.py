@@ -1,8 +1,11 @@
 """Smoke tests of the benchmark scripts' `--quick` modes: they run, print their table, and the
-numbers they return are sane (not their values: benchmarks are not tests)."""
+numbers they return are sane (not their values: benchmarks are not tests). The single-process
+timing scripts run in-process (their `main(argv)`, as `python benchmarks/X.py ARGS` calls it); the
+ones that start train.py or several processes run as scripts (slow tier)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -25,8 +28,17 @@ def bench(script: str, *args: str, timeout: int = 300) -> str:
     return proc.stdout
 
 
-def test_speed_quick_prints_the_ratio():
-    out = bench("speed.py", "--quick", "--repeats", "3", "--warmup", "1", "--pieces")
+def bench_in_process(script: str, *args: str, capsys: pytest.CaptureFixture[str],
+                     monkeypatch: pytest.MonkeyPatch) -> str:
+    """`python benchmarks/SCRIPT.py ARGS` without a new interpreter: its `main(ARGS)`, stdout captured."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as for the script: `from speed import ...`
+    importlib.import_module(script).main(list(args))
+    return capsys.readouterr().out
+
+
+def test_speed_quick_prints_the_ratio(capsys, monkeypatch):
+    out = bench_in_process("speed", "--quick", "--repeats", "3", "--warmup", "1", "--pieces", capsys=capsys,
+                           monkeypatch=monkeypatch)
     ratio_line = next(line for line in out.splitlines() if line.startswith("ratio (a) / ((b) + (c))"))
     ratio = float(ratio_line.split(":")[1].split()[0])
     assert 0.5 < ratio < 3.0, ratio_line
@@ -34,8 +46,9 @@ def test_speed_quick_prints_the_ratio():
     assert "loss=forward_kl forward + backward" in out and "teacher token CE" in out  # --pieces
 
 
-def test_cached_kd_quick_prints_the_ratio():
-    out = bench("cached_kd.py", "--quick", "--repeats", "3", "--warmup", "1")
+def test_cached_kd_quick_prints_the_ratio(capsys, monkeypatch):
+    out = bench_in_process("cached_kd", "--quick", "--repeats", "3", "--warmup", "1", capsys=capsys,
+                           monkeypatch=monkeypatch)
     assert "ratio" in out and "target <= 1.05" in out
 
 

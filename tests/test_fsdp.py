@@ -53,46 +53,38 @@ def test_fsdp_refuses_unshardable_teachers_and_bad_precision() -> None:
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.xdist_group("dist_runs")
 @pytest.mark.parametrize("teacher", ["ka", "reuse"])
-def test_fsdp_shards_the_model_inside_a_teacher_wrapper(tmp_path: Path, teacher: str) -> None:
+def test_fsdp_shards_the_model_inside_a_teacher_wrapper(dist_runs, teacher: str) -> None:
     """KA routing (hooks on the routers, 2 passes a step) and `teacher_outputs.reuse` wrap the teacher;
     under FSDP the model inside is sharded and the step equals the single process's. For the store,
     rank 0's share of the epoch is stored beforehand, so every step rank 0 hits and rank 1 misses:
     rank 0 must still join rank 1's collective forward (else both hang), and return what it read."""
-    from kd_lightning.data.base import DictDataset
-    from kd_lightning.data.resumable import EpochSeededSampler
-    from tests.dist_check import make_teacher, reuse_store, varied_tokens
-    from tests.test_step_tokens import close, run_processes
+    from tests.dist_check import reuse_store
+    from tests.test_step_tokens import close
 
-    kind = "ka" if teacher == "ka" else f"reuse={tmp_path / 'store'}"
-    if teacher == "reuse":
-        rows = varied_tokens()
-        sampler = EpochSeededSampler(DictDataset(**rows), seed=7, num_replicas=2, rank=0)
-        mine = list(sampler)  # rank 0's samples of epoch 0, in order
-        fill = make_teacher(kind)
-        fill(input_ids=rows["input_ids"][mine], attention_mask=rows["attention_mask"][mine])
-        fill.store.flush()
-        assert len(reuse_store(str(tmp_path / "store"))) == len(mine)
+    if teacher == "reuse":  # conftest.dist_runs filled the store with rank 0's share of epoch 0
+        assert dist_runs.reuse["stored_before"] == dist_runs.reuse["rank0_rows"] == 12
     single = run_steps(batch_size=4, teacher="ka" if teacher == "ka" else "dense")
-    fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2, extra=(f"teacher={kind}",))
+    fsdp = dist_runs[f"fsdp-{teacher}"]
     assert fsdp["sharded"] and 0.45 < fsdp["teacher_fraction"] < 0.55
     for step in range(3):
         close(single["grads"][step], fsdp["grads"][step], 1e-5)
     close(list(single["params"].values()), list(fsdp["params"].values()), 1e-5)
     if teacher == "reuse":  # rank 1 stored what it computed: its 6 training rows (validation is off)
-        assert len(reuse_store(str(tmp_path / "store"))) == len(mine) + 6
+        assert len(reuse_store(dist_runs.reuse["store"])) == dist_runs.reuse["rank0_rows"] + 6
 
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_fsdp_on_policy_generation_matches_ddp(tmp_path: Path) -> None:
+@pytest.mark.xdist_group("dist_runs")
+def test_fsdp_on_policy_generation_matches_ddp(dist_runs) -> None:
     """`callbacks=on_policy` with a sharded student: every forward of `generate` is a collective, so
     the processes generate in lockstep (`synced_gpus`) although their rows end (EOS) at different
     times; the samples and the step equal a DDP run's (same per-rank seeds)."""
-    from tests.test_step_tokens import close, run_processes
+    from tests.test_step_tokens import close
 
-    ddp = run_processes(tmp_path / "ddp", "ddp", 2, batch_size=2, extra=("callback=on_policy",))
-    fsdp = run_processes(tmp_path / "fsdp", "fsdp", 2, batch_size=2, extra=("callback=on_policy",))
+    ddp, fsdp = dist_runs["ddp-on-policy"], dist_runs["fsdp-on-policy"]
     assert fsdp["sharded"] and not ddp["sharded"]
     for step in range(3):
         close(ddp["grads"][step], fsdp["grads"][step], 1e-5)
@@ -102,19 +94,18 @@ def test_fsdp_on_policy_generation_matches_ddp(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_sar_under_ddp_and_fsdp_gives_the_single_process_steps(tmp_path: Path) -> None:
+@pytest.mark.xdist_group("dist_runs")
+def test_sar_under_ddp_and_fsdp_gives_the_single_process_steps(dist_runs) -> None:
     """`callbacks=sar`: a router step of the MoE teacher before each student step. FSDP keeps the routers
     whole and replicated (SAR all-reduces their gradients); DDP leaves them out of its buckets (they
     once shared a bucket with student parameters, which then were not averaged: 0.13 off at step 0).
     With every token counted (equal counts per process) and no balance term, 1 process (batch 4), DDP
     and FSDP (2 x 2) give the same steps."""
     from tests.dist_check import every_token_counted
-    from tests.test_step_tokens import close, run_processes
+    from tests.test_step_tokens import close
 
     single = run_steps(batch_size=4, teacher="moe", callback="sar", rows=every_token_counted())
-    extra = ("teacher=moe", "callback=sar", "rows=full")
-    ddp = run_processes(tmp_path / "ddp", "ddp", 2, batch_size=2, extra=extra)
-    fsdp = run_processes(tmp_path / "fsdp", "fsdp", 2, batch_size=2, extra=extra)
+    ddp, fsdp = dist_runs["ddp-sar"], dist_runs["fsdp-sar"]
     assert fsdp["sharded"] and 0.4 < fsdp["teacher_fraction"] < 0.55  # the routers are kept whole
     for run in (ddp, fsdp):
         for step in range(3):

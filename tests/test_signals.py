@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,13 +16,31 @@ from kd_lightning.infra.signals import EXIT_SIGTERM, exit_on_sigterm
 from tests.conftest import REPO
 
 SCRIPT = textwrap.dedent("""
-    import logging, os, signal, sys, time
+    import json, logging, os, signal, sys, time
     import lightning as L, torch
     from torch.utils.data import DataLoader, TensorDataset
     from kd_lightning.infra.signals import exit_on_sigterm
 
+    # One start-up (the imports take seconds) for every mode: a forked child per mode, each with its own
+    # stdout/stderr files, runs the mode as the rest of this script and exits however the mode makes
+    # Python exit; the parent waits and writes each child's exit status to OUT/status.json.
+    out, modes = sys.argv[1], sys.argv[2:]
+    children = {}
+    for mode in modes:
+        os.makedirs(os.path.join(out, mode))
+        pid = os.fork()
+        if pid == 0:
+            for fd, name in ((1, "stdout"), (2, "stderr")):
+                os.dup2(os.open(os.path.join(out, mode, name), os.O_WRONLY | os.O_CREAT, 0o644), fd)
+            out = os.path.join(out, mode)
+            break
+        children[mode] = pid
+    else:
+        status = {mode: os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for mode, pid in children.items()}
+        open(os.path.join(out, "status.json"), "w").write(json.dumps(status))
+        sys.exit(0)
+
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    mode, out = sys.argv[1], sys.argv[2]
 
     class Tiny(L.LightningModule):
         def __init__(self):
@@ -59,31 +78,40 @@ SCRIPT = textwrap.dedent("""
             print("not interrupted")
     print("finished normally")
 """)
+MODES = ("fit", "bare_fit", "outside_fit")
 
 
-def run(mode: str, out: Path) -> subprocess.CompletedProcess[str]:
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SimpleNamespace]:
+    """Each mode of SCRIPT in a process of its own (forked from one that imported Lightning once):
+    mode -> its exit status, stdout, stderr and output directory."""
+    out = tmp_path_factory.mktemp("signals")
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-c", SCRIPT, mode, str(out)], env=env, capture_output=True, text=True,
-                           timeout=120)
+    driver = subprocess.run([sys.executable, "-c", SCRIPT, str(out), *MODES], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert driver.returncode == 0, driver.stderr[-2000:]
+    status = json.loads((out / "status.json").read_text())
+    return {mode: SimpleNamespace(returncode=status[mode], stdout=(out / mode / "stdout").read_text(),
+                                  stderr=(out / mode / "stderr").read_text(), out=out / mode) for mode in MODES}
 
 
-def test_sigterm_during_a_fit_finishes_the_batch_then_exits_143(tmp_path: Path) -> None:
-    done = run("fit", tmp_path)
+def test_sigterm_during_a_fit_finishes_the_batch_then_exits_143(runs) -> None:
+    done = runs["fit"]
     assert done.returncode == EXIT_SIGTERM, done.stderr[-2000:]
-    assert f"SIGTERM during teacher pre-training: saved {tmp_path / 'step.txt'}; rerun the same command with " \
+    assert f"SIGTERM during teacher pre-training: saved {done.out / 'step.txt'}; rerun the same command with " \
            "resume=auto to continue" in done.stderr
-    assert (tmp_path / "step.txt").read_text() == "3"  # the batch that got the signal finished its step
+    assert (done.out / "step.txt").read_text() == "3"  # the batch that got the signal finished its step
     assert "finished normally" not in done.stdout
 
 
-def test_without_the_guard_a_sigterm_during_a_fit_exits_0_silently(tmp_path: Path) -> None:
+def test_without_the_guard_a_sigterm_during_a_fit_exits_0_silently(runs) -> None:
     """Why the guard exists: Lightning's SIGTERMException is a SystemExit with no code."""
-    done = run("bare_fit", tmp_path)
+    done = runs["bare_fit"]
     assert done.returncode == 0 and "SIGTERM during" not in done.stderr
 
 
-def test_sigterm_outside_a_fit_exits_143_at_once(tmp_path: Path) -> None:
-    done = run("outside_fit", tmp_path)
+def test_sigterm_outside_a_fit_exits_143_at_once(runs) -> None:
+    done = runs["outside_fit"]
     assert done.returncode == EXIT_SIGTERM, done.stderr[-2000:]
     assert "SIGTERM during stage=cache_teacher: nothing partial was kept" in done.stderr
     assert "not interrupted" not in done.stdout

@@ -3,19 +3,12 @@ micro-batches (gradient accumulation) or over processes (DDP)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from kd_lightning.data.step_tokens import STEP_TOKENS_KEY, stamp_step_tokens, token_share
 from kd_lightning.tasks import IGNORE_INDEX
 from tests.dist_check import SEQ, run_steps, varied_tokens
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def close(a: list[torch.Tensor], b: list[torch.Tensor], tol: float) -> float:
@@ -63,20 +56,13 @@ def test_accumulation_over_three_steps_matches_bigger_batches() -> None:
     close(list(merged["params"].values()), list(split["params"].values()), 1e-6)
 
 
-def run_processes(tmp_path: Path, strategy: str, devices: int, batch_size: int, accumulate: int = 1,
-                  extra: tuple[str, ...] = ()) -> dict:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(REPO / "tests" / "dist_check.py"), str(tmp_path), strategy,
-                             str(devices), str(batch_size), str(accumulate), *extra], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return torch.load(tmp_path / "steps.pt", weights_only=False)
-
-
-def test_ddp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: Path) -> None:
+# The 2-process runs come from one launch (conftest.dist_runs); xdist_group: one worker runs it.
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.xdist_group("dist_runs")
+def test_ddp_two_processes_give_the_single_process_loss_and_gradients(dist_runs) -> None:
     single = run_steps(batch_size=4)
-    ddp = run_processes(tmp_path, "ddp", 2, batch_size=2)
+    ddp = dist_runs["ddp"]
     assert ddp["step_tokens"] == single["step_tokens"]
     for step in range(3):
         close(single["grads"][step], ddp["grads"][step], 1e-5)
@@ -86,10 +72,11 @@ def test_ddp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: 
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.xdist_group("dist_runs")
 @pytest.mark.parametrize("keep", [False, True], ids=["reshard", "keep_gathered"])
-def test_fsdp_two_processes_give_the_single_process_loss_and_gradients(tmp_path: Path, keep: bool) -> None:
+def test_fsdp_two_processes_give_the_single_process_loss_and_gradients(dist_runs, keep: bool) -> None:
     single = run_steps(batch_size=4)
-    fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2, extra=("keep",) if keep else ())
+    fsdp = dist_runs["fsdp-keep" if keep else "fsdp"]
     # really sharded: DTensor student; the frozen teacher holds half its weights per process after steps
     assert fsdp["sharded"] and not single["sharded"]
     assert 0.45 < fsdp["teacher_fraction"] < 0.55 and single["teacher_fraction"] == 1.0
@@ -122,8 +109,9 @@ def test_rank_shares_make_up_the_single_process_order_and_resume_skips_per_rank(
 
 @pytest.mark.slow
 @pytest.mark.dist
+@pytest.mark.xdist_group("dist_runs")
 @pytest.mark.parametrize("reference,vocab", [(False, 40), (True, 40), (False, 32000)], ids=["fused", "reference", "fused-32k"])
-def test_fsdp_chunked_loss_gives_the_single_process_gradients(tmp_path: Path, monkeypatch, reference: bool,
+def test_fsdp_chunked_loss_gives_the_single_process_gradients(dist_runs, monkeypatch, reference: bool,
                                                               vocab: int) -> None:
     """`loss.chunk_size` under FSDP2: the heads are read gathered after each root forward, the
     student head's gradient is reduce-scattered with the root's, and the teacher is resharded (the
@@ -134,8 +122,7 @@ def test_fsdp_chunked_loss_gives_the_single_process_gradients(tmp_path: Path, mo
     monkeypatch.setattr(dist_check, "VOCAB", vocab)
     single = run_steps(batch_size=4, chunk_size=5, reference=reference)
     plain = run_steps(batch_size=4)
-    fsdp = run_processes(tmp_path, "fsdp", 2, batch_size=2,
-                         extra=("chunk=5", f"vocab={vocab}", *(("reference",) if reference else ())))
+    fsdp = dist_runs[f"fsdp-chunk-{'reference' if reference else 'fused'}{'-32k' if vocab == 32000 else ''}"]
     assert fsdp["sharded"] and 0.45 < fsdp["teacher_fraction"] < 0.55
     for step in range(3):
         close(single["grads"][step], fsdp["grads"][step], 1e-5)

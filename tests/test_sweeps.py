@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,12 @@ def test_sweeps_readme_names_every_preset() -> None:
 
 @pytest.mark.slow
 def test_losses_sweep_runs_and_reports(tmp_path: Path, cache_dir: Path) -> None:
-    """Two tiny runs of `+sweep=losses` through the real CLI, then `kd-report` on the sweep."""
+    """Two tiny runs of `+sweep=losses` through the real CLI (`-m`: Hydra's multirun), then `kd-report`
+    on the sweep; the second run reads the first one's teacher outputs and the report shows the time
+    saved. (This took over tests/test_cli.py's multirun test and tests/test_teacher_outputs.py's
+    report test, which ran the same two-run sweep each.)"""
+    from kd_lightning.report import write_report
+
     sweep_dir = tmp_path / "multirun"
     tiny = TINY_TRAINER + TINY_LM_DATA + TINY_TEACHER
     command = [sys.executable, "train.py", "-m", "+sweep=losses", "loss=kl,reverse_kl", "seed=0", "baseline=false",
@@ -130,6 +136,10 @@ def test_losses_sweep_runs_and_reports(tmp_path: Path, cache_dir: Path) -> None:
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1"]
+    summaries = [json.loads((sweep_dir / str(i) / "summary.json").read_text()) for i in range(2)]
+    assert sorted(s["loss"] for s in summaries) == ["kl", "reverse_kl"]
+    second = summaries[1]["teacher_outputs"]
+    assert second["computed_rows"] == 0 and second["hit_rows"] > 0
 
     report = subprocess.run([sys.executable, "-m", "kd_lightning.report", str(sweep_dir)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
@@ -141,3 +151,6 @@ def test_losses_sweep_runs_and_reports(tmp_path: Path, cache_dir: Path) -> None:
     assert all(float(r["loss"]) > 0 and 0 <= float(r["teacher_agreement"]) <= 1 for r in rows)
     assert (sweep_dir / "results.md").is_file()
     assert (sweep_dir / "val_loss.png").stat().st_size > 1000
+    text = write_report(sweep_dir, plot=False)
+    assert "## Teacher outputs" in text and "Teacher time saved: about" in text
+    assert "2 of 2 run(s) reused teacher outputs" in text and "were read from the store by 2 run(s)" in text

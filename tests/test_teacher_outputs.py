@@ -177,30 +177,6 @@ def test_reuse_is_skipped_where_outputs_change(make_cfg, tmp_path: Path, caplog,
     assert wrapped == teachers and reason in caplog.text
 
 
-def test_report_shows_the_teacher_time_saved(tmp_path: Path):
-    """A sweep preset (`+sweep=losses`, reuse on) of two runs: the report has the time saved."""
-    import os
-    import subprocess
-    import sys
-
-    from kd_lightning.report import write_report
-
-    sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "train.py", "-m", "+sweep=losses", "loss=kl,reverse_kl", "seed=0", "baseline=false",
-           "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=2",
-           "trainer.enable_progress_bar=false", "lr_scheduler.num_warmup_steps=1", "dataset.max_train_tokens=20000",
-           "dataset.max_eval_tokens=2048", "dataset.seq_len=64", "dataset.batch_size=8", "teacher.pretrain.max_steps=2",
-           f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    second = json.loads((sweep / "1" / "summary.json").read_text())["teacher_outputs"]
-    assert second["computed_rows"] == 0 and second["hit_rows"] > 0
-    text = write_report(sweep, plot=False)
-    assert "## Teacher outputs" in text and "Teacher time saved: about" in text
-    assert "2 of 2 run(s) reused teacher outputs" in text and "were read from the store by 2 run(s)" in text
-
-
 def test_store_directory_separates_teachers_precisions_and_formats(make_cfg):
     from kd_lightning.run.settings import teacher_model_configs, teacher_output_options
     from kd_lightning.teachers.identity import teacher_store_location
