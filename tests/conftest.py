@@ -87,6 +87,8 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
 # tests out in collection order, and the tier ends when its last test does, so these are collected
 # first and the short ones fill in behind them. Order only; a name missing here keeps its place.
 LONGEST_FIRST = (
+    "test_served_teacher_vllm.py::test_real_server_scores_like_the_model_in_process",  # the server starts: ~110 s
+    "test_served_teacher_vllm.py::test_distill_from_a_real_vllm_server",
     "test_real_teacher.py::test_smollm2_experiment_runs_end_to_end",  # 74 s
     "test_train.py::test_kd_student_beats_ce_only_student_on_embedded_data",  # 58
     "test_benchmarks.py::test_ddp_quick_runs_one_and_two_processes",  # 52
