@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kd_lightning.infra.shard_init import materialise
+
 
 def is_sharded(module: nn.Module) -> bool:
     """True when any parameter of `module` is a `DTensor` (FSDP2 / tensor parallel)."""
@@ -84,8 +86,10 @@ def block_classes(model: nn.Module) -> set[str]:
 
 
 def shard_model(model: nn.Module, mesh: Any, mp_policy: Any = None, keep_whole: set[nn.Parameter] | None = None,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, device: torch.device | str = "cpu") -> nn.Module:
     """FSDP2: `fully_shard` each transformer block, then the model (its root: embeddings, head, norm).
+    A model built on the meta device (`shard_init.defer`) is then materialised on `device`, each
+    process filling only its own shards (`shard_init.materialise`).
 
     `keep_whole`: parameters left out of sharding (FSDP2's `ignored_params`), plain replicated tensors
     on every process, e.g. the teacher routers SAR trains; their owners compute in the parameters'
@@ -109,6 +113,7 @@ def shard_model(model: nn.Module, mesh: Any, mp_policy: Any = None, keep_whole: 
         if sub is not model and type(sub).__name__ in blocks:
             fully_shard(sub, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, **kwargs)  # the root keeps FSDP2's default: gathered after forward (backward needs it first)
+    materialise(model, device)
     return model
 
 
@@ -126,7 +131,8 @@ def reshard_frozen(model: nn.Module) -> None:
         root.reshard()  # type: ignore[operator]
 
 
-def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None, student_reshard_after_forward: bool = True) -> None:
+def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None, student_reshard_after_forward: bool = True,
+                       device: torch.device | str = "cpu") -> None:
     """Shard a `DistillationModule` in place: every frozen teacher and the student, per block.
 
     The chunked loss reads the heads' weights after each model's root forward, when FSDP2 holds them
@@ -145,13 +151,13 @@ def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None, student_re
         trained = {p for key, p in teacher.named_parameters() if f"teachers.{name}.{key}" in module.trainable_teacher_keys}
         inner = teacher._modules.get("model")  # a wrapper's model: KA routing, stored outputs (teacher_outputs)
         if not isinstance(teacher, PreTrainedModel) and isinstance(inner, PreTrainedModel):
-            shard_model(inner, mesh, mp_policy, trained)  # the wrapper's hooks and store stay outside the sharded model
+            shard_model(inner, mesh, mp_policy, trained, device=device)  # the wrapper's hooks and store stay outside
             continue
         if not isinstance(teacher, PreTrainedModel) and module.task == "causal_lm":
             raise NotImplementedError(f"teacher '{name}' is a {type(teacher).__name__}, not a transformers model nor a "
                                       "wrapper of one (`.model`); strategy=fsdp cannot shard it")
-        shard_model(teacher, mesh, mp_policy, trained)
-    shard_model(module.student, mesh, mp_policy, reshard_after_forward=student_reshard_after_forward)
+        shard_model(teacher, mesh, mp_policy, trained, device=device)
+    shard_model(module.student, mesh, mp_policy, reshard_after_forward=student_reshard_after_forward, device=device)
 
 
 def _model_parallel_strategy() -> type:
