@@ -103,17 +103,16 @@ class SafetensorsWeights:
         from safetensors import safe_open
 
         files = self.files()
-        by_file: dict[Path, list[tuple[str, Tensor]]] = {}
         for name, tensor in _stored_tensors(model).items():
             if name not in files:
                 raise KeyError(f"{self.directory}: no tensor {name!r} in its safetensors files")
-            by_file.setdefault(files[name], []).append((name, tensor))
-        for path, tensors in by_file.items():
-            with safe_open(str(path), framework="pt") as handle:
-                for name, tensor in tensors:
-                    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-                    if local.numel():
-                        local.copy_(handle.get_slice(name)[local_index(tensor)])
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            if not local.numel():
+                continue
+            # opened (memory-mapped) per tensor: the file pages a read touches count in this
+            # process's resident memory until the mapping closes, so at most one tensor's rows do
+            with safe_open(str(files[name]), framework="pt") as handle:
+                local.copy_(handle.get_slice(name)[local_index(tensor)])
 
 
 @dataclass(frozen=True)
