@@ -13,7 +13,8 @@ whole model:
   that model whole while it sends it; the other processes never do.
 
 Buffers that are not in a state dict (rotary `inv_freq`) are computed again by transformers' own
-`_init_weights` for the modules that own them.
+`_init_weights` for the modules that own them. `mmap_large_allocations` makes the memory a sharded
+run frees on CPU leave the resident set.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -171,6 +172,22 @@ def _init_unsaved_buffers(model: nn.Module) -> None:
         init(owner)
 
 
-def source_of(model: nn.Module) -> Any:
-    """The weight source a deferred model was built with, or None."""
-    return getattr(model, WEIGHT_SOURCE, None)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def mmap_large_allocations(threshold: int = 128 * 1024) -> bool:
+    """glibc (Linux): serve every allocation above `threshold` bytes with its own mmap, returned to the
+    system as soon as it is freed. By default glibc raises that threshold after the first large free
+    (up to 32 MiB), so the blocks FSDP gathers and frees one after another, and a step's activations,
+    stay in the heap once freed and count as resident memory: on 2 CPU processes with the 135M teacher
+    the peak per process fell from 2.2 / 1.9 GB to 1.15 / 1.15 GB with it (docs/benchmarks.md). True when set."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library (musl)
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.infra.shard_init import materialise
+from kd_lightning.infra.shard_init import materialise, mmap_large_allocations
 
 
 def is_sharded(module: nn.Module) -> bool:
@@ -207,6 +207,8 @@ class ShardedDataParallel(_model_parallel_strategy()):  # type: ignore[misc]
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+        if self.root_device.type == "cpu":  # memory FSDP frees goes back to the system (see the function)
+            mmap_large_allocations()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's sharded load expects every module key in the checkpoint; frozen teacher weights
