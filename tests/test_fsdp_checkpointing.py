@@ -42,7 +42,8 @@ def gradients(checkpointed: bool, world: int, rank: int) -> dict[str, torch.Tens
 def compare(rank: int, world: int, store_dir: str) -> None:
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
+    if world > 1:  # a spawned process; in the test's own process the thread count stays as it is
+        torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(os.path.join(store_dir, "store"), world), rank=rank,
                             world_size=world)
     try:

@@ -59,7 +59,8 @@ def check_sharded_equals_whole(rank: int, world: int, store_dir: str, directory:
 
     from kd_lightning.infra.sharding import full_state_dict, reshard_frozen, shard_model
 
-    torch.set_num_threads(1)
+    if world > 1:  # a spawned process; in the test's own process the thread count stays as it is
+        torch.set_num_threads(1)
     store = dist.FileStore(os.path.join(store_dir, "store"), world)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     try:
