@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassCalibrationError
 
 from kd_lightning.infra.distributed import all_reduce_sums, is_distributed
-from kd_lightning.tasks import Task, task_named
+from kd_lightning.infra.sharding import is_sharded, reshard_frozen
+from kd_lightning.tasks import IGNORE_INDEX, Task, task_named
 
 ECE_BINS = 15
 
@@ -34,9 +35,13 @@ def evaluate(
 
     Inside a process group every rank passes its own share of the split (`batches` is streamed, never
     held): the summed counts and the calibration states are reduced over the ranks, so every rank
-    returns the figures of the whole split."""
+    returns the figures of the whole split. A sharded model (or reference) runs a collective forward:
+    the ranks then step through their shares in lockstep (`_in_lockstep`)."""
     task = task_named(task) if isinstance(task, str) else task
     distributed = is_distributed()
+    sharded = [m for m in (model, reference) if m is not None and is_sharded(m)]
+    if distributed and sharded:
+        batches = _in_lockstep(batches)
     was_training = model.training
     model.eval().to(device)
     if reference is not None:
@@ -47,6 +52,8 @@ def evaluate(
     for batch in batches:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         logits, labels = _aligned_logits(model, batch, task)
+        # the reference's forward runs for every batch: sharded, it is a collective
+        ref_logits = _aligned_logits(reference, batch, task)[0] if reference is not None else None
         mask = task.mask(labels)
         if not mask.any():
             continue
@@ -56,13 +63,14 @@ def evaluate(
         if calibration is None:
             calibration = _calibration(logits.shape[-1], distributed, device)
         calibration.update(logits.softmax(-1), labels)
-        if reference is not None:
-            ref_logits, _ = _aligned_logits(reference, batch, task)
+        if ref_logits is not None:
             sums["agree"] += (ref_logits[mask].argmax(-1) == logits.argmax(-1)).sum().item()
         sums["count"] += int(mask.sum())
         if byte_lengths is not None:
             sums["bytes"] += int(byte_lengths[labels.cpu()].sum())
     model.train(was_training)
+    for frozen in sharded:  # FSDP2 keeps a root gathered after a forward without backward
+        reshard_frozen(frozen)
     if distributed:
         sums = dict(zip(sums, all_reduce_sums(list(sums.values()))))
         # every rank syncs the calibration states, also one whose share had nothing to score
@@ -80,6 +88,27 @@ def evaluate(
     if byte_lengths is not None:
         result["loss_per_byte"] = sums["loss"] / max(sums["bytes"], 1)
     return result
+
+
+def _in_lockstep(batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Every rank's batches, then copies with nothing counted (labels all ignored) until the rank
+    with the most batches is done: every forward of a sharded model is a collective. Rank 0 holds
+    the most (`RankShareSampler`); its first batch is the filler of a rank that has none."""
+    batches = iter(batches)
+    batch = next(batches, None)
+    shared = [_nothing_counted(batch) if batch is not None else None]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    filler = shared[0]
+    while True:
+        remaining = all_reduce_sums([batch is not None])[0]
+        if remaining == 0:
+            return
+        yield batch if batch is not None else filler  # type: ignore[misc]
+        batch = next(batches, None)
+
+
+def _nothing_counted(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: torch.full_like(v, IGNORE_INDEX) if k.endswith("labels") else v for k, v in batch.items()}
 
 
 def _calibration(num_classes: int, distributed: bool, device: str | torch.device) -> MulticlassCalibrationError:

@@ -95,12 +95,14 @@ def from_pretrained(
 
     if not pretrained or pretrained == "???":
         raise ValueError("student/teacher `pretrained=` must name a local directory or hub id")
-    if torch.get_default_device().type == "meta":  # shapes only (parameter counts): no weights read
+    dtype = getattr(torch, torch_dtype) if torch_dtype else None
+    if torch.get_default_device().type == "meta":  # shapes only (parameter counts, strategy=fsdp): no weights read
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code, revision=revision)
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    dtype = getattr(torch, torch_dtype) if torch_dtype else None
+        config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code, revision=revision, **kwargs)
+        # from_config's dtype defaults to the config's, as from_pretrained's "auto" does
+        extra = {"dtype": dtype} if dtype is not None else {}
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **extra)
     return AutoModelForCausalLM.from_pretrained(
         pretrained,
         dtype=dtype,

@@ -271,7 +271,9 @@ class DistillationModule(LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, ShardedDataParallel):
             shard_distillation(self, strategy.data_parallel_mesh, strategy.mp_policy,
-                               student_reshard_after_forward=strategy.student_reshard_after_forward)
+                               student_reshard_after_forward=strategy.student_reshard_after_forward,
+                               device=strategy.root_device,
+                               student_activation_checkpointing=strategy.student_activation_checkpointing)
 
     # ------------------------------------------------------------------ optimisation & checkpoints
     def trainable_parameters(self) -> list[nn.Parameter]:

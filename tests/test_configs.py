@@ -118,8 +118,9 @@ def test_other_groups_compose(make_cfg, group: str) -> None:
 
 
 def test_fsdp_options_reach_the_strategy_and_the_sharding(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`trainer.strategy.student_reshard_after_forward` and `mixed_precision` (conf/strategy/fsdp.yaml) reach
-    ShardedDataParallel, and configure_model passes the student's setting to the sharding."""
+    """`trainer.strategy.student_reshard_after_forward`, `student_activation_checkpointing` and `mixed_precision`
+    (conf/strategy/fsdp.yaml) reach ShardedDataParallel, and configure_model passes the student's settings
+    and the device to materialise on to the sharding."""
     import kd_lightning.module as module_py
     from kd_lightning.losses import forward_kl
     from kd_lightning.module import DistillationModule
@@ -127,15 +128,19 @@ def test_fsdp_options_reach_the_strategy_and_the_sharding(make_cfg, monkeypatch:
     from tests.helpers import tiny_lm
 
     cfg = make_cfg("strategy=fsdp", "trainer.strategy.student_reshard_after_forward=false",
-                   "trainer.strategy.mixed_precision=fp32")
+                   "trainer.strategy.mixed_precision=fp32", "trainer.strategy.student_activation_checkpointing=true")
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
     assert isinstance(strategy, ShardedDataParallel)
     assert strategy.student_reshard_after_forward is False and strategy.mixed_precision == "fp32"
+    assert strategy.student_activation_checkpointing is True
+    assert hydra.utils.instantiate(make_cfg("strategy=fsdp").trainer.strategy).student_activation_checkpointing is False
     assert hydra.utils.instantiate(make_cfg("strategy=fsdp").trainer.strategy).student_reshard_after_forward is True
     seen = {}
     monkeypatch.setattr(module_py, "shard_distillation", lambda module, mesh, policy, **kw: seen.update(kw))
     monkeypatch.setattr(ShardedDataParallel, "data_parallel_mesh", property(lambda self: None))
+    monkeypatch.setattr(ShardedDataParallel, "root_device", property(lambda self: torch.device("cpu")))
     module = DistillationModule(tiny_lm(0), tiny_lm(1), forward_kl)
     module._trainer = type("T", (), {"strategy": strategy})()
     module.configure_model()
-    assert seen == {"student_reshard_after_forward": False}
+    assert seen == {"student_reshard_after_forward": False, "device": torch.device("cpu"),
+                    "student_activation_checkpointing": True}

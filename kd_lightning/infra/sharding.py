@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kd_lightning.infra.shard_init import materialise, mmap_large_allocations
+
 
 def is_sharded(module: nn.Module) -> bool:
     """True when any parameter of `module` is a `DTensor` (FSDP2 / tensor parallel)."""
@@ -84,8 +86,10 @@ def block_classes(model: nn.Module) -> set[str]:
 
 
 def shard_model(model: nn.Module, mesh: Any, mp_policy: Any = None, keep_whole: set[nn.Parameter] | None = None,
-                reshard_after_forward: bool = True) -> nn.Module:
+                reshard_after_forward: bool = True, device: torch.device | str = "cpu") -> nn.Module:
     """FSDP2: `fully_shard` each transformer block, then the model (its root: embeddings, head, norm).
+    A model built on the meta device (`shard_init.defer`) is then materialised on `device`, each
+    process filling only its own shards (`shard_init.materialise`).
 
     `keep_whole`: parameters left out of sharding (FSDP2's `ignored_params`), plain replicated tensors
     on every process, e.g. the teacher routers SAR trains; their owners compute in the parameters'
@@ -109,6 +113,7 @@ def shard_model(model: nn.Module, mesh: Any, mp_policy: Any = None, keep_whole: 
         if sub is not model and type(sub).__name__ in blocks:
             fully_shard(sub, reshard_after_forward=reshard_after_forward, **kwargs)
     fully_shard(model, **kwargs)  # the root keeps FSDP2's default: gathered after forward (backward needs it first)
+    materialise(model, device)
     return model
 
 
@@ -126,7 +131,19 @@ def reshard_frozen(model: nn.Module) -> None:
         root.reshard()  # type: ignore[operator]
 
 
-def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None, student_reshard_after_forward: bool = True) -> None:
+def checkpoint_activations(model: nn.Module) -> None:
+    """Activation checkpointing of a transformers model's blocks (transformers' own
+    `gradient_checkpointing_enable`, non-reentrant, which FSDP2 supports): a block's activations are
+    recomputed in backward instead of kept from forward. Same gradients, less memory, a second
+    forward of every block."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"student_activation_checkpointing: {type(model).__name__} does not support gradient "
+                         "checkpointing (a transformers model with checkpointable blocks does)")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+
+
+def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None, student_reshard_after_forward: bool = True,
+                       device: torch.device | str = "cpu", student_activation_checkpointing: bool = False) -> None:
     """Shard a `DistillationModule` in place: every frozen teacher and the student, per block.
 
     The chunked loss reads the heads' weights after each model's root forward, when FSDP2 holds them
@@ -145,13 +162,15 @@ def shard_distillation(module: Any, mesh: Any, mp_policy: Any = None, student_re
         trained = {p for key, p in teacher.named_parameters() if f"teachers.{name}.{key}" in module.trainable_teacher_keys}
         inner = teacher._modules.get("model")  # a wrapper's model: KA routing, stored outputs (teacher_outputs)
         if not isinstance(teacher, PreTrainedModel) and isinstance(inner, PreTrainedModel):
-            shard_model(inner, mesh, mp_policy, trained)  # the wrapper's hooks and store stay outside the sharded model
+            shard_model(inner, mesh, mp_policy, trained, device=device)  # the wrapper's hooks and store stay outside
             continue
         if not isinstance(teacher, PreTrainedModel) and module.task == "causal_lm":
             raise NotImplementedError(f"teacher '{name}' is a {type(teacher).__name__}, not a transformers model nor a "
                                       "wrapper of one (`.model`); strategy=fsdp cannot shard it")
-        shard_model(teacher, mesh, mp_policy, trained)
-    shard_model(module.student, mesh, mp_policy, reshard_after_forward=student_reshard_after_forward)
+        shard_model(teacher, mesh, mp_policy, trained, device=device)
+    if student_activation_checkpointing:
+        checkpoint_activations(module.student)
+    shard_model(module.student, mesh, mp_policy, reshard_after_forward=student_reshard_after_forward, device=device)
 
 
 def _model_parallel_strategy() -> type:
@@ -172,17 +191,24 @@ class ShardedDataParallel(_model_parallel_strategy()):  # type: ignore[misc]
             its backward (one all-gather per block and step instead of two, ZeRO-2-like during the
             step; the student's memory between steps is still 1/N). Teachers, which have no
             backward, are always resharded after each block.
+        student_activation_checkpointing: recompute each student block's activations in backward
+            instead of keeping them from forward (`checkpoint_activations`): same gradients, less
+            activation memory, one more forward of the student's blocks per step.
     """
 
-    def __init__(self, mixed_precision: str = "auto", student_reshard_after_forward: bool = True, **kwargs: Any) -> None:
+    def __init__(self, mixed_precision: str = "auto", student_reshard_after_forward: bool = True,
+                 student_activation_checkpointing: bool = False, **kwargs: Any) -> None:
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
         self.mixed_precision = mixed_precision
         self.student_reshard_after_forward = bool(student_reshard_after_forward)
+        self.student_activation_checkpointing = bool(student_activation_checkpointing)
         mixed_precision_policy(mixed_precision)  # validate early
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+        if self.root_device.type == "cpu":  # memory FSDP frees goes back to the system (see the function)
+            mmap_large_allocations()
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Lightning's sharded load expects every module key in the checkpoint; frozen teacher weights

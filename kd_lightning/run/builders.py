@@ -21,11 +21,12 @@ from kd_lightning.run.checks import check_seq_len_fits
 from kd_lightning.run import CONFIG_DIR
 from kd_lightning.run.settings import served_teacher_options, teacher_cache_options
 from kd_lightning.infra.model_cache import cache_root, check_entry_weights, config_key, is_complete, write_atomically
-from kd_lightning.models import load_model, save_model
+from kd_lightning.models import build_causal_lm, from_pretrained, load_model, save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.infra.rundir import CHECKPOINT_DIR, resume_requested
 from kd_lightning.infra.safeload import checkpoint_problem
-from kd_lightning.infra.sharding import unsharded
+from kd_lightning.infra.shard_init import BuiltOnRank0, SafetensorsWeights, defer
+from kd_lightning.infra.sharding import ShardedDataParallel, unsharded
 from kd_lightning.infra.signals import exit_on_sigterm
 from kd_lightning.tasks import task_named
 from kd_lightning.teachers.served import ServedTeacher, check_servers
@@ -39,8 +40,49 @@ def model_kwargs(datamodule: Any, seed: int) -> dict[str, Any]:
     return task_named(datamodule.task).builder_kwargs(datamodule, seed)
 
 
-def build_model(model_cfg: DictConfig, datamodule: Any, seed: int) -> nn.Module:
-    return hydra.utils.instantiate(model_cfg, **model_kwargs(datamodule, seed))
+def shards_models(cfg: DictConfig) -> bool:
+    """strategy=fsdp: models are built on the meta device and each process fills its own shards."""
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_") if isinstance(strategy, DictConfig) else None
+    return target == f"{ShardedDataParallel.__module__}.{ShardedDataParallel.__qualname__}"
+
+
+def build_model(model_cfg: DictConfig, datamodule: Any, seed: int, *, deferred: bool = False) -> nn.Module:
+    """The model of `model_cfg`. `deferred` (strategy=fsdp): a `from_pretrained` model stored as
+    safetensors, or a `build_causal_lm` one, is built on the meta device and filled after sharding
+    (`kd_lightning.infra.shard_init`: its own rows read from the files; initialised on rank 0 and
+    scattered); any other model is built whole."""
+    kwargs = model_kwargs(datamodule, seed)
+    target = model_cfg.get("_target_")
+    if deferred and target == _path_of(from_pretrained):
+        model = pretrained_on_meta(Path(str(model_cfg.pretrained)), lambda: hydra.utils.instantiate(model_cfg, **kwargs))
+        if model is not None:
+            return model
+    if deferred and target == _path_of(build_causal_lm):
+        with torch.device("meta"):
+            model = hydra.utils.instantiate(model_cfg, **kwargs)
+        return defer(model, BuiltOnRank0(lambda: build_model(model_cfg, datamodule, seed)))
+    return hydra.utils.instantiate(model_cfg, **kwargs)
+
+
+def pretrained_on_meta(directory: Path, build: Any) -> nn.Module | None:
+    """`build()` on the meta device, to be filled from the safetensors files of `directory`; None
+    (build it whole) for a hub id, another format, or files that do not hold every tensor."""
+    if not any((directory / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        return None
+    source = SafetensorsWeights(directory)
+    with torch.device("meta"):
+        model = build()
+    missing = source.missing(model)
+    if missing:
+        log.warning("strategy=fsdp: %s does not store %s under the model's names; loading it whole on every process",
+                    directory, missing[:3])
+        return None
+    return defer(model, source)
+
+
+def _path_of(function: Any) -> str:
+    return f"{function.__module__}.{function.__name__}"
 
 
 def check_model_positions(key: str, model: nn.Module, cfg: DictConfig) -> None:
@@ -112,20 +154,23 @@ def obtain_ce_model(
     optimizer: Any,
     lr_scheduler: Any,
     max_steps: int,
+    deferred: bool = False,
 ) -> tuple[nn.Module, Path, bool]:
     """Load a CE-trained model from the cache, or train it (CE only) and cache it.
 
     SIGTERM during the training saves a resumable checkpoint of it in the run's checkpoint directory,
     `<output_dir>/checkpoints/<kind>-<entry name>.ckpt` (so a fresh run there refuses to start over it),
     and exits 143; with `resume` set the training continues from it, and it is deleted once the model
-    is cached. Returns (model, cache entry, whether it was trained now)."""
+    is cached. Returns (model, cache entry, whether it was trained now). `deferred`: a cached model
+    is built on the meta device and filled after sharding (see `build_model`)."""
 
     payload = _cache_payload(kind, model_cfg, training, datamodule, int(cfg.seed))
     entry = cache_root(cfg.paths.cache_dir) / f"{kind}s" / f"{name}-{config_key(payload)}"
     if is_complete(entry):
         log.info("Using cached %s '%s' from %s", kind, name, entry)
         check_entry_weights(entry)  # a truncated file: DamagedFileError naming it and the fix
-        return load_model(entry), entry, False
+        meta = pretrained_on_meta(entry, lambda: from_pretrained(str(entry))) if deferred else None
+        return meta if meta is not None else load_model(entry), entry, False
     log.info("No cached %s '%s' for this config: training it now with CE for %d steps (cached at %s)",
              kind, name, max_steps, entry)
     model = build_model(model_cfg, datamodule, int(cfg.seed))
@@ -161,11 +206,13 @@ def partial_resume(cfg: DictConfig, partial_ckpt: Path, kind: str) -> Path | Non
     return partial_ckpt
 
 
-def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) -> nn.Module:
+def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any, *, deferred: bool = False) -> nn.Module:
     """A teacher from its config: used as is when `pretrain` is null (e.g. `from_pretrained`),
     otherwise pre-trained by kd-lightning on the data and cached. A teacher config's `augment` node
     (e.g. MoE knowledge augmentation) wraps the built teacher. With dual data the teacher is built
-    for, and pre-trained on, its own tokenization (`teacher_data()`)."""
+    for, and pre-trained on, its own tokenization (`teacher_data()`). `deferred` (the distillation
+    under strategy=fsdp): built on the meta device and filled shard by shard once sharded
+    (`build_model`), unless a wrapper (`augment`) needs the model whole."""
     datamodule = datamodule.teacher_data() if hasattr(datamodule, "teacher_data") else datamodule
     if teacher_cfg.get("cached"):  # teacher=cached: stored sparse targets, no model
         return load_cached_teacher(teacher_cache_options(cfg, teacher_cfg.get("dir")), datamodule,
@@ -174,7 +221,8 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) ->
         return served_teacher(cfg, teacher_cfg, datamodule)
     pretrain = teacher_cfg.get("pretrain")
     if pretrain is None:
-        model = build_model(teacher_cfg.model, datamodule, int(cfg.seed))
+        deferred = deferred and teacher_cfg.get("augment") is None
+        model = build_model(teacher_cfg.model, datamodule, int(cfg.seed), deferred=deferred)
         key = f"teacher.members.{teacher_cfg.name}.model" if cfg.teacher.get("members") else "teacher.model"
         check_model_positions(key, model, cfg)
         return augment_teacher(model, teacher_cfg.get("augment"))
@@ -184,6 +232,7 @@ def obtain_teacher(cfg: DictConfig, teacher_cfg: DictConfig, datamodule: Any) ->
     model, _, _ = obtain_ce_model(
         cfg, kind="teacher", name=str(teacher_cfg.name), model_cfg=teacher_cfg.model, training=training,
         datamodule=datamodule, optimizer=optimizer, lr_scheduler=scheduler, max_steps=int(pretrain.max_steps),
+        deferred=deferred and teacher_cfg.get("augment") is None,
     )
     return augment_teacher(model, teacher_cfg.get("augment"))
 

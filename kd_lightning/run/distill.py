@@ -30,7 +30,8 @@ from kd_lightning.infra.signals import exit_on_sigterm
 from kd_lightning.models import count_parameters, output_size, save_model
 from kd_lightning.module import DistillationModule
 from kd_lightning.infra.sharding import unsharded
-from kd_lightning.run.builders import build_model, check_model_positions, make_trainer, obtain_baseline, obtain_teacher
+from kd_lightning.run.builders import (build_model, check_model_positions, make_trainer, obtain_baseline, obtain_teacher,
+                                      shards_models)
 from kd_lightning.tasks import task_named
 from kd_lightning.teachers.teacher_outputs import TeacherOutputsFlush, memoize_teachers
 from kd_lightning.teachers.vllm_client import TeacherUnavailable
@@ -86,11 +87,12 @@ def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] 
     output_dir = Path(cfg.paths.output_dir)
     teacher_cfgs = teacher_configs(cfg)
     refuse_foreign_tokens({str(t.name): t.get("tokenizer") for t in teacher_cfgs}, datamodule)
-    teachers = {str(t.name): obtain_teacher(cfg, t, datamodule) for t in teacher_cfgs}
+    sharded = shards_models(cfg)  # strategy=fsdp: models built on the meta device, filled shard by shard
+    teachers = {str(t.name): obtain_teacher(cfg, t, datamodule, deferred=sharded) for t in teacher_cfgs}
     # The student's run starts from the same RNG state whether its teachers were trained just now
     # (which draws random numbers) or loaded from the cache.
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    student = build_model(cfg.student.model, datamodule, int(cfg.seed))
+    student = build_model(cfg.student.model, datamodule, int(cfg.seed), deferred=sharded)
     check_model_positions("student.model", student, cfg)
     dual = getattr(datamodule, "teacher_tokenizer", None)
     check_vocabularies(student, teachers, cross_vocab=bool(cfg.loss.get("cross_vocab", False)),
@@ -117,9 +119,9 @@ def distill(cfg: DictConfig, datamodule: Any, ckpt_path: str | os.PathLike[str] 
         # weights_only: a checkpoint is loaded without unpickling arbitrary objects.
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
-    # strategy=fsdp: whole models again (a collective) for saving and the summary
+    # strategy=fsdp: the student whole again (a collective) for saving; the frozen teachers stay
+    # sharded, the summary scores them with collective forwards (`evaluate`)
     student = unsharded(student, lambda: build_model(cfg.student.model, datamodule, int(cfg.seed)))
-    teachers = {n: unsharded(t, lambda c=c: obtain_teacher(cfg, c, datamodule)) for (n, t), c in zip(teachers.items(), teacher_cfgs)}
     baseline = obtain_baseline(cfg, datamodule)[0] if cfg.baseline else None
     student_dir = output_dir / "student"
     # the fit is over and its last.ckpt written: a resume=auto only redoes what follows
