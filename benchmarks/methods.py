@@ -24,6 +24,17 @@ T = 1, 2, 4, 8 against DTS at T0 2 in [1, 3] and at the reference's T0 4 in [2, 
 `gap` (the 512x512 teacher into an 8-unit student: TAKD chains, and KL against TAID), and
 `multi_teacher` (`experiment=digits_ensemble`, the same 5 weightings). The MoE arm does not apply.
 
+`--dataset prose` runs the comparison on the real pretrained SmolLM2 teacher (`experiment=smollm2`,
+needs the extra install of the README): the teacher's outputs stored once (`stage=cache_teacher`,
+top-64, uint8), every KD run reading them (`teacher=cached`): `losses` (kl, reverse_kl, skew_kl,
+skew_reverse_kl, and sparse_kl with the tail as one bin) and `from_teacher` (the student cut from the
+teacher's layers, kl); a nats/byte table with the share of the teacher-to-CE gap each closes and the
+wall time of each run (tables under `<out>/prose/`). Every run uses seed 0's split and order
+(`dataset.seed=0`, so one store covers them): a seed changes the student's initialisation only.
+
+    python benchmarks/methods.py --dataset prose --seeds 0,1,2 --steps 120 --train-tokens 61440 \
+        --eval-tokens 16384 --jobs 2
+
 All runs share one `paths.cache_dir` (default `<out>/cache`), so the MoE teacher is pre-trained once
 per seed (600 steps, about 3 minutes each on one CPU core) and the CE-only baseline once per seed.
 
