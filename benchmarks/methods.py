@@ -127,9 +127,11 @@ DIGITS_QUICK_ARMS: dict[str, list[tuple[str, list[str]]]] = {
 PROSE_STORE = ["teacher_cache.encoding=topk", "teacher_cache.k=64", "teacher_cache.dtype=uint8"]
 FROM_TEACHER = ["student=from_teacher", "optimizer.lr=3e-4"]  # + the teacher's model node (prose_common)
 PROSE_ARMS: dict[str, list[tuple[str, list[str]]]] = {
-    "losses": [("losses", ["loss=kl,reverse_kl,skew_kl,skew_reverse_kl"]),
+    "losses": [("losses", ["loss=kl,reverse_kl,skew_kl,skew_reverse_kl,taid"]),
                ("sparse", ["loss=sparse_kl", "teacher_cache.tail=bucket"])],
     "from_teacher": [("from_teacher", [*FROM_TEACHER, "loss=kl"])],
+    # conf/temperature/dts.yaml (T0 2 in [1, 3]) with forward KL, against the losses arm's kl at T = 1
+    "dts": [("dts", ["loss=kl", "temperature=dts"])],
 }
 PROSE_QUICK_ARMS: dict[str, list[tuple[str, list[str]]]] = {
     "losses": [("losses", ["loss=kl"]), ("sparse", ["loss=sparse_kl", "teacher_cache.tail=bucket"])],
