@@ -212,6 +212,8 @@ def output_size(model: nn.Module) -> int:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and hasattr(head, "out_features"):
         return int(head.out_features)
+    if not hasattr(model, "config") and isinstance(getattr(model, "vocab_size", None), int):
+        return int(model.vocab_size)  # a teacher without a model here (served, stored)
     return int(model.config.vocab_size)
 
 

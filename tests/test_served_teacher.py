@@ -183,3 +183,45 @@ def test_distill_with_a_served_teacher(make_cfg, tmp_path: Path) -> None:
     assert server.rows >= steps * batch_size  # prefetch may have asked for a few batches beyond the last step
     served = summary["served_teachers"]["vllm"]
     assert served["rows"] == steps * batch_size and served["prefetched_batches"] >= steps and served["retried"] == 0
+
+
+def test_served_targets_fill_the_store_that_teacher_cached_reads(make_cfg, tmp_path: Path) -> None:
+    """stage=cache_teacher teacher=vllm writes the served top-k into the teacher store, and every
+    training batch then reads from it (teacher=cached) exactly what the server sends; any encoding
+    but topk with k <= teacher.top_k is refused before compute (the server sends only its top-k)."""
+    from kd_lightning.data.tokenizer import load_tokenizer
+    from kd_lightning.run.builders import obtain_teacher
+    from hydra.utils import instantiate
+
+    store = tmp_path / "store"
+    common = ("teacher.top_k=8", "teacher.rows_per_request=3", "teacher_cache.encoding=topk", "teacher_cache.k=6",
+              "teacher_cache.dtype=float32", f"teacher_cache.dir={store}")
+    with pytest.raises(ConfigError, match=r"teacher_cache.encoding=topk and teacher_cache.k<=8 \(got encoding=sample"):
+        run(make_cfg("stage=cache_teacher", "teacher=vllm", "teacher.top_k=8", "teacher.served_model=x",
+                     output_dir=tmp_path / "refused"))
+    with pytest.raises(ConfigError, match=r"k<=8 \(got encoding=topk, k=9\)"):
+        run(make_cfg("stage=cache_teacher", "teacher=vllm", *common, "teacher_cache.k=9", "teacher.served_model=x",
+                     output_dir=tmp_path / "refused_k"))
+
+    cfg = make_cfg("stage=cache_teacher", "teacher=vllm", *common, output_dir=tmp_path / "cache")
+    tokenizer = load_tokenizer(cfg.dataset.tokenizer)
+    lm = tiny_lm(0, vocab=len(tokenizer)).eval()
+    with FakeVllm(model_logprobs(lm), lambda text: tokenizer.encode(text, add_special_tokens=False)) as server:
+        cfg.teacher.urls, cfg.teacher.served_model = [server.url], server.model
+        assert run(cfg)["teacher_targets"] == str(store)
+        read = make_cfg("teacher=cached", "loss=sparse_kl", "teacher_cache.tail=uniform", *common[2:],
+                        output_dir=tmp_path / "read")
+        datamodule = instantiate(read.dataset)
+        datamodule.setup("fit")
+        cached = obtain_teacher(read, read.teacher, datamodule)
+        served = ServedTeacher(options(server.url, top_k=8), len(tokenizer), sparse=True)
+        rows_before = server.rows
+        data = next(iter(datamodule.train_dataloader()))
+        want, got = served.stored(data), cached.stored(data)
+        served.close()
+    assert server.rows > rows_before  # the reference was fetched anew, not read from the store
+    L = data["input_ids"].shape[1]
+    assert torch.equal(got.indices[:, : L - 1], want.indices[:, : L - 1, :6])
+    assert torch.allclose(got.probs[:, : L - 1], want.probs[:, : L - 1, :6], rtol=1e-3, atol=0)  # float32 log/exp
+    # the stored tail is the mass outside the 6 kept ids: the served tail plus its 7th and 8th ids
+    assert torch.allclose(got.tail[:, : L - 1], want.tail[:, : L - 1] + want.probs[:, : L - 1, 6:].sum(-1), atol=1e-5)

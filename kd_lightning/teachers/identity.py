@@ -66,10 +66,12 @@ def store_directory(root: str | os.PathLike[str], name: str, identity: dict[str,
 
 def teacher_store_location(options: StoreOptions, name: str, teacher: nn.Module,
                            model_config: Any) -> tuple[Path, dict[str, Any]]:
-    """(directory, identity) of teacher `name`'s store: the identity hashes the teacher's weights, its
+    """(directory, identity) of teacher `name`'s store: the identity hashes the teacher's weights (a
+    served teacher's `store_weights`: its model id), its
     resolved model config, `options`' precision, accelerator and encoding, and its vocabulary size;
     the directory is `<options.root>/<name>-<hash of the identity>`."""
-    identity = store_identity(weights=weights_hash(teacher), model_config=model_config, precision=options.precision,
+    weights = getattr(teacher, "store_weights", None) or weights_hash(teacher)  # a served teacher: its model id
+    identity = store_identity(weights=weights, model_config=model_config, precision=options.precision,
                               accelerator=options.accelerator, vocab_size=output_size(teacher),
                               encoding=options.encoding)
     return store_directory(options.root, name, identity), identity

@@ -12,6 +12,10 @@ batches before its step (`LMDataModule.read_ahead`); the batch's rows go out in 
 `rows_per_request` rows on a thread pool, and `stored(batch)` only waits for what is not back yet.
 A batch that was not prefetched (or a failed prefetch) is requested again at its step.
 
+`stage=cache_teacher teacher=vllm` writes the served targets into the teacher store (encoding
+``topk`` with k <= ``top_k``: the stored top-k is the served one, the tail its remaining mass), so a
+sweep reads them with `teacher=cached` and the server scores each sample once.
+
 Before training, `check_servers` refuses a server that does not answer, serves another model, or
 tokenizes differently from the data; during training a request that fails after every retry raises
 `TeacherUnavailable` (the run stops with its last step saved), never a zero target.
@@ -71,6 +75,12 @@ class ServedTeacher(nn.Module):
         self.pool = ThreadPoolExecutor(max_workers=int(options.concurrency), thread_name_prefix="vllm-teacher")
         self.pending: OrderedDict[bytes, list[Future[list[Any]]]] = OrderedDict()
         self.stats = {"rows": 0, "prefetched_batches": 0, "waited_s": 0.0}
+
+    @property
+    def store_weights(self) -> str:
+        """What stands for the weights in a teacher store's identity (`stage=cache_teacher teacher=vllm`):
+        the served model's id; the server's precision is not known here (say it in the id if it matters)."""
+        return f"served:{self.options.served_model}"
 
     def _submit(self, rows: list[list[int]]) -> list[Future[list[Any]]]:
         step = int(self.options.rows_per_request)

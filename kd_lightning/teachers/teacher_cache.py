@@ -194,16 +194,27 @@ def cache_teacher_targets(options: TeacherCacheOptions, datamodule: Any, name: s
         return row_keys(torch.stack([x["input_ids"] for x in items]), torch.stack([x["attention_mask"] for x in items]))
 
     timeout_s = float(options.claim_timeout_s or DEFAULT_CLAIM_TIMEOUT_S)
+    # teacher=vllm: its dense decode (the served top-k, the tail spread evenly) re-encoded as topk with
+    # k <= the served k gives back the served ids and values (run/checks refuses other encodings)
+    prefetch = getattr(teacher, "prefetch", None)
 
     def compute(chunk: int) -> None:
         store.generator.manual_seed(int(options.seed) * 1_000_003 + chunk)
         beat = time.monotonic()
-        for start in range(0, len(chunks[chunk]), batch_size):
+        def batch_at(start: int) -> dict[str, Tensor]:
+            items = [dataset[i] for i in chunks[chunk][start:start + batch_size]]
+            return {k: torch.stack([x[k] for x in items]).to(device) for k in ("input_ids", "attention_mask")}
+
+        starts = range(0, len(chunks[chunk]), batch_size)
+        for start in starts:
             if time.monotonic() - beat >= HEARTBEAT_S:
                 _heartbeat(directory, chunk)
                 beat = time.monotonic()
-            items = [dataset[i] for i in chunks[chunk][start:start + batch_size]]
-            batch = {k: torch.stack([x[k] for x in items]).to(device) for k in ("input_ids", "attention_mask")}
+            batch = batch_at(start)
+            if prefetch is not None and start + batch_size in starts:  # a served teacher scores the next batch meanwhile
+                upcoming = batch_at(start + batch_size)
+                if store.missing(row_keys(upcoming["input_ids"], upcoming["attention_mask"])):
+                    prefetch(upcoming)
             keys = row_keys(batch["input_ids"], batch["attention_mask"])
             if store.missing(keys):
                 store.put(keys, CausalLM.logits(teacher, batch).float(), 0.0)

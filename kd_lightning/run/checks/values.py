@@ -42,9 +42,12 @@ def check_config(cfg: DictConfig) -> None:
     teachers = teacher_configs(cfg)
     check_from_teacher(cfg, teachers)
     cached = [str(t.name) for t in teachers if t.get("cached") or t.get("served")]  # sparse targets, no model here
-    if cached and (cfg.stage == "cache_teacher" or len(teachers) > 1):
-        raise ValueError(f"teacher={cached[0]} (offline or served targets) is the only teacher of a stage=distill run; "
-                         f"got stage={cfg.stage}, {len(teachers)} teacher(s)")
+    offline = [str(t.name) for t in teachers if t.get("cached")]
+    if cached and (len(teachers) > 1 or offline and cfg.stage == "cache_teacher"):
+        raise ValueError(f"teacher={cached[0]} (offline or served targets) is the only teacher of a stage=distill run "
+                         f"(a served one also of stage=cache_teacher); got stage={cfg.stage}, {len(teachers)} teacher(s)")
+    if cached and not offline and cfg.stage == "cache_teacher":
+        check_served_store(cfg, teachers[0])
     if cached and (cfg.loss.get("cross_vocab") or cfg.loss.get("chunk_size")):
         raise ValueError(f"teacher={cached[0]} (offline or served targets) gives teacher log-probabilities, not hidden states or "
                          f"another vocabulary's tokens: loss={cfg.loss.name} with cross_vocab/chunk_size cannot read "
@@ -64,6 +67,18 @@ def check_config(cfg: DictConfig) -> None:
                              f"{task}; use {fix}")
     check_loss_data(cfg)
     check_strategy(str(cfg.trainer.get("strategy")), str(cfg.trainer.get("accelerator")))
+
+
+def check_served_store(cfg: DictConfig, teacher_cfg: DictConfig) -> None:
+    """`stage=cache_teacher teacher=vllm` writes the served top-k log-probabilities as they came: the
+    store's encoding must be `topk` with k <= the served `teacher.top_k` (a `sample` or `full` store
+    would need the teacher's whole distribution, which the server does not send)."""
+    cache = cfg.get("teacher_cache") or {}
+    encoding, k, top_k = str(cache.get("encoding")), cache.get("k"), int(teacher_cfg.get("top_k") or 0)
+    if encoding != "topk" or k is None or int(k) > top_k:
+        raise ConfigError(f"stage=cache_teacher teacher={teacher_cfg.name} stores what the server sends, its top-{top_k} "
+                          f"log-probabilities: set teacher_cache.encoding=topk and teacher_cache.k<={top_k} (got "
+                          f"encoding={encoding}, k={k}), or raise teacher.top_k (at most the server's --max-logprobs)")
 
 
 def check_loss_data(cfg: DictConfig) -> None:
