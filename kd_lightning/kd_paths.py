@@ -281,7 +281,7 @@ class CrossTokenizerKD(KDPath):
                      if key in stats})
         if "compared_fraction" in stats:
             logs["byte_kl_compared_fraction"] = float(stats["compared_fraction"])
-        logs.update({f"xtoken_{key}": float(stats[key]) for key in ("group_fraction", "projected_mass",
+        logs.update({f"xtoken_{key}": float(stats[key]) for key in ("row_fraction", "projected_mass",
                                                                     "covered_teacher_mass") if key in stats})
         return StepTerms(ce_sum, token_ce, kd, None, step.teacher_weights.to(kd.device), [name], logs)
 

@@ -72,7 +72,7 @@ def test_cross_tokenizer_experiment_runs_both_directions(make_cfg, direction: st
         assert all(value >= 1 for value in column(rows, "train/alm_student_tokens_per_chunk"))
     if loss == "xtoken_kl":
         assert all(0.99 < value <= 1 + 1e-6 for value in column(rows, "train/xtoken_projected_mass"))
-        assert all(0.5 < value <= 1 for value in column(rows, "train/xtoken_group_fraction"))
+        assert all(0.5 < value <= 1 for value in column(rows, "train/xtoken_row_fraction"))
     if loss == "span_kl":
         exact = column(rows, "train/span_exact_fraction")
         assert exact and all(0 < value <= 1 for value in exact)

@@ -35,7 +35,8 @@ def random_projection(student_vocab: int, teacher_vocab: int, gen: torch.Generat
         teacher_ids += pieces.tolist()
         weights += (share / share.sum()).tolist()
     covered = sorted(set(teacher_ids))
-    fold = torch.tensor([j if j in covered else (covered[j % len(covered)] if j % 2 else -1) for j in range(teacher_vocab)])
+    fold = torch.tensor([j if j in covered else (covered[j % len(covered)] if j % 2 else -1)
+                         for j in range(teacher_vocab)])
     return VocabProjection(torch.tensor(student_ids), torch.tensor(teacher_ids), torch.tensor(weights), fold)
 
 
@@ -69,7 +70,8 @@ def brute_force(student: torch.Tensor, teacher: torch.Tensor, projection: VocabP
 @pytest.mark.parametrize("fold", [True, False])
 def test_projected_kl_matches_a_brute_force_formula_in_float64(fold: bool) -> None:
     gen = torch.Generator().manual_seed(0)
-    student, teacher = torch.randn(5, 7, generator=gen, dtype=torch.float64), torch.randn(5, 9, generator=gen, dtype=torch.float64)
+    student = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(5, 9, generator=gen, dtype=torch.float64)
     projection = random_projection(7, 9, gen)
     values = projected_kl(student, teacher, projection, temperature=1.7, fold_uncovered=fold, epsilon=1e-6)
     assert values.dtype == torch.float64
@@ -92,7 +94,8 @@ def identity(vocab: int) -> VocabProjection:
 @pytest.mark.parametrize("fold", [True, False])
 def test_identical_tokenizers_reduce_to_the_forward_kl(fold: bool) -> None:
     gen = torch.Generator().manual_seed(1)
-    student, teacher = torch.randn(2, 6, 10, generator=gen, dtype=torch.float64), torch.randn(2, 6, 10, generator=gen, dtype=torch.float64)
+    student = torch.randn(2, 6, 10, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(2, 6, 10, generator=gen, dtype=torch.float64)
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4] = False
     targets = one_tokenization(2, 6, 10, gen)._replace(projection=identity(10))
@@ -101,7 +104,7 @@ def test_identical_tokenizers_reduce_to_the_forward_kl(fold: bool) -> None:
                       out_stats=stats)
     counted = mask & (targets.student_labels != -100)
     assert value.item() == pytest.approx(forward_kl(student, teacher, counted, temperature=2.0).item(), rel=1e-9)
-    assert stats["group_fraction"] == 1.0 and stats["projected_mass"] == pytest.approx(1.0)
+    assert stats["row_fraction"] == 1.0 and stats["projected_mass"] == pytest.approx(1.0)
 
 
 def test_relabelling_either_vocabulary_changes_nothing() -> None:
@@ -194,8 +197,9 @@ def test_xtoken_kl_on_a_real_dual_batch(pair) -> None:
     student = torch.randn(*batch["input_ids"].shape, len(student_tok), generator=gen, requires_grad=True)
     teacher = torch.randn(*batch["teacher_input_ids"].shape, len(teacher_tok), generator=gen)
     stats = {}
-    value = xtoken_kl(student[:, :-1], teacher[:, :-1], targets.student_labels != -100, targets=targets, out_stats=stats)
+    mask = targets.student_labels != -100
+    value = xtoken_kl(student[:, :-1], teacher[:, :-1], mask, targets=targets, out_stats=stats)
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(student.grad).all()
-    assert 0.5 < stats["group_fraction"] <= 1 and 0.99 < stats["projected_mass"] <= 1 + 1e-6
+    assert 0.5 < stats["row_fraction"] <= 1 and 0.99 < stats["projected_mass"] <= 1 + 1e-6
     assert stats["covered_teacher_mass"] == pytest.approx(1.0, abs=1e-3)  # folding keeps the teacher's mass

@@ -83,19 +83,17 @@ def projected_kl(student_rows: Tensor, teacher_rows: Tensor, projection: VocabPr
     return values
 
 
-def group_starts(targets: CrossTokenTargets, student_mask: Tensor) -> tuple[list[tuple[int, int, int]], int, int]:
-    """``(row, student position, teacher position)`` of the first token of every counted group,
-    the student positions those groups cover, and all counted student positions (CPU, one sync)."""
+def group_starts(targets: CrossTokenTargets, student_mask: Tensor) -> tuple[list[tuple[int, int, int]], int]:
+    """``(row, student position, teacher position)`` of the first token of every counted group and
+    the number of counted student positions (CPU, one sync)."""
     assert targets.student_labels is not None and targets.student_offsets is not None
     assert targets.teacher_offsets is not None
     s_counted = (student_mask.cpu() & (targets.student_labels.cpu() != IGNORE_INDEX)).tolist()
     t_counted = (targets.teacher_labels.cpu() != IGNORE_INDEX).tolist()
-    starts, covered = [], 0
-    for row, (s_off, t_off) in enumerate(zip(targets.student_offsets.cpu(), targets.teacher_offsets.cpu())):
-        for group in counted_groups(s_off, t_off, s_counted[row], t_counted[row]):
-            starts.append((row, group.student_start, group.teacher_start))
-            covered += group.student_end - group.student_start
-    return starts, covered, sum(map(sum, s_counted))
+    starts = [(row, group.student_start, group.teacher_start)
+              for row, (s_off, t_off) in enumerate(zip(targets.student_offsets.cpu(), targets.teacher_offsets.cpu()))
+              for group in counted_groups(s_off, t_off, s_counted[row], t_counted[row])]
+    return starts, sum(map(sum, s_counted))
 
 
 def xtoken_kl(
@@ -120,7 +118,7 @@ def xtoken_kl(
     averages the group terms, "sum" adds them; 0 with a graph when no group counts. With identical
     tokenizers and the identity projection every group is one token and the value is the forward KL.
     The student's own CE (the paper trains CE + P-KL) is the module's ``ce_weight`` term.
-    ``out_stats`` receives ``group_fraction`` (counted student positions inside compared groups),
+    ``out_stats`` receives ``row_fraction`` (share of the counted student rows compared: one per group),
     ``projected_mass`` (mean student probability that lands on teacher tokens) and
     ``covered_teacher_mass`` (mean teacher probability compared, after folding).
     """
@@ -131,9 +129,9 @@ def xtoken_kl(
     if reduction not in ("mean", "sum"):
         raise ValueError(f"xtoken_kl supports reduction 'mean' or 'sum', got {reduction!r}")
     student_mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool) if mask is None else mask.bool()
-    starts, covered, counted = group_starts(targets, student_mask)
+    starts, counted = group_starts(targets, student_mask)
     if out_stats is not None:
-        out_stats["group_fraction"] = covered / max(counted, 1)
+        out_stats["row_fraction"] = len(starts) / max(counted, 1)
     if not starts:
         return student_logits.sum() * 0.0
     index = torch.tensor(starts, dtype=torch.long)
