@@ -75,7 +75,7 @@ def projected_kl(student_rows: Tensor, teacher_rows: Tensor, projection: VocabPr
         uncovered = torch.ones(teacher_vocab, dtype=torch.bool, device=device)
         uncovered[covered] = False
         p_rest = p[:, uncovered]
-        rest = (torch.xlogy(p_rest, p_rest) - p_rest * torch.log(torch.tensor(epsilon, dtype=p.dtype))).sum(-1)
+        rest = (torch.xlogy(p_rest, p_rest) - p_rest * torch.log(p.new_tensor(epsilon))).sum(-1)
     values = (torch.xlogy(target, target) - target * torch.log(projected + epsilon)).sum(-1) + rest
     if out_stats is not None and len(values):
         out_stats.update(projected_mass=float(projected.detach().sum(-1).mean()),
