@@ -27,6 +27,16 @@ meaningful on a quiet machine.
     OMP_NUM_THREADS=1 python benchmarks/cross_tokenizer.py                 # 3 seeds, 400 steps
     OMP_NUM_THREADS=1 python benchmarks/cross_tokenizer.py --quick         # 1 seed, 20 steps (smoke)
 
+`--pair smollm2` (row 2 of issue #22, sub-word to sub-word): the real SmolLM2-135M-Instruct teacher
+(49k BPE) on offline prose into the small student with an 8k BPE of the prose training documents
+(`experiment=smollm2_cross`, CE + KD at weights 1 and 1): arms `xtoken_kl`, `alm`, `span_kl` (and
+`uld` with `--arms`), each with its CE-only 8k student; `kl` is the same student body on the
+teacher's own tokenizer with forward KL (`experiment=smollm2`, same weights), whose gain is the
+"same-tokenizer gain" the shares are taken of. 300 steps by default (~3.5 s a step on one thread):
+
+    OMP_NUM_THREADS=1 python benchmarks/cross_tokenizer.py --pair smollm2 --seeds 1
+    OMP_NUM_THREADS=1 python benchmarks/cross_tokenizer.py --pair smollm2 --quick   # 3 steps (smoke)
+
 Trailing arguments are extra Hydra overrides for every run.
 """
 
@@ -58,13 +68,29 @@ ARMS = {
 DEFAULT_ARMS = "uld,span_kl,kl"
 QUICK = ["trainer.max_steps=20", "teacher.pretrain.max_steps=20", "trainer.val_check_interval=10",
          "trainer.limit_val_batches=2", "dataset.max_train_tokens=200000", "dataset.max_eval_tokens=8192"]
+WEIGHTS = ["distill.kd_weight=1.0", "distill.ce_weight=1.0"]
+SMOLLM2_ARMS = {
+    "xtoken_kl": ["experiment=smollm2_cross", "loss=xtoken_kl"],
+    "alm": ["experiment=smollm2_cross", "loss=alm"],
+    "span_kl": ["experiment=smollm2_cross", "loss=span_kl"],
+    "uld": ["experiment=smollm2_cross", "loss=uld"],
+    # the same student body on the teacher's own 49k tokenizer, forward KL, the same cap per window
+    # (its windows are packed across documents, the dual ones end at document ends)
+    "kl": ["experiment=smollm2", "loss=kl", "dataset.seq_len=320", *WEIGHTS],
+}
+# A smoke: 3 steps, one validation batch, a small test split (the real teacher reads ~430 tokens/s).
+SMOLLM2_QUICK = ["trainer.val_check_interval=3", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=1",
+                 "dataset.max_train_tokens=20000", "dataset.max_eval_tokens=2048"]
+PAIRS = {"embedded": (ARMS, DEFAULT_ARMS, QUICK, 400, 20),
+         "smollm2": (SMOLLM2_ARMS, "xtoken_kl,alm,span_kl,kl", SMOLLM2_QUICK, 300, 3)}
 
 
-def run_arm(arm: str, seed: int, steps: int, out: Path, cache: Path, extra: list[str]) -> dict:
+def run_arm(arms: dict[str, list[str]], arm: str, seed: int, steps: int, out: Path, cache: Path,
+            extra: list[str]) -> dict:
     run_dir = out / f"{arm}-seed{seed}"
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():  # a finished run is reused when the script is re-run
-        command = [sys.executable, str(ROOT / "train.py"), *ARMS[arm], f"seed={seed}", f"trainer.max_steps={steps}",
+        command = [sys.executable, str(ROOT / "train.py"), *arms[arm], f"seed={seed}", f"trainer.max_steps={steps}",
                    f"hydra.run.dir={run_dir}", f"paths.cache_dir={cache}", "trainer.enable_progress_bar=false", *extra]
         started = time.time()
         subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -72,7 +98,7 @@ def run_arm(arm: str, seed: int, steps: int, out: Path, cache: Path, extra: list
     return json.loads(summary_path.read_text())
 
 
-def step_cost(arm: str, cache: Path, steps: int = 20, warmup: int = 3) -> float:
+def step_cost(overrides: list[str], cache: Path, steps: int = 20, warmup: int = 3) -> float:
     """CPU seconds per training step (forward, KD/CE terms, backward, AdamW) of an arm, in-process."""
     import hydra
     import torch
@@ -86,13 +112,13 @@ def step_cost(arm: str, cache: Path, steps: int = 20, warmup: int = 3) -> float:
 
     torch.set_num_threads(1)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=[*ARMS[arm], f"paths.cache_dir={cache}", "dataset.max_train_tokens=60000",
+        cfg = compose("train", overrides=[*overrides, f"paths.cache_dir={cache}", "dataset.max_train_tokens=60000",
                                           "dataset.max_eval_tokens=4096"])
     data = hydra.utils.instantiate(cfg.dataset)
     torch.manual_seed(0)
     teacher = build_model(cfg.teacher.model, data.teacher_data(), 0)
     student = build_model(cfg.student.model, data, 0)
-    module = build_module(cfg, student, {"moe": teacher}, **teacher_tokenization_args(data, str(cache)))
+    module = build_module(cfg, student, {cfg.teacher.name: teacher}, **teacher_tokenization_args(data, str(cache)))
     module.log = lambda *args, **kwargs: None  # outside a Trainer: nothing to log to
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
     batches = iter(data.train_dataloader())
@@ -110,25 +136,31 @@ def step_cost(arm: str, cache: Path, steps: int = 20, warmup: int = 3) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pair", choices=list(PAIRS), default="embedded",
+                        help="embedded: byte MoE teacher <-> 4k BPE; smollm2: SmolLM2 teacher -> 8k BPE student")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_cross_tokenizer")
+    parser.add_argument("--steps", type=int, default=None, help="default 400 (embedded), 300 (smollm2)")
+    parser.add_argument("--out", type=Path, default=None, help="default outputs/bench_cross_tokenizer[_smollm2]")
     parser.add_argument("--cache", type=Path, default=None, help="paths.cache_dir (default <out>/cache)")
     parser.add_argument("--quick", action="store_true", help="1 seed, 20 steps, small data: a smoke test")
-    parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated subset of {','.join(ARMS)} (kl is always run)")
+    parser.add_argument("--arms", default=None, help=f"comma-separated subset of {','.join(ARMS)} (embedded) or "
+                        f"{','.join(SMOLLM2_ARMS)} (smollm2); kl is always run")
     args, extra = parser.parse_known_args()
-    arms = list(dict.fromkeys([*args.arms.split(","), "kl"]))
-    unknown = [a for a in arms if a not in ARMS]
+    pair_arms, default_arms, quick, default_steps, quick_steps = PAIRS[args.pair]
+    arms = list(dict.fromkeys([*(args.arms or default_arms).split(","), "kl"]))
+    unknown = [a for a in arms if a not in pair_arms]
     if unknown:
-        parser.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
-    seeds, steps = (1, 20) if args.quick else (args.seeds, args.steps)
-    extra = (QUICK if args.quick else []) + extra
+        parser.error(f"unknown arm(s) {unknown}; choose from {list(pair_arms)}")
+    seeds, steps = (1, quick_steps) if args.quick else (args.seeds, args.steps or default_steps)
+    extra = (quick if args.quick else []) + extra
+    if args.out is None:
+        args.out = ROOT / "outputs" / ("bench_cross_tokenizer" + ("" if args.pair == "embedded" else f"_{args.pair}"))
     cache = args.cache or args.out / "cache"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     for seed in range(seeds):
         for arm in arms:
-            results[arm].append(run_arm(arm, seed, steps, args.out, cache, extra))
+            results[arm].append(run_arm(pair_arms, arm, seed, steps, args.out, cache, extra))
 
     def per_byte(summary: dict, row: str) -> float:
         return float(summary["models"][row]["loss_per_byte"])
@@ -145,8 +177,9 @@ def main() -> None:
         wall_step[arm] = runs[0]["timing"]["fit_seconds"] / steps
         print(f"| {arm} | {mean(teacher):.4f} | {mean(kd):.4f} | {mean(ce):.4f} | {mean(gains[arm]):+.4f} | "
               f"{sum(g > 0 for g in gains[arm])}/{len(runs)} | {wall_step[arm]:.3f} |")
-    cpu = {arm: step_cost(arm, cache) for arm in arms}
-    print("\nCPU seconds per training step (1 thread, 20 steps after 3 warm-up): "
+    cost_steps, cost_warmup = (2, 1) if args.quick and args.pair != "embedded" else (20, 3)
+    cpu = {arm: step_cost(pair_arms[arm], cache, cost_steps, cost_warmup) for arm in arms}
+    print(f"\nCPU seconds per training step (1 thread, {cost_steps} steps after {cost_warmup} warm-up): "
           + ", ".join(f"{arm} {seconds:.3f}" for arm, seconds in cpu.items()))
     for arm in (a for a in arms if a != "kl"):
         kept = mean(gains[arm]) / mean(gains["kl"]) if mean(gains["kl"]) else float("nan")

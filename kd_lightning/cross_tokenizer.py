@@ -56,7 +56,12 @@ def teacher_tokenization_args(datamodule: Any, cache_dir: str, reuse_teacher_out
     # byte_kl's view of the teacher's tokens: only for a byte-level student (None otherwise), a
     # one-pass build over the teacher's vocabulary.
     next_byte_map = build_next_byte_map(datamodule.tokenizer, datamodule.teacher_tokenizer)
-    return {"teacher_tokenization": "own", "vocab_map": vocab_map, "next_byte_map": next_byte_map}
+    # xtoken_kl's student -> teacher projection (re-tokenises every student token; about a second at 8k).
+    from kd_lightning.data.vocab_projection import shared_vocab_projection
+
+    projection = shared_vocab_projection(datamodule.tokenizer, datamodule.teacher_tokenizer)
+    return {"teacher_tokenization": "own", "vocab_map": vocab_map, "next_byte_map": next_byte_map,
+            "vocab_projection": projection}
 
 
 class TeacherSide:

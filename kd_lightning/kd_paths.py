@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from kd_lightning.infra.sharding import is_fsdp, reshard_frozen
 from kd_lightning.lean import check_linear_head, hidden_and_head
-from kd_lightning.losses.align import NextByteMap, VocabMap
+from kd_lightning.losses.align import NextByteMap, VocabMap, VocabProjection
 from kd_lightning.losses.chunked import chunked_kd_terms
 from kd_lightning.losses.common import all_finite
 from kd_lightning.losses.cross_vocab import cross_token_targets
@@ -254,8 +254,9 @@ class CrossTokenizerKD(KDPath):
     coverage is logged (`train/span_exact_fraction`, `train/span_fallback_fraction`). No per-token
     teacher CE (its tokens are not the student's), so weighting callbacks do not apply."""
 
-    def __init__(self, vocab_map: VocabMap | None, next_byte_map: NextByteMap | None = None) -> None:
-        self.vocab_map, self.next_byte_map = vocab_map, next_byte_map
+    def __init__(self, vocab_map: VocabMap | None, next_byte_map: NextByteMap | None = None,
+                 vocab_projection: VocabProjection | None = None) -> None:
+        self.vocab_map, self.next_byte_map, self.vocab_projection = vocab_map, next_byte_map, vocab_projection
 
     def check(self, student: nn.Module, teachers: Mapping[str, nn.Module], weighted: bool) -> None:
         if weighted:
@@ -272,7 +273,7 @@ class CrossTokenizerKD(KDPath):
         loss_fn = step.loss_fn
         assert loss_fn is not None
         extra = {"out_stats": stats} if "out_stats" in loss_keywords(loss_fn) else {}
-        targets = cross_token_targets(batch, self.vocab_map, self.next_byte_map)
+        targets = cross_token_targets(batch, self.vocab_map, self.next_byte_map, self.vocab_projection)
         kd = loss_fn(student, teacher[:, :-1], step.mask, targets=targets,
                      temperature=step.kd_temperature, **extra)
         logs = {f"span_{key}": float(stats[key]) for key in ("exact_fraction", "fallback_fraction") if key in stats}
@@ -280,13 +281,15 @@ class CrossTokenizerKD(KDPath):
                      if key in stats})
         if "compared_fraction" in stats:
             logs["byte_kl_compared_fraction"] = float(stats["compared_fraction"])
+        logs.update({f"xtoken_{key}": float(stats[key]) for key in ("row_fraction", "projected_mass",
+                                                                    "covered_teacher_mass") if key in stats})
         return StepTerms(ce_sum, token_ce, kd, None, step.teacher_weights.to(kd.device), [name], logs)
 
 
 def choose_path(*, loss_fn: Callable[..., Tensor] | None, num_teachers: int, sparse: str | None,
                 chunk_size: int | None, causal_lm: bool, combine: str, nonfinite: str,
                 teacher_tokenization: str = "shared", vocab_map: VocabMap | None = None,
-                next_byte_map: NextByteMap | None = None) -> KDPath:
+                next_byte_map: NextByteMap | None = None, vocab_projection: VocabProjection | None = None) -> KDPath:
     """The one place that decides how a step gets its KD term; refuses, naming the option, a
     choice no path serves. `sparse`: the name of a teacher of offline sparse targets, if any."""
     for name, value, allowed in (("teacher_tokenization", teacher_tokenization, ("shared", "own")),
@@ -298,7 +301,7 @@ def choose_path(*, loss_fn: Callable[..., Tensor] | None, num_teachers: int, spa
         return CEOnly()
     if teacher_tokenization == "own":
         own_tokens_check(loss_fn, num_teachers, sparse, chunk_size)
-        return CrossTokenizerKD(vocab_map, next_byte_map)
+        return CrossTokenizerKD(vocab_map, next_byte_map, vocab_projection)
     if sparse is not None:
         return SparseKD(nonfinite)
     if chunk_size and causal_lm:
@@ -314,7 +317,7 @@ def own_tokens_check(loss_fn: Callable[..., Tensor] | None, num_teachers: int, s
         raise ValueError("a teacher with its own tokenization must be the only teacher, and a model (not teacher=cached)")
     if loss_fn is None or "targets" not in loss_keywords(loss_fn):
         raise ValueError("the teacher reads its own tokenization (dual batches): use a cross-tokenizer loss, "
-                         "loss=uld or loss=span_kl (or loss=alm, loss=byte_kl)")
+                         "loss=uld or loss=span_kl (or loss=alm, loss=byte_kl, loss=xtoken_kl)")
     if chunk_size:
         raise ValueError(f"loss.chunk_size={chunk_size}: the chunked path cannot align two tokenizations; "
                          "set loss.chunk_size=null")

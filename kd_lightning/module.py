@@ -26,7 +26,7 @@ from typing_extensions import override
 from kd_lightning.data.step_tokens import STEP_TOKENS_KEY, token_share
 from kd_lightning.interface import TeacherWeightFn
 from kd_lightning.kd_paths import choose_path, teacher_side
-from kd_lightning.losses.align import NextByteMap, VocabMap
+from kd_lightning.losses.align import NextByteMap, VocabMap, VocabProjection
 from kd_lightning.infra.sharding import ShardedDataParallel, shard_distillation
 from kd_lightning.step import StepInputs, StepTerms, bind_loss, step_statistics, teacher_logits
 from kd_lightning.tasks import task_of_model
@@ -69,6 +69,8 @@ class DistillationModule(LightningModule):
             by `span_kl` with `teacher_tokenization="own"`.
         next_byte_map: a byte-level student's view of the teacher's tokens
             (`data.vocab_map.build_next_byte_map`), used by `byte_kl` with `teacher_tokenization="own"`.
+        vocab_projection: the pair's student -> teacher projection
+            (`data.vocab_projection.shared_vocab_projection`), used by `xtoken_kl`.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class DistillationModule(LightningModule):
         teacher_tokenization: str = "shared",
         vocab_map: VocabMap | None = None,
         next_byte_map: NextByteMap | None = None,
+        vocab_projection: VocabProjection | None = None,
     ) -> None:
         super().__init__()
         self.teacher_tokenization = teacher_tokenization
@@ -127,7 +130,7 @@ class DistillationModule(LightningModule):
                                    chunk_size=chunk_size, causal_lm=self.task == "causal_lm",
                                    combine=teacher_combine, nonfinite=nonfinite_teacher,
                                    teacher_tokenization=teacher_tokenization, vocab_map=vocab_map,
-                                   next_byte_map=next_byte_map)
+                                   next_byte_map=next_byte_map, vocab_projection=vocab_projection)
         # Teacher parameters a callback trains (SAR's routers): kept in checkpoints, see
         # `train_teacher_parameters`.
         self.trainable_teacher_keys: set[str] = set()

@@ -103,6 +103,44 @@ def test_vocab_map_normalises_sentencepiece_spaces(bpe):
     assert pairs["▁radius"] == "Ġradius" and pairs["</s>"] == "</s>"
 
 
+def llama_style_tokenizer(texts, vocab_size):
+    """SentencePiece spelling as Llama/Mistral ship it in tokenizer.json: Metaspace words, byte
+    fallback ``<0xNN>`` tokens and a Replace/ByteFallback/Fuse/Strip decoder (no Metaspace decoder)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+                                  show_progress=False)
+    backend.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_byte_normalised_matching_finds_more_common_tokens_and_maps_them_right(bpe):
+    from kd_lightning.data.vocab_map import build_vocab_map, token_bytes
+
+    text = SAMPLE + ["The naïve café served crème brûlée to the radius area 😀\n"] * 10
+    llama = llama_style_tokenizer(text, 420)
+    raw = build_vocab_map(llama, bpe, normalise=False)
+    normalised = build_vocab_map(llama, bpe)
+    assert len(normalised.student_ids) > len(raw.student_ids) + 20  # words with a leading space, bytes
+    pairs = {llama.convert_ids_to_tokens(s): bpe.convert_ids_to_tokens(t)
+             for s, t in zip(normalised.student_ids.tolist(), normalised.teacher_ids.tolist())}
+    assert pairs["\u2581radius"] == "\u0120radius" and pairs["<0x0A>"] == "\u010a" and pairs["</s>"] == "</s>"
+    assert pairs["<0xC3>"] == "\u00c3"  # a byte-fallback byte is the byte-level token of that byte
+    llama_bytes, bpe_bytes = token_bytes(llama), token_bytes(bpe)
+    for s, t in zip(normalised.student_ids.tolist(), normalised.teacher_ids.tolist()):
+        assert llama_bytes[s] == bpe_bytes[t]
+        if llama_bytes[s] not in (b"<eos>", b"<bos>"):  # the two decode to the same text
+            assert bpe.decode([t]).encode("utf-8", "replace") == bpe_bytes[t] or bpe_bytes[t][-1] >= 0x80
+            assert llama.convert_tokens_to_string(["a", llama.convert_ids_to_tokens(s)]) == \
+                "a" + bpe_bytes[t].decode("utf-8", "replace") or bpe_bytes[t][-1] >= 0x80
+
+
 def test_a_damaged_vocab_map_file_is_rebuilt_and_rewritten(bpe, tmp_path, monkeypatch, caplog):
     first = shared_vocab_map(byte_tokenizer(), bpe, cache_dir=str(tmp_path))
     (path,) = tmp_path.glob("vocab-map-*.pt")

@@ -39,7 +39,8 @@ def tiny_lm(directory: Path, vocab_size: int, tokenizer=None) -> Path:
 
 
 @pytest.mark.parametrize("direction, loss", [("cross_tokenizer", "uld"), ("cross_tokenizer_reverse", "span_kl"),
-                                             ("cross_tokenizer", "alm"), ("cross_tokenizer_reverse", "byte_kl")])
+                                             ("cross_tokenizer", "alm"), ("cross_tokenizer_reverse", "byte_kl"),
+                                             ("cross_tokenizer", "xtoken_kl")])
 def test_cross_tokenizer_experiment_runs_both_directions(make_cfg, direction: str, loss: str) -> None:
     # bpe:512 instead of the preset's 4096: the same code path, a smaller head for a 12-step test.
     bpe = "dataset.tokenizer=bpe:512" if direction == "cross_tokenizer" else "teacher.tokenizer=bpe:512"
@@ -69,6 +70,9 @@ def test_cross_tokenizer_experiment_runs_both_directions(make_cfg, direction: st
         assert all(0 < value <= 1 for value in column(rows, "train/byte_kl_compared_fraction"))
     if loss == "alm":
         assert all(value >= 1 for value in column(rows, "train/alm_student_tokens_per_chunk"))
+    if loss == "xtoken_kl":
+        assert all(0.99 < value <= 1 + 1e-6 for value in column(rows, "train/xtoken_projected_mass"))
+        assert all(0.5 < value <= 1 for value in column(rows, "train/xtoken_row_fraction"))
     if loss == "span_kl":
         exact = column(rows, "train/span_exact_fraction")
         assert exact and all(0 < value <= 1 for value in exact)

@@ -71,7 +71,16 @@ def byte_kl_logits(gen):
     return torch.randn(2, 3, 259, generator=gen), torch.randn(2, 3, 259, generator=gen)
 
 
-TOKENIZATION_LOSSES = {"alm": shared_targets, "byte_kl": byte_targets}
+def projection_targets(student, mask):
+    from kd_lightning.losses.align import VocabProjection
+
+    ids = torch.arange(student.shape[-1])  # the identity onto the first ids; the teacher's others fold to id 0
+    fold = torch.cat([ids, torch.zeros(3, dtype=torch.long)])
+    return shared_targets(student, mask)._replace(
+        projection=VocabProjection(ids, ids, torch.ones(len(ids), dtype=torch.float64), fold))
+
+
+TOKENIZATION_LOSSES = {"alm": shared_targets, "byte_kl": byte_targets, "xtoken_kl": projection_targets}
 
 
 def test_taid_config_requires_the_callback():

@@ -230,6 +230,29 @@ def test_prose_tokenises_with_the_given_tokenizer(tmp_path: Path) -> None:
     assert len(topics) > 50 and all(name.startswith("pydoc_data.topics:") for name, _ in topics)
 
 
+def test_prose_bpe_is_trained_on_the_training_documents_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dataset.tokenizer=bpe:<size> (experiment=smollm2_cross's student): a BPE of the training split
+    only, cached; a second module loads it instead of training again."""
+    import kd_lightning.data.bpe as bpe_module
+
+    (tmp_path / "root").mkdir()
+    write_modules(tmp_path / "root")
+    data = prose(tmp_path / "root", tokenizer="bpe:300", cache_dir=str(tmp_path / "cache"))
+    train = [text for _, text in data.split_documents()["train"]]
+    assert data.tokenizer.get_vocab() == bpe_module.train_bpe(train, 300).get_vocab()
+    monkeypatch.setattr(bpe_module, "train_bpe", lambda *a, **k: pytest.fail("trained again instead of loaded"))
+    again = prose(tmp_path / "root", tokenizer="bpe:300", cache_dir=str(tmp_path / "cache"))
+    assert again.tokenizer.get_vocab() == data.tokenizer.get_vocab()
+    with pytest.raises(ValueError, match="bpe:<vocabulary size>"):
+        prose(tmp_path / "root", tokenizer="bpe:big", cache_dir=str(tmp_path / "cache"))
+
+
+def test_the_smollm2_cross_preset_composes(make_cfg) -> None:
+    cfg = make_cfg("experiment=smollm2_cross", tiny=False)
+    assert cfg.loss.name == "xtoken_kl" and cfg.dataset.tokenizer == "bpe:8192" and cfg.dataset.seq_len >= 256
+    assert cfg.distill.kd_weight == cfg.distill.ce_weight == 1.0 and cfg.teacher.name == "smollm2"
+
+
 # --- student=from_teacher ---------------------------------------------------------------------------
 
 def test_from_teacher_keeps_the_chosen_layers_with_their_weights(tmp_path: Path) -> None:

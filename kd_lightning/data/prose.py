@@ -12,7 +12,9 @@ Three sources, each a list of documents:
 Documents are split randomly (seeded) into train/validation/test, as ``dataset=stdlib`` splits its
 files, and tokenised with the teacher's tokenizer (``conf/dataset/prose.yaml`` interpolates
 ``teacher.tokenizer``; bytes when the teacher has none). With SmolLM2's 49k BPE the corpus is about
-4.6 bytes per token.
+4.6 bytes per token. ``tokenizer: bpe:<size>`` (either side) is a byte-level BPE trained once on the
+training documents only and cached under ``<cache_dir>/tokenizers`` (the student of
+``experiment=smollm2_cross``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 from typing_extensions import override
 
 from kd_lightning.data.base import LMDataModule, check_fractions, check_positive, fingerprint_of, split_indices
+from kd_lightning.data.bpe import cached_bpe_tokenizer
 from kd_lightning.data.checks import check_training_text, learnable_token_counts
 from kd_lightning.data.packing import pack_documents
 from kd_lightning.data.stdlib import corpus_files
@@ -72,12 +75,39 @@ def prose_documents(sources: tuple[str, ...] | list[str] = SOURCES, stdlib_root:
     return [(name, text) for name, text in documents if text.strip()]
 
 
+def split_prose(documents: list[tuple[str, str]], val_fraction: float, test_fraction: float,
+                seed: int) -> dict[str, list[tuple[str, str]]]:
+    """The documents of each split (seeded, by document), each split in its random order."""
+    fractions = {"val": val_fraction, "test": test_fraction}
+    indices = split_indices(len(documents), fractions, seed, what="prose documents")
+    return {split: [documents[i] for i in order] for split, order in indices.items()}
+
+
+def prose_tokenizer(spec: Any, key: str, cache_dir: str, documents: list[tuple[str, str]], seed: int,
+                    val_fraction: float, test_fraction: float) -> Any:
+    """``"bpe:<size>"``: a byte-level BPE trained once on the **training** documents (the split of
+    the same seed and fractions) and cached under ``<cache_dir>/tokenizers``; any other spec as is."""
+    if not (isinstance(spec, str) and spec.startswith("bpe:")):
+        return spec
+    from kd_lightning.infra.model_cache import cache_root
+
+    size = spec.removeprefix("bpe:")
+    if not size.isdigit():
+        raise ValueError(f"{key}={spec!r}: expected bpe:<vocabulary size>, e.g. bpe:8192")
+    train = split_prose(documents, val_fraction, test_fraction, seed)["train"]
+    fingerprint = fingerprint_of({"prose-train": train})
+    return cached_bpe_tokenizer(cache_root(cache_dir) / "tokenizers", fingerprint, lambda: [t for _, t in train],
+                                int(size))
+
+
 class ProseDataModule(LMDataModule):
     """Causal-LM windows over offline English prose (:func:`prose_documents`), split by document.
 
     Args:
-        tokenizer: the teacher's tokenizer (a model directory or name; ``None``/``"byte"``: bytes).
+        tokenizer: the teacher's tokenizer (a model directory or name; ``None``/``"byte"``: bytes;
+            ``"bpe:<size>"``: a BPE of the training documents, see :func:`prose_tokenizer`).
         teacher_tokenizer: a different tokenizer for the teacher (dual data), as in ``dataset=stdlib``.
+        cache_dir: where ``bpe:<size>`` tokenizers are cached (``paths.cache_dir``).
         sources: any of ``docstrings``, ``topics``, ``licenses``.
         stdlib_root: another directory to read docstrings from (default: the standard library).
         licenses_dir: where licence texts are read from when present.
@@ -91,6 +121,7 @@ class ProseDataModule(LMDataModule):
         self,
         tokenizer: Any = None,
         teacher_tokenizer: Any = None,
+        cache_dir: str = "~/.cache/kd_lightning",
         sources: list[str] | tuple[str, ...] = SOURCES,
         stdlib_root: str | None = None,
         licenses_dir: str = LICENSES_DIR,
@@ -105,22 +136,24 @@ class ProseDataModule(LMDataModule):
         seed: int = 0,
     ) -> None:
         check_fractions(val_fraction, test_fraction)
-        super().__init__(tokenizer, seq_len, batch_size, eval_batch_size, num_workers, seed,
-                         teacher_tokenizer=teacher_tokenizer)
+        documents = prose_documents(tuple(sources), stdlib_root, licenses_dir)
+        if not documents:
+            raise ValueError(f"dataset.sources={list(sources)}: no prose found")
+        specs = ((tokenizer, "dataset.tokenizer"), (teacher_tokenizer, "dataset.teacher_tokenizer"))
+        tokenizers = [prose_tokenizer(spec, key, cache_dir, documents, seed, val_fraction, test_fraction)
+                      for spec, key in specs]
+        super().__init__(tokenizers[0], seq_len, batch_size, eval_batch_size, num_workers, seed,
+                         teacher_tokenizer=tokenizers[1])
         self.save_hyperparameters()
         check_positive("max_train_tokens", max_train_tokens)
         check_positive("max_eval_tokens", max_eval_tokens)
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_train_tokens, self.max_eval_tokens = max_train_tokens, max_eval_tokens
-        self.documents = prose_documents(tuple(sources), stdlib_root, licenses_dir)
-        if not self.documents:
-            raise ValueError(f"dataset.sources={list(sources)}: no prose found")
+        self.documents = documents
 
     def split_documents(self) -> dict[str, list[tuple[str, str]]]:
         """The documents of each split (seeded, by document), each split in its random order."""
-        fractions = {"val": self.val_fraction, "test": self.test_fraction}
-        indices = split_indices(len(self.documents), fractions, self.seed, what="prose documents")
-        return {split: [self.documents[i] for i in order] for split, order in indices.items()}
+        return split_prose(self.documents, self.val_fraction, self.test_fraction, self.seed)
 
     @override
     def _load(self) -> dict[str, Any]:

@@ -36,17 +36,31 @@ def _byte_level_decoder() -> dict[str, int]:
 
 
 def _backend_kinds(tokenizer: Any) -> tuple[str | None, str | None]:
+    """(``"ByteLevel"`` | ``"Metaspace"`` | None, the model type) of a fast tokenizer's spelling.
+
+    ByteLevel: GPT-2's byte table in the decoder or the pre-tokenizer. Metaspace (SentencePiece
+    spelling, ``▁`` = space, ``<0xNN>`` byte fallback): a Metaspace decoder or pre-tokenizer, or the
+    Llama-style decoder ``Replace("▁", " ") + ByteFallback + Fuse + Strip``, or a model with
+    ``byte_fallback``.
+    """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None, None
     spec = json.loads(backend.to_str())
-    decoder = spec.get("decoder") or {}
-    kinds = [decoder.get("type")] + [step.get("type") for step in decoder.get("decoders", []) or []]
-    model = (spec.get("model") or {}).get("type")
-    return ("ByteLevel" if "ByteLevel" in kinds else "Metaspace" if "Metaspace" in kinds else None), model
+    kinds, replaces_metaspace = set(), False
+    for part in (spec.get("decoder") or {}, spec.get("pre_tokenizer") or {}):
+        for step in [part, *(part.get("decoders") or part.get("pretokenizers") or [])]:
+            kinds.add(step.get("type"))
+            replaces_metaspace |= step.get("type") == "Replace" and (step.get("pattern") or {}).get("String") == "\u2581"
+    model = spec.get("model") or {}
+    if "ByteLevel" in kinds:
+        return "ByteLevel", model.get("type")
+    if "Metaspace" in kinds or "ByteFallback" in kinds or replaces_metaspace or model.get("byte_fallback"):
+        return "Metaspace", model.get("type")
+    return None, model.get("type")
 
 
-def token_bytes(tokenizer: Any) -> dict[int, bytes]:
+def token_bytes(tokenizer: Any, normalise: bool = True) -> dict[int, bytes]:
     """The UTF-8 byte string each ordinary token stands for, by id; special tokens are keyed by role.
 
     Normalisation, so that equal text gives equal keys whatever the tokenizer's spelling:
@@ -57,7 +71,8 @@ def token_bytes(tokenizer: Any) -> dict[int, bytes]:
     are called); other special tokens (pad, unk, added control tokens) are left out. A
     SentencePiece word-initial ``▁`` is a space even where the tokenizer invented it (prefix space at
     the start of a text): such a token then fails the exact-match check in ``span_kl`` and falls back
-    to ULD, which is the safe side.
+    to ULD, which is the safe side. ``normalise=False`` keeps every token's raw string (GOLD's
+    raw-string matching, for comparison).
     """
     special_roles = {tokenizer.eos_token_id: b"<eos>", tokenizer.bos_token_id: b"<bos>"}
     special_ids = set(getattr(tokenizer, "all_special_ids", []))
@@ -65,7 +80,7 @@ def token_bytes(tokenizer: Any) -> dict[int, bytes]:
     if is_byte_tokenizer(tokenizer):
         found = {byte + BYTE_OFFSET: bytes([byte]) for byte in range(256)}
     else:
-        kind, _ = _backend_kinds(tokenizer)
+        kind = _backend_kinds(tokenizer)[0] if normalise else None
         table = _byte_level_decoder() if kind == "ByteLevel" else None
         for token, token_id in tokenizer.get_vocab().items():
             if token_id in special_ids:
@@ -105,14 +120,15 @@ def token_byte_lengths(tokenizer: Any) -> Tensor:
     return lengths
 
 
-def build_vocab_map(student_tokenizer: Any, teacher_tokenizer: Any) -> VocabMap:
+def build_vocab_map(student_tokenizer: Any, teacher_tokenizer: Any, normalise: bool = True) -> VocabMap:
     """Pairs of ids, one per side, whose byte strings (:func:`token_bytes`) are equal; sorted by
-    student id. When one side spells the same bytes with several ids, the smallest id is kept."""
+    student id. When one side spells the same bytes with several ids, the smallest id is kept.
+    ``normalise=False``: raw token strings instead (fewer matches across spellings)."""
     teacher_by_bytes: dict[bytes, int] = {}
-    for token_id, value in sorted(token_bytes(teacher_tokenizer).items()):
+    for token_id, value in sorted(token_bytes(teacher_tokenizer, normalise).items()):
         teacher_by_bytes.setdefault(value, token_id)
     pairs: dict[bytes, tuple[int, int]] = {}
-    for token_id, value in sorted(token_bytes(student_tokenizer).items()):
+    for token_id, value in sorted(token_bytes(student_tokenizer, normalise).items()):
         if value in teacher_by_bytes and value not in pairs:
             pairs[value] = (token_id, teacher_by_bytes[value])
     ordered = sorted(pairs.values())

@@ -30,6 +30,7 @@ from kd_lightning.losses.divergences import (
 )
 from kd_lightning.losses.likelihood import alm, binary_divergence
 from kd_lightning.losses.next_byte import byte_kl, next_byte_distribution
+from kd_lightning.losses.projection import projected_kl, xtoken_kl
 from kd_lightning.losses.fast import KDTerms, fast_kd_terms, fast_sparse_kd_terms, supports_fast
 from kd_lightning.losses.features import hint_mse, make_projection, rkd_angle, rkd_distance
 from kd_lightning.losses.sparse import SparseTargets, online_sparse_kl, sample_targets, sparse_kl, topk_targets
@@ -70,4 +71,6 @@ __all__ = [
     "total_variation",
     "uld",
     "uld_index_aligned",
+    "projected_kl",
+    "xtoken_kl",
 ]

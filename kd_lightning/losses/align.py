@@ -148,3 +148,20 @@ class NextByteMap(NamedTuple):
     prefix_node: Tensor  # [Vt, max token bytes] int64
     token_length: Tensor  # [Vt] int64
     student_ids: Tensor  # [257] int64
+
+
+class VocabProjection(NamedTuple):
+    """A sparse map from student tokens to teacher tokens (X-Token's projection ``W``, built by
+    :func:`kd_lightning.data.vocab_projection.shared_vocab_projection`).
+
+    Entry ``n`` says: student token ``student_ids[n]`` sends the share ``weights[n]`` of its
+    probability to teacher token ``teacher_ids[n]``; a student token's weights sum to 1 (a student
+    token without entries sends nothing). ``teacher_fold[j]`` is the teacher token that teacher
+    token ``j``'s probability is counted on when the loss folds uncovered teacher tokens (``j``
+    itself when some student token projects onto it, else its longest byte prefix that is; -1: none).
+    """
+
+    student_ids: Tensor  # [N] int64
+    teacher_ids: Tensor  # [N] int64
+    weights: Tensor  # [N] float64
+    teacher_fold: Tensor  # [Vt] int64

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from kd_lightning.losses.align import NextByteMap, VocabMap, span_groups
+from kd_lightning.losses.align import NextByteMap, VocabMap, VocabProjection, span_groups
 from kd_lightning.losses.common import Reduction, log_probs, reduce_positions, token_divergence
 from kd_lightning.losses.divergences import forward_kl
 
@@ -46,10 +46,12 @@ class CrossTokenTargets(NamedTuple):
     teacher_offsets: Tensor | None = None
     vocab_map: VocabMap | None = None
     next_byte: NextByteMap | None = None  # byte_kl only: a byte-level student's view of the teacher's tokens
+    projection: VocabProjection | None = None  # xtoken_kl only: student -> teacher tokens
 
 
 def cross_token_targets(batch: Mapping[str, Tensor], vocab_map: VocabMap | None = None,
-                        next_byte: NextByteMap | None = None) -> CrossTokenTargets:
+                        next_byte: NextByteMap | None = None,
+                        projection: VocabProjection | None = None) -> CrossTokenTargets:
     """The shifted targets of a dual batch: ``labels``/``offsets`` and their ``teacher_`` twins, ``[:, 1:]``."""
     return CrossTokenTargets(
         teacher_labels=batch["teacher_labels"][:, 1:],
@@ -58,6 +60,7 @@ def cross_token_targets(batch: Mapping[str, Tensor], vocab_map: VocabMap | None 
         teacher_offsets=batch["teacher_offsets"][:, 1:] if "teacher_offsets" in batch else None,
         vocab_map=vocab_map,
         next_byte=next_byte,
+        projection=projection,
     )
 
 
