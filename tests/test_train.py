@@ -130,7 +130,7 @@ NEEDS_DUAL_DATA = [p.stem for p in LOSS_CONFIGS if OmegaConf.load(p).get("needs"
 def test_a_loss_that_needs_two_tokenizations_is_refused_on_single_data_before_compute(make_cfg, loss: str) -> None:
     from kd_lightning.errors import ConfigError
 
-    assert NEEDS_DUAL_DATA == ["alm", "byte_kl"]
+    assert NEEDS_DUAL_DATA == ["alm", "byte_kl", "xtoken_kl"]
     with pytest.raises(ConfigError, match=rf"loss={loss} compares the student's and the teacher's tokenizations"):
         run(make_cfg(f"loss={loss}", "baseline=false"))
     if loss == "byte_kl":  # dual data, but a sub-word student
